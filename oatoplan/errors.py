@@ -1,0 +1,32 @@
+"""Errors a user can fix. The CLI prints the message (one line) and exits 1; `--debug` shows the traceback.
+
+Every message names the file or value at fault and says what to do about it.
+"""
+
+
+class OatoError(Exception):
+    """Base of every error a user can fix."""
+
+
+class ModelFileError(OatoError):
+    """A model file is missing, not a GGUF, or damaged."""
+
+
+class ArtifactError(OatoError):
+    """A JSON artifact (plan, profile, inventory) is unreadable, of another schema version, or inconsistent."""
+
+
+class PlanMismatchError(OatoError):
+    """A plan was made for another model, device set or llama.cpp build than the one at hand."""
+
+
+class LoadError(OatoError):
+    """llama.cpp could not load a model the way a plan says, or loaded it differently."""
+
+
+class BackendError(OatoError):
+    """The llama.cpp build at hand lacks a device or feature that was asked for."""
+
+
+class NotBuiltYetError(OatoError):
+    """A subcommand the product will have but that does not exist yet."""

@@ -1,0 +1,261 @@
+"""Every artifact oatoplan writes or reads: frozen dataclasses, stored as JSON with a `schema_version`.
+
+Sizes are bytes, times microseconds, unless a name says otherwise. Tensor names are exactly as in the GGUF file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import ArtifactError
+
+SCHEMA_VERSION = 1
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model inventory (stage 1: what is in a GGUF file)
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str                 # exactly as in GGUF, e.g. "blk.3.ffn_up.weight"
+    layer: int | None         # block index for "blk.N.*", None for input/output tensors
+    group: str                # "input" (token_embd...), "layer", or "output" (output, output_norm)
+    role: str                 # "attn_q", "ffn_down", "ffn_up_exps", "attn_norm", "token_embd", ... or "other"
+    param: str                # "weight", "bias", or the suffix after the role
+    ggml_type: str            # ggml type name, e.g. "Q4_K"
+    shape: tuple[int, ...]    # ggml order: shape[0] is the row length (input features for a matrix)
+    n_bytes: int
+    op: str                   # ggml op that consumes it: MUL_MAT, MUL_MAT_ID, GET_ROWS, MUL, ADD, ROPE, NONE
+    flops_per_token: int      # arithmetic per token of batch (2 per multiply-add); 0 for lookups
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    architecture: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: tuple[int, ...]    # per layer (some models vary it)
+    head_dim_k: int
+    head_dim_v: int
+    n_ff: int
+    n_vocab: int
+    n_ctx_train: int
+    n_swa: int                    # sliding-window size, 0 if none
+    swa_layers: tuple[int, ...]   # layers that use the sliding window
+    n_expert: int                 # 0 for dense models
+    n_expert_used: int
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Enough to tell one model file from another without hashing gigabytes of weights."""
+    file_name: str
+    file_bytes: int
+    tensor_table_sha256: str      # over (name, type, shape, offset) of every tensor, in file order
+
+
+@dataclass(frozen=True)
+class ModelInventory:
+    schema_version: int
+    path: str
+    identity: ModelIdentity
+    hparams: Hyperparameters
+    tensors: tuple[TensorInfo, ...]
+    # No `output.weight` in the file: llama.cpp then uses token_embd as the output matrix and loads a second copy
+    # of it on the output layer's device (it costs VRAM when the output layer is on a GPU).
+    tied_output: bool
+    data_offset: int              # where tensor data starts in the file
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.n_bytes for t in self.tensors)
+
+    def tensor(self, name: str) -> TensorInfo:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def output_matrix(self) -> TensorInfo:
+        """The tensor the output MUL_MAT reads: `output.weight`, or `token_embd.weight` when tied."""
+        return self.tensor("token_embd.weight" if self.tied_output else "output.weight")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plan (what `plan` writes and `load` applies)
+
+@dataclass(frozen=True)
+class TensorOverride:
+    """One llama.cpp tensor buffer-type override: tensors whose name matches `pattern` (std::regex_search,
+    ECMAScript, first match wins) go to `device`. "CPU" means host memory (pinned `CUDA_Host` when mmap is off
+    and a GPU is present), a GPU device is named as ggml names it ("CUDA0")."""
+    pattern: str
+    device: str
+
+
+@dataclass(frozen=True)
+class MemoryPrediction:
+    """Bytes llama.cpp is expected to allocate, per device ("CPU" covers every host buffer type)."""
+    model_bytes: dict[str, int]
+    kv_bytes: dict[str, int]
+    compute_bytes: dict[str, int] = field(default_factory=dict)   # empty: not predicted, not checked
+
+
+@dataclass(frozen=True)
+class Plan:
+    schema_version: int
+    model: ModelIdentity
+    # llama.cpp's rule: the last n_gpu_layers - 1 blocks and `output` go to the GPU (`output` counts as a layer);
+    # a block's device is also where its KV cache and attention run.
+    n_gpu_layers: int
+    tensor_overrides: tuple[TensorOverride, ...]
+    n_ctx: int
+    n_batch: int
+    n_ubatch: int
+    use_mmap: bool
+    op_offload: bool              # copy CPU-resident weights to the GPU for large batches
+    flash_attn: bool
+    type_k: str                   # KV cache types: "f16", "q8_0", "q4_0"
+    type_v: str
+    n_threads: int | None         # None: llama-cpp-python's default
+    gpu_devices: tuple[str, ...]  # devices the plan places anything on, e.g. ("CUDA0",); () for all-CPU
+    llama_cpp_build: str          # build the plan was solved for; "" = made by hand, any build
+    profile_id: str = ""
+    budget_bytes: int | None = None
+    memory: MemoryPrediction | None = None
+    notes: tuple[str, ...] = ()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loader report (what llama.cpp really allocated)
+
+@dataclass(frozen=True)
+class BufferAllocation:
+    kind: str          # "model", "KV", "compute", "output"
+    buffer_type: str   # as llama.cpp names it: "CUDA0", "CUDA_Host", "CPU", "CPU_Mapped", "CPU_REPACK"
+    device: str        # "CPU" for every host buffer type, else the GPU's name
+    n_bytes: int
+
+
+@dataclass(frozen=True)
+class MemoryCheck:
+    kind: str
+    device: str
+    predicted_bytes: int
+    allocated_bytes: int
+    ok: bool
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    schema_version: int
+    allocations: tuple[BufferAllocation, ...]
+    checks: tuple[MemoryCheck, ...]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JSON in and out
+
+def to_jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(x) for x in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    return obj
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(to_jsonable(obj), indent=1) + "\n"
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    """Build a value of type `tp` from parsed JSON; raises ValueError naming `where` on a mismatch."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected an object")
+        hints = typing.get_type_hints(tp)
+        known = {f.name for f in dataclasses.fields(tp)}
+        unknown = set(value) - known
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        kwargs = {}
+        for f in dataclasses.fields(tp):
+            if f.name in value:
+                kwargs[f.name] = _convert(hints[f.name], value[f.name], f"{where}.{f.name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"{where}: missing field {f.name!r}")
+        return tp(**kwargs)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list")
+        return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected an object")
+        return {k: _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_jsonable(cls: type[T], data: Any, source: str) -> T:
+    """Check the schema version, then build `cls`; errors name `source` (a file path or a description)."""
+    kind = cls.__name__.lower()
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{source}: not a {kind} (expected a JSON object)")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ArtifactError(f"{source}: {kind} schema_version {version!r} is not supported (this oatoplan reads "
+                            f"version {SCHEMA_VERSION}); make it again with this version of oatoplan")
+    try:
+        return _convert(cls, data, kind)
+    except (ValueError, TypeError) as exc:
+        raise ArtifactError(f"{source}: invalid {kind}: {exc}") from exc
+
+
+def read_json(cls: type[T], path: str | Path) -> T:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    return from_jsonable(cls, data, str(path))
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(dumps(obj))
+        tmp.replace(path)
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot write ({exc.strerror}); choose a writable path") from None
+    return path

