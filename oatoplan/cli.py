@@ -127,6 +127,50 @@ def _print_inventory(inv: ModelInventory) -> None:
         stderr.print(f"oatoplan: warning: {warning}", markup=False)
 
 
+@app.command()
+@handle_errors
+def run(
+    model: ModelArg,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to complete.")],
+    plan: Annotated[Optional[Path], typer.Option("--plan", help="plan.json; without it everything runs on the CPU.")]
+    = None,
+    n_predict: Annotated[int, typer.Option("--n-predict", "-n", help="Tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option("--temp", help="Sampling temperature; 0 is greedy.")] = 0.0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.")] = None,
+    cpu_only: Annotated[bool, typer.Option("--cpu-only", help="Run a GPU plan all on the CPU.")] = False,
+    show_memory: Annotated[bool, typer.Option("--show-memory", help="Print what llama.cpp allocated, per buffer, "
+                                                                    "against the plan's prediction.")] = False,
+) -> None:
+    """Load MODEL with a plan's placement, stream a completion, and print prefill and decode speed."""
+    from .load import generate, load, run_stats
+    llm = load(model, plan, cpu_only=cpu_only)
+    if show_memory:
+        _print_memory(llm.oatoplan_memory)
+    for text in generate(llm, prompt, n_predict, temperature, seed):
+        stdout.print(text, end="", markup=False)
+    stdout.print()
+    stats = run_stats(llm)
+    stderr.print(f"prefill {stats.n_prompt_tokens} tokens in {stats.prompt_ms:.1f} ms "
+                 f"({stats.prefill_tokens_per_s:.1f} tokens/s); decode {stats.n_generated_tokens} tokens in "
+                 f"{stats.generate_ms:.1f} ms ({stats.decode_tokens_per_s:.1f} tokens/s)")
+
+
+def _print_memory(report) -> None:
+    table = Table(title="llama.cpp buffers", show_edge=False, box=None)
+    for name in ("kind", "buffer type", "device", "MiB"):
+        table.add_column(name, justify="right" if name == "MiB" else "left")
+    for a in report.allocations:
+        table.add_row(a.kind, a.buffer_type, a.device, f"{mib(a.n_bytes):.2f}")
+    stdout.print(table)
+    checks = Table(title="plan vs allocated", show_edge=False, box=None)
+    for name in ("kind", "device", "predicted MiB", "allocated MiB", "ok"):
+        checks.add_column(name, justify="left" if name in ("kind", "device") else "right")
+    for c in report.checks:
+        checks.add_row(c.kind, c.device, f"{mib(c.predicted_bytes):.2f}", f"{mib(c.allocated_bytes):.2f}",
+                       "yes" if c.ok else "NO")
+    stdout.print(checks)
+
+
 def _not_built(name: str, issue: int) -> None:
     raise NotBuiltYetError(f"'oatoplan {name}' is not built yet (tracked as issue #{issue})")
 

@@ -109,6 +109,8 @@ class MemoryPrediction:
     model_bytes: dict[str, int]
     kv_bytes: dict[str, int]
     compute_bytes: dict[str, int] = field(default_factory=dict)   # empty: not predicted, not checked
+    # bytes llama.cpp may or may not add to model_bytes (a tied output copy that the CPU backend repacks)
+    model_optional_bytes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,32 @@ class MemoryReport:
     schema_version: int
     allocations: tuple[BufferAllocation, ...]
     checks: tuple[MemoryCheck, ...]
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str            # ggml's name: "CPU", "CUDA0"
+    description: str
+    type: str            # "CPU", "GPU", "IGPU", "ACCEL"
+    free_bytes: int
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """llama.cpp's own perf counters for one completion."""
+    n_prompt_tokens: int
+    prompt_ms: float
+    n_generated_tokens: int
+    generate_ms: float
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return 1000.0 * self.n_prompt_tokens / self.prompt_ms if self.prompt_ms else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return 1000.0 * self.n_generated_tokens / self.generate_ms if self.generate_ms else 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,265 @@
+"""Stage 5: load a model through llama-cpp-python with exactly a plan's placement. Entry point: `load(model, plan)`.
+
+llama-cpp-python 0.3.36 declares `llama_model_params.tensor_buft_overrides` but never sets it, so we do: a
+NULL-terminated ctypes array of {pattern, buffer type}, with buffer types taken from ggml's device registry in the
+very libggml that llama-cpp-python loaded (a second copy of the library would have a registry of its own). After the
+load we read back what llama.cpp allocated per buffer (from its log) and compare it with the plan's prediction.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import re
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+from pathlib import Path
+
+from .errors import BackendError, LoadError, PlanMismatchError
+from .inventory import read_inventory
+from .plan import ALIGNMENT_SLACK_BYTES, CPU, check_plan, cpu_only_plan, predict_memory
+from .schema import (SCHEMA_VERSION, BufferAllocation, Device, MemoryCheck, MemoryReport, Plan, RunStats,
+                     read_json)
+from .units import BYTES_PER_MIB
+
+log = logging.getLogger(__name__)
+
+# Plan fields that decide placement and memory: passing them to load() as well would make the plan lie.
+PLAN_KEYS = ("n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "use_mmap", "op_offload", "flash_attn", "type_k",
+             "type_v", "n_threads", "tensor_split", "main_gpu", "split_mode")
+# Memory checks: a difference up to this share of the prediction (or ALIGNMENT_SLACK_BYTES a tensor) is alignment.
+RELATIVE_TOLERANCE = 0.01
+_GGML_DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL", 4: "META"}
+_BUFFER_LINE = re.compile(r"(\S+)\s+(model|KV|compute|output) buffer size =\s*([0-9.]+) MiB")
+_load_lock = threading.Lock()
+
+
+def _libggml() -> ctypes.CDLL:
+    from llama_cpp._ggml import libggml   # the same libggml.so that llama-cpp-python's libllama links
+    if not getattr(libggml, "_oatoplan_declared", False):
+        p = ctypes.c_void_p
+        for name, restype, argtypes in [
+            ("ggml_backend_dev_count", ctypes.c_size_t, []),
+            ("ggml_backend_dev_get", p, [ctypes.c_size_t]),
+            ("ggml_backend_dev_name", ctypes.c_char_p, [p]),
+            ("ggml_backend_dev_description", ctypes.c_char_p, [p]),
+            ("ggml_backend_dev_type", ctypes.c_int, [p]),
+            ("ggml_backend_dev_memory", None, [p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]),
+            ("ggml_backend_dev_buffer_type", p, [p]),
+            ("ggml_version", ctypes.c_char_p, []),
+            ("ggml_commit", ctypes.c_char_p, []),
+        ]:
+            fn = getattr(libggml, name)
+            fn.restype, fn.argtypes = restype, argtypes
+        libggml._oatoplan_declared = True
+    return libggml
+
+
+def devices() -> list[Device]:
+    """The devices of the llama.cpp build that llama-cpp-python loaded, with free and total memory."""
+    lib = _libggml()
+    found = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        found.append(Device(lib.ggml_backend_dev_name(dev).decode(), lib.ggml_backend_dev_description(dev).decode(),
+                            _GGML_DEVICE_TYPES.get(lib.ggml_backend_dev_type(dev), "?"), free.value, total.value))
+    return found
+
+
+def gpu_devices() -> list[Device]:
+    return [d for d in devices() if d.type in ("GPU", "IGPU")]
+
+
+def llama_cpp_build() -> str:
+    """Identity of the llama.cpp build at hand; a plan solved for one build is refused by another."""
+    import llama_cpp
+    lib = _libggml()
+    return f"llama-cpp-python {llama_cpp.__version__}, ggml {lib.ggml_version().decode()} ({lib.ggml_commit().decode()})"
+
+
+def _buffer_type(device_name: str) -> int:
+    lib = _libggml()
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        if lib.ggml_backend_dev_name(dev).decode() == device_name:
+            return lib.ggml_backend_dev_buffer_type(dev)
+    raise BackendError(f"device {device_name!r} is not in this llama.cpp build (it has "
+                       f"{', '.join(d.name for d in devices())})")
+
+
+def buffer_device(buffer_type: str) -> str:
+    """Device a llama.cpp buffer type lives on: host buffer types (CPU, CPU_Mapped, CPU_REPACK, CUDA_Host) -> CPU."""
+    if buffer_type.startswith("CPU") or buffer_type.endswith("_Host"):
+        return CPU
+    return buffer_type
+
+
+class _Overrides(ctypes.Structure):
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def load_plan(path: str | Path) -> Plan:
+    return read_json(Plan, path)
+
+
+def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_only: bool = False,
+         verify: bool = True, **llama_kwargs):
+    """Load `model_path` with `plan`'s placement and return a `llama_cpp.Llama` (plus `.oatoplan_memory`, a
+    MemoryReport). `plan` may be a Plan or a plan.json path; None means everything on the CPU. `cpu_only` runs a
+    GPU plan all on the CPU (explicitly, never by surprise). Other keyword arguments go to `llama_cpp.Llama`."""
+    import llama_cpp
+
+    model_path = Path(model_path)
+    source = str(plan) if isinstance(plan, (str, Path)) else "plan"
+    inventory = read_inventory(model_path)
+    plan = load_plan(plan) if isinstance(plan, (str, Path)) else plan or cpu_only_plan(inventory)
+    check_plan(inventory, plan, source)
+    clashing = sorted(set(llama_kwargs) & set(PLAN_KEYS))
+    if clashing:
+        raise LoadError(f"{', '.join(clashing)} must be set in the plan, not passed to load(): the plan's memory "
+                        f"prediction depends on them")
+    build = llama_cpp_build()
+    if plan.llama_cpp_build and plan.llama_cpp_build != build:
+        raise PlanMismatchError(f"{source} was solved for {plan.llama_cpp_build}, but this is {build}; plan again "
+                                f"with this build")
+    available = {d.name for d in gpu_devices()}
+    missing = [d for d in plan.gpu_devices if d not in available]
+    if missing and cpu_only:
+        plan = dataclasses.replace(cpu_only_plan(inventory), n_ctx=plan.n_ctx, n_batch=plan.n_batch,
+                                   n_ubatch=plan.n_ubatch, flash_attn=plan.flash_attn, type_k=plan.type_k,
+                                   type_v=plan.type_v, n_threads=plan.n_threads)
+        plan = dataclasses.replace(plan, memory=predict_memory(inventory, plan))
+        log.warning("running the plan's GPU placement on the CPU (--cpu-only)")
+    elif missing:
+        have = ", ".join(sorted(available)) or "no GPU: a CPU-only build"
+        raise BackendError(f"{source} places tensors on {', '.join(missing)}, but this llama-cpp-python has {have}; "
+                           f"install a CUDA build (oatoplan build --cuda), or run all on the CPU with --cpu-only")
+
+    overrides = (_Overrides * (len(plan.tensor_overrides) + 1))()
+    patterns = [o.pattern.encode() for o in plan.tensor_overrides]   # kept alive as long as the model
+    for i, (override, pattern) in enumerate(zip(plan.tensor_overrides, patterns)):
+        overrides[i].pattern = pattern
+        overrides[i].buft = _cpu_buffer_type() if override.device == CPU else _buffer_type(override.device)
+    kwargs = dict(n_gpu_layers=plan.n_gpu_layers if plan.gpu_devices else 0, n_ctx=plan.n_ctx,
+                  n_batch=plan.n_batch, n_ubatch=plan.n_ubatch, use_mmap=plan.use_mmap, op_offload=plan.op_offload,
+                  flash_attn=plan.flash_attn, type_k=_ggml_type(plan.type_k), type_v=_ggml_type(plan.type_v),
+                  n_threads=plan.n_threads, verbose=False)
+    kwargs.update(llama_kwargs)
+    lines: list[str] = []
+    with _load_lock, _model_params_with(overrides if plan.tensor_overrides else None), _capture_log(lines):
+        try:
+            llm = llama_cpp.Llama(str(model_path), **kwargs)
+        except ValueError as exc:
+            raise LoadError(f"{model_path}: llama.cpp could not load the model with this plan ({exc}); run with "
+                            f"--debug to see llama.cpp's log") from None
+    llm._oatoplan_overrides = (overrides, patterns)
+    report = memory_report(lines, plan.memory or predict_memory(inventory, plan), plan.use_mmap)
+    llm.oatoplan_memory = report
+    llm.oatoplan_plan = plan
+    bad = [c for c in report.checks if not c.ok]
+    if verify and bad:
+        llm.close()
+        c = bad[0]
+        raise LoadError(f"llama.cpp allocated {c.allocated_bytes / BYTES_PER_MIB:.1f} MiB of {c.kind} on {c.device}, "
+                        f"the plan predicted {c.predicted_bytes / BYTES_PER_MIB:.1f} MiB; the plan does not describe "
+                        f"this load (re-plan, or report a bug with --debug output)")
+    return llm
+
+
+def _cpu_buffer_type() -> int:
+    # llama.cpp treats an override to the plain CPU buffer type as "host memory": pinned CUDA_Host when mmap is off
+    return _buffer_type(CPU)
+
+
+def _ggml_type(name: str) -> int:
+    from gguf import GGMLQuantizationType
+    return int(GGMLQuantizationType[name.upper()])
+
+
+@contextmanager
+def _model_params_with(overrides):
+    """Llama.__init__ starts from llama_model_default_params() and never sets tensor_buft_overrides: hand it
+    params that already carry ours, for the duration of one load."""
+    import llama_cpp.llama as llama_module
+    original = llama_module.llama_cpp.llama_model_default_params
+    if overrides is None:
+        yield
+        return
+
+    def with_overrides():
+        params = original()
+        params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+        return params
+    llama_module.llama_cpp.llama_model_default_params = with_overrides
+    try:
+        yield
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = original
+
+
+@contextmanager
+def _capture_log(lines: list[str]):
+    """Collect llama.cpp's log lines during a load (forwarded to our debug log), then give the log back to
+    llama-cpp-python."""
+    import llama_cpp
+    from llama_cpp import _logger
+    pending = [""]
+
+    @llama_cpp.llama_log_callback
+    def callback(level, text, user_data):
+        pending[0] += text.decode("utf-8", "replace")
+        *complete, pending[0] = pending[0].split("\n")
+        for line in complete:
+            lines.append(line)
+            log.debug("llama.cpp: %s", line)
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        if pending[0]:
+            lines.append(pending[0])
+
+
+def memory_report(lines: list[str], predicted, use_mmap: bool) -> MemoryReport:
+    """Buffers llama.cpp reported while loading, and each predicted (kind, device) checked against them.
+    CPU weights with mmap on are a view of the file (CPU_Mapped covers a file range), so they are not checked."""
+    allocations = []
+    for line in lines:
+        match = _BUFFER_LINE.search(line)
+        if match:
+            buffer_type, kind, size_mib = match.group(1), match.group(2), float(match.group(3))
+            allocations.append(BufferAllocation(kind, buffer_type, buffer_device(buffer_type),
+                                                int(round(size_mib * BYTES_PER_MIB))))
+    checks = []
+    for kind, per_device in (("model", predicted.model_bytes), ("KV", predicted.kv_bytes),
+                             ("compute", predicted.compute_bytes)):
+        for device in sorted(set(per_device) | {a.device for a in allocations if a.kind == kind and kind != "compute"}):
+            if kind == "model" and device == CPU and use_mmap:
+                continue
+            want = per_device.get(device, 0)
+            optional = predicted.model_optional_bytes.get(device, 0) if kind == "model" else 0
+            got = sum(a.n_bytes for a in allocations if a.kind == kind and a.device == device)
+            slack = max(RELATIVE_TOLERANCE * want, 0.02 * BYTES_PER_MIB + ALIGNMENT_SLACK_BYTES * 64)
+            ok = want - slack <= got <= want + optional + slack
+            checks.append(MemoryCheck(kind, device, want, got, ok))
+    return MemoryReport(SCHEMA_VERSION, tuple(allocations), tuple(checks))
+
+
+def generate(llm, prompt: str, max_tokens: int, temperature: float = 0.0, seed: int | None = None) -> Iterator[str]:
+    """Stream the completion of `prompt` (greedy at temperature 0); read `run_stats(llm)` afterwards."""
+    if seed is not None:
+        llm.set_seed(seed)
+    for chunk in llm(prompt, max_tokens=max_tokens, temperature=temperature, stream=True):
+        yield chunk["choices"][0]["text"]
+
+
+def run_stats(llm) -> RunStats:
+    """Prefill and decode counters of the last completion, from llama.cpp itself."""
+    import llama_cpp
+    data = llama_cpp.llama_perf_context(llm._ctx.ctx)
+    return RunStats(int(data.n_p_eval), float(data.t_p_eval_ms), int(data.n_eval), float(data.t_eval_ms))

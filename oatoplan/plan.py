@@ -1,0 +1,189 @@
+"""Stage 4: the Plan and what it means in llama.cpp's terms.
+
+A Plan says where every tensor, KV cache and compute buffer goes, in the two levers llama.cpp has: `n_gpu_layers`
+(the last n-1 blocks and `output` go to the GPU, with their KV cache and attention) and tensor buffer-type overrides
+(`-ot PATTERN=DEVICE`, first match wins) for the tensors that differ from that rule. This module turns a per-tensor
+placement into those levers (`make_plan`), predicts what llama.cpp will allocate (`predict_memory`), and writes the
+equivalent llama.cpp flags and llama-cpp-python arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import defaultdict
+
+from .errors import OatoError, PlanMismatchError
+from .inventory import kv_bytes_per_token, kv_cells
+from .schema import SCHEMA_VERSION, MemoryPrediction, ModelInventory, Plan, TensorOverride
+
+CPU = "CPU"
+# Key of the second copy of token_embd.weight that llama.cpp makes as the output matrix of a tied-embedding model.
+TIED_OUTPUT = "token_embd.weight (output copy)"
+
+_BLOCK_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
+# llama.cpp (and the GGML CUDA backend's buffers) align tensors; allow this much per tensor when checking bytes.
+ALIGNMENT_SLACK_BYTES = 1024
+
+
+class PlanError(OatoError):
+    """A plan that cannot be applied as written."""
+
+
+def default_device(inv: ModelInventory, group: str, layer: int | None, n_gpu_layers: int, gpu: str | None) -> str:
+    """Device llama.cpp gives a tensor without overrides: the input layer always stays on the CPU; block il and
+    `output` (layer n_layer) go to the GPU when il >= n_layer + 1 - n_gpu_layers."""
+    if gpu is None or group == "input":
+        return CPU
+    n_layer = inv.hparams.n_layer
+    ngl = n_layer + 1 if n_gpu_layers < 0 else min(n_gpu_layers, n_layer + 1)
+    il = n_layer if group == "output" else layer if layer is not None else 0
+    return gpu if il >= n_layer + 1 - ngl else CPU
+
+
+def tensor_devices(inv: ModelInventory, plan: Plan) -> dict[str, str]:
+    """Device of every tensor (and of TIED_OUTPUT) under the plan, by llama.cpp's rules."""
+    gpu = plan.gpu_devices[0] if plan.gpu_devices else None
+    compiled = [(re.compile(o.pattern), o.device) for o in plan.tensor_overrides]
+
+    def place(name: str, group: str, layer: int | None) -> str:
+        for pattern, device in compiled:       # std::regex_search semantics: first match wins
+            if pattern.search(name):
+                return device
+        return default_device(inv, group, layer, plan.n_gpu_layers, gpu)
+
+    devices = {t.name: place(t.name, t.group, t.layer) for t in inv.tensors}
+    if inv.tied_output:
+        devices[TIED_OUTPUT] = place("token_embd.weight", "output", None)
+    return devices
+
+
+def layer_devices(inv: ModelInventory, plan: Plan) -> list[str]:
+    """Device of each block's KV cache and attention (n_gpu_layers alone decides it)."""
+    gpu = plan.gpu_devices[0] if plan.gpu_devices else None
+    return [default_device(inv, "layer", il, plan.n_gpu_layers, gpu) for il in range(inv.hparams.n_layer)]
+
+
+def predict_memory(inv: ModelInventory, plan: Plan, compute_bytes: dict[str, int] | None = None) -> MemoryPrediction:
+    """Weight and KV-cache bytes per device, as llama.cpp will allocate them."""
+    model_bytes: dict[str, int] = defaultdict(int)
+    optional_bytes: dict[str, int] = {}
+    placed = tensor_devices(inv, plan)
+    for t in inv.tensors:
+        model_bytes[placed[t.name]] += t.n_bytes
+    if inv.tied_output:
+        # the output copy shares the input copy's memory when both land in the same buffer type; on one device
+        # that is the rule, unless the CPU backend repacks the output matrix (then it keeps a second copy)
+        embd_bytes = inv.tensor("token_embd.weight").n_bytes
+        if placed[TIED_OUTPUT] != placed["token_embd.weight"]:
+            model_bytes[placed[TIED_OUTPUT]] += embd_bytes
+        elif placed[TIED_OUTPUT] == CPU:
+            optional_bytes[CPU] = embd_bytes
+    kv_bytes: dict[str, int] = defaultdict(int)
+    for il, device in enumerate(layer_devices(inv, plan)):
+        cells = kv_cells(inv.hparams, il, plan.n_ctx, plan.n_ubatch)
+        kv_bytes[device] += cells * kv_bytes_per_token(inv.hparams, il, plan.type_k, plan.type_v)
+    return MemoryPrediction(model_bytes=dict(model_bytes), kv_bytes=dict(kv_bytes), compute_bytes=compute_bytes or {},
+                            model_optional_bytes=optional_bytes)
+
+
+def merge_pattern(names: list[str]) -> str:
+    """One anchored regex matching exactly `names`: block tensors grouped by role, roles with the same layers
+    grouped together, e.g. ^(?:blk\\.(?:3|7)\\.(?:ffn_gate\\.weight|ffn_up\\.weight))$ . One pattern per destination
+    keeps load time low: llama.cpp compiles every pattern once per tensor."""
+    layers_by_suffix: dict[str, set[int]] = defaultdict(set)
+    others = []
+    for name in names:
+        match = _BLOCK_NAME.match(name)
+        if match:
+            layers_by_suffix[match.group(2)].add(int(match.group(1)))
+        else:
+            others.append(re.escape(name))
+    suffixes_by_layers: dict[tuple[int, ...], list[str]] = defaultdict(list)
+    for suffix, layers in layers_by_suffix.items():
+        suffixes_by_layers[tuple(sorted(layers))].append(re.escape(suffix))
+    alternatives = [f"blk\\.(?:{'|'.join(map(str, layers))})\\.(?:{'|'.join(sorted(suffixes))})"
+                    for layers, suffixes in sorted(suffixes_by_layers.items())]
+    return "^(?:" + "|".join(alternatives + sorted(others)) + ")$"
+
+
+def make_plan(inv: ModelInventory, devices: dict[str, str], *, n_gpu_layers: int, gpu_devices: tuple[str, ...] = (),
+              n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int = 512, use_mmap: bool | None = None,
+              op_offload: bool = True, flash_attn: bool = True, type_k: str = "f16", type_v: str = "f16",
+              n_threads: int | None = None, llama_cpp_build: str = "", profile_id: str = "",
+              budget_bytes: int | None = None, compute_bytes: dict[str, int] | None = None,
+              notes: tuple[str, ...] = ()) -> Plan:
+    """A Plan that puts each tensor where `devices` says (tensors it leaves out follow n_gpu_layers). Overrides are
+    emitted only for tensors that differ from n_gpu_layers' rule, merged into one pattern per device.
+    use_mmap defaults to off whenever a GPU is used, so that CPU-resident weights sit in pinned memory."""
+    gpu = gpu_devices[0] if gpu_devices else None
+    unknown = set(devices) - {t.name for t in inv.tensors} - {TIED_OUTPUT}
+    if unknown:
+        raise PlanError(f"no tensor named {sorted(unknown)[0]!r} in {inv.identity.file_name}")
+    for device in set(devices.values()) - {CPU} - set(gpu_devices):
+        raise PlanError(f"device {device!r} is not among the plan's GPU devices {list(gpu_devices)}")
+    moved: dict[str, list[str]] = defaultdict(list)
+    for t in inv.tensors:
+        default = default_device(inv, t.group, t.layer, n_gpu_layers, gpu)
+        if devices.get(t.name, default) != default and not (inv.tied_output and t.name == "token_embd.weight"):
+            moved[devices[t.name]].append(t.name)
+    if inv.tied_output:
+        # llama.cpp names both copies "token_embd.weight": one override moves both, none leaves the input copy on
+        # the CPU and the output copy on the output layer's device
+        default_output = default_device(inv, "output", None, n_gpu_layers, gpu)
+        input_device = devices.get("token_embd.weight", CPU)
+        output_device = devices.get(TIED_OUTPUT, default_output)
+        if input_device == output_device and (input_device, output_device) != (CPU, default_output):
+            moved[input_device].append("token_embd.weight")
+        elif (input_device, output_device) != (CPU, default_output):
+            raise PlanError(f"tied embeddings: token_embd.weight on {input_device} with its output copy on "
+                            f"{output_device} cannot be expressed in llama.cpp; place both copies together")
+    overrides = tuple(TensorOverride(merge_pattern(names), device) for device, names in sorted(moved.items()))
+    plan = Plan(schema_version=SCHEMA_VERSION, model=inv.identity, n_gpu_layers=n_gpu_layers,
+                tensor_overrides=overrides, n_ctx=n_ctx, n_batch=max(n_batch, n_ubatch), n_ubatch=n_ubatch,
+                use_mmap=(gpu is None) if use_mmap is None else use_mmap, op_offload=op_offload,
+                flash_attn=flash_attn, type_k=type_k, type_v=type_v, n_threads=n_threads,
+                gpu_devices=tuple(gpu_devices), llama_cpp_build=llama_cpp_build, profile_id=profile_id,
+                budget_bytes=budget_bytes, notes=notes)
+    return dataclasses.replace(plan, memory=predict_memory(inv, plan, compute_bytes))
+
+
+def cpu_only_plan(inv: ModelInventory, **settings) -> Plan:
+    """Everything on the CPU, llama-cpp-python's defaults otherwise (mmap on)."""
+    return make_plan(inv, {}, n_gpu_layers=0, **settings)
+
+
+def check_plan(inv: ModelInventory, plan: Plan, source: str) -> None:
+    """Refuse a plan made for another model, or one whose patterns do not compile or match nothing."""
+    if plan.model.tensor_table_sha256 != inv.identity.tensor_table_sha256 or \
+            plan.model.file_bytes != inv.identity.file_bytes:
+        raise PlanMismatchError(f"{source} was made for {plan.model.file_name} ({plan.model.file_bytes} bytes), not for "
+                                f"{inv.identity.file_name} ({inv.identity.file_bytes} bytes); make a plan for this "
+                                f"model")
+    names = [t.name for t in inv.tensors]
+    for override in plan.tensor_overrides:
+        try:
+            pattern = re.compile(override.pattern)
+        except re.error as exc:
+            raise PlanError(f"{source}: tensor pattern {override.pattern!r} is not a valid regex ({exc})") from None
+        if not any(pattern.search(n) for n in names):
+            raise PlanError(f"{source}: tensor pattern {override.pattern!r} matches no tensor of "
+                            f"{inv.identity.file_name}; the plan would silently do nothing there")
+    for device in {o.device for o in plan.tensor_overrides} - {CPU} - set(plan.gpu_devices):
+        raise PlanError(f"{source}: override device {device!r} is not listed in gpu_devices {list(plan.gpu_devices)}")
+    if plan.n_ubatch > plan.n_batch:
+        raise PlanError(f"{source}: n_ubatch {plan.n_ubatch} is larger than n_batch {plan.n_batch}")
+
+
+def llama_cpp_flags(plan: Plan) -> str:
+    """The same placement as llama.cpp command-line flags (llama-cli, llama-server, llama-bench)."""
+    flags = [f"-ngl {plan.n_gpu_layers}", f"-c {plan.n_ctx}", f"-b {plan.n_batch}", f"-ub {plan.n_ubatch}",
+             f"-fa {'on' if plan.flash_attn else 'off'}", f"-ctk {plan.type_k}", f"-ctv {plan.type_v}"]
+    if not plan.use_mmap:
+        flags.append("--no-mmap")
+    if not plan.op_offload:
+        flags.append("--no-op-offload")
+    if plan.n_threads:
+        flags.append(f"-t {plan.n_threads}")
+    flags += [f"-ot '{o.pattern}={o.device}'" for o in plan.tensor_overrides]
+    return " ".join(flags)

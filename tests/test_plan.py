@@ -1,0 +1,103 @@
+"""Plan semantics: llama.cpp's placement rules, merged override patterns, memory prediction, flags."""
+
+import re
+
+import pytest
+
+from oatoplan.inventory import read_inventory
+from oatoplan.plan import (CPU, TIED_OUTPUT, PlanError, check_plan, default_device, layer_devices, llama_cpp_flags,
+                           make_plan, merge_pattern, predict_memory, tensor_devices)
+from oatoplan.schema import Plan, dumps, from_jsonable
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_header_model):
+    return read_inventory(qwen_header_model)
+
+
+def test_ngl_counts_output_as_a_layer(qwen):
+    # -ngl 1: output only; -ngl 15: output + blocks 14..27; input always on the CPU
+    assert default_device(qwen, "output", None, 1, "CUDA0") == "CUDA0"
+    assert default_device(qwen, "layer", 27, 1, "CUDA0") == CPU
+    assert [default_device(qwen, "layer", il, 15, "CUDA0") for il in (13, 14, 27)] == [CPU, "CUDA0", "CUDA0"]
+    assert default_device(qwen, "input", None, -1, "CUDA0") == CPU
+    assert default_device(qwen, "layer", 0, -1, None) == CPU
+
+
+def test_layer_offload_bytes_match_baselines(qwen):
+    # baselines.md: -ngl 15 puts 2,314 MiB of weights on the GPU
+    plan = make_plan(qwen, {}, n_gpu_layers=15, gpu_devices=("CUDA0",))
+    assert plan.tensor_overrides == () and plan.use_mmap is False
+    assert plan.memory.model_bytes["CUDA0"] // 2**20 == 2314
+    assert sum(plan.memory.model_bytes.values()) == qwen.total_bytes
+    assert layer_devices(qwen, plan).count("CUDA0") == 14
+
+
+def test_ffn_on_cpu_placement_matches_baselines(qwen):
+    # all layers on GPU, output + FFN of layers 0-13 on CPU (baselines.md's row; its 1,919 MiB does not follow from
+    # the tensor table, which gives 2,112 MiB: checked here against a plain sum instead)
+    cpu = {t.name: CPU for t in qwen.tensors if (t.layer is not None and t.layer < 14 and t.role.startswith("ffn_")
+                                                 and t.role != "ffn_norm") or t.name == "output.weight"}
+    plan = make_plan(qwen, cpu, n_gpu_layers=-1, gpu_devices=("CUDA0",))
+    assert len(plan.tensor_overrides) == 1 and plan.tensor_overrides[0].device == CPU
+    on_gpu = sum(t.n_bytes for t in qwen.tensors if t.name not in cpu and t.name != "token_embd.weight")
+    assert plan.memory.model_bytes["CUDA0"] == on_gpu and on_gpu // 2**20 == 2111
+    placed = tensor_devices(qwen, plan)
+    assert all(placed[name] == CPU for name in cpu)
+    assert sum(device == CPU for device in placed.values()) == len(cpu) + 1   # + token_embd
+
+
+def test_merged_pattern_matches_exactly_its_tensors(qwen):
+    names = [t.name for t in qwen.tensors]
+    chosen = ["blk.3.ffn_up.weight", "blk.3.ffn_gate.weight", "blk.7.ffn_up.weight", "blk.7.ffn_gate.weight",
+              "blk.1.attn_q.bias", "blk.10.attn_q.bias", "output.weight"]
+    pattern = re.compile(merge_pattern(chosen))
+    assert sorted(n for n in names if pattern.search(n)) == sorted(chosen)
+    assert merge_pattern(["blk.3.ffn_up.weight", "blk.7.ffn_up.weight"]) == r"^(?:blk\.(?:3|7)\.(?:ffn_up\.weight))$"
+
+
+def test_tied_output_copy(tiny_tied_model):
+    inv = read_inventory(tiny_tied_model)
+    embd = inv.tensor("token_embd.weight").n_bytes
+    plan = make_plan(inv, {}, n_gpu_layers=1, gpu_devices=("CUDA0",))
+    placed = tensor_devices(inv, plan)
+    assert placed["token_embd.weight"] == CPU and placed[TIED_OUTPUT] == "CUDA0"
+    assert plan.memory.model_bytes["CUDA0"] == embd + inv.tensor("output_norm.weight").n_bytes
+    # both copies to the CPU: one override, the output copy costs no VRAM
+    plan = make_plan(inv, {TIED_OUTPUT: CPU}, n_gpu_layers=1, gpu_devices=("CUDA0",))
+    assert tensor_devices(inv, plan)[TIED_OUTPUT] == CPU
+    assert plan.memory.model_bytes.get("CUDA0", 0) == inv.tensor("output_norm.weight").n_bytes
+    with pytest.raises(PlanError, match="tied embeddings"):
+        make_plan(inv, {"token_embd.weight": "CUDA0", TIED_OUTPUT: CPU}, n_gpu_layers=1, gpu_devices=("CUDA0",))
+
+
+def test_kv_cache_follows_layers(qwen):
+    plan = make_plan(qwen, {}, n_gpu_layers=15, gpu_devices=("CUDA0",), n_ctx=4096)
+    per_layer = 4096 * 4 * 128 * 2 * 2
+    assert plan.memory.kv_bytes == {"CUDA0": 14 * per_layer, CPU: 14 * per_layer}
+
+
+def test_plan_json_round_trip(qwen):
+    plan = make_plan(qwen, {"blk.0.ffn_up.weight": "CUDA0"}, n_gpu_layers=0, gpu_devices=("CUDA0",))
+    import json
+    assert from_jsonable(Plan, json.loads(dumps(plan)), "test") == plan
+    assert predict_memory(qwen, plan) == plan.memory
+
+
+def test_check_plan_refuses_patterns_matching_nothing(qwen):
+    plan = make_plan(qwen, {"blk.0.ffn_up.weight": CPU}, n_gpu_layers=-1, gpu_devices=("CUDA0",))
+    import dataclasses
+    from oatoplan.schema import TensorOverride
+    bad = dataclasses.replace(plan, tensor_overrides=(TensorOverride(r"^blk\.99\.ffn_up\.weight$", CPU),))
+    with pytest.raises(PlanError, match="matches no tensor"):
+        check_plan(qwen, bad, "p.json")
+    bad = dataclasses.replace(plan, tensor_overrides=(TensorOverride("(unclosed", CPU),))
+    with pytest.raises(PlanError, match="not a valid regex"):
+        check_plan(qwen, bad, "p.json")
+
+
+def test_flags(qwen):
+    plan = make_plan(qwen, {"output.weight": CPU}, n_gpu_layers=-1, gpu_devices=("CUDA0",), n_ubatch=2048)
+    flags = llama_cpp_flags(plan)
+    assert "-ngl -1" in flags and "-ub 2048" in flags and "-b 2048" in flags and "--no-mmap" in flags
+    assert r"-ot '^(?:output\.weight)$=CPU'" in flags
