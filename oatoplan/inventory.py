@@ -274,11 +274,11 @@ def kv_bytes_per_token(hp: Hyperparameters, layer: int, type_k: str = "f16", typ
     return _row_bytes(type_k, n_kv * hp.head_dim_k) + _row_bytes(type_v, n_kv * hp.head_dim_v)
 
 
-def kv_cells(hp: Hyperparameters, layer: int, n_ctx: int, n_ubatch: int) -> int:
+def kv_cells(hp: Hyperparameters, layer: int, n_ctx: int, n_ubatch: int, swa_full: bool = True) -> int:
     """Cells llama.cpp allocates for `layer`'s cache (one sequence): n_ctx rounded up to a multiple of 256, or for a
-    sliding-window layer (iSWA cache, swa_full off) min(n_ctx, n_swa + n_ubatch) rounded up to 256."""
+    sliding-window layer with swa_full off (iSWA cache) min(n_ctx, n_swa + n_ubatch) rounded up to 256."""
     n_ctx = _pad(n_ctx, 256)
-    if layer in hp.swa_layers and hp.n_swa:
+    if layer in hp.swa_layers and hp.n_swa and not swa_full:
         return _pad(min(n_ctx, hp.n_swa + n_ubatch), 256)
     return n_ctx
 

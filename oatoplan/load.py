@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # Plan fields that decide placement and memory: passing them to load() as well would make the plan lie.
 PLAN_KEYS = ("n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "use_mmap", "op_offload", "flash_attn", "type_k",
-             "type_v", "n_threads", "tensor_split", "main_gpu", "split_mode")
+             "type_v", "n_threads", "swa_full", "tensor_split", "main_gpu", "split_mode")
 # Memory checks: a difference up to this share of the prediction (or ALIGNMENT_SLACK_BYTES a tensor) is alignment.
 RELATIVE_TOLERANCE = 0.01
 _GGML_DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL", 4: "META"}
@@ -131,7 +131,7 @@ def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_o
     if missing and cpu_only:
         plan = dataclasses.replace(cpu_only_plan(inventory), n_ctx=plan.n_ctx, n_batch=plan.n_batch,
                                    n_ubatch=plan.n_ubatch, flash_attn=plan.flash_attn, type_k=plan.type_k,
-                                   type_v=plan.type_v, n_threads=plan.n_threads)
+                                   type_v=plan.type_v, n_threads=plan.n_threads, swa_full=plan.swa_full)
         plan = dataclasses.replace(plan, memory=predict_memory(inventory, plan))
         log.warning("running the plan's GPU placement on the CPU (--cpu-only)")
     elif missing:
@@ -147,7 +147,7 @@ def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_o
     kwargs = dict(n_gpu_layers=plan.n_gpu_layers if plan.gpu_devices else 0, n_ctx=plan.n_ctx,
                   n_batch=plan.n_batch, n_ubatch=plan.n_ubatch, use_mmap=plan.use_mmap, op_offload=plan.op_offload,
                   flash_attn=plan.flash_attn, type_k=_ggml_type(plan.type_k), type_v=_ggml_type(plan.type_v),
-                  n_threads=plan.n_threads, verbose=False)
+                  n_threads=plan.n_threads, swa_full=plan.swa_full, verbose=False)
     kwargs.update(llama_kwargs)
     lines: list[str] = []
     with _load_lock, _model_params_with(overrides if plan.tensor_overrides else None), _capture_log(lines):

@@ -81,7 +81,7 @@ def predict_memory(inv: ModelInventory, plan: Plan, compute_bytes: dict[str, int
             optional_bytes[CPU] = embd_bytes
     kv_bytes: dict[str, int] = defaultdict(int)
     for il, device in enumerate(layer_devices(inv, plan)):
-        cells = kv_cells(inv.hparams, il, plan.n_ctx, plan.n_ubatch)
+        cells = kv_cells(inv.hparams, il, plan.n_ctx, plan.n_ubatch, plan.swa_full)
         kv_bytes[device] += cells * kv_bytes_per_token(inv.hparams, il, plan.type_k, plan.type_v)
     return MemoryPrediction(model_bytes=dict(model_bytes), kv_bytes=dict(kv_bytes), compute_bytes=compute_bytes or {},
                             model_optional_bytes=optional_bytes)
@@ -110,6 +110,7 @@ def merge_pattern(names: list[str]) -> str:
 def make_plan(inv: ModelInventory, devices: dict[str, str], *, n_gpu_layers: int, gpu_devices: tuple[str, ...] = (),
               n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int = 512, use_mmap: bool | None = None,
               op_offload: bool = True, flash_attn: bool = True, type_k: str = "f16", type_v: str = "f16",
+              swa_full: bool = True,
               n_threads: int | None = None, llama_cpp_build: str = "", profile_id: str = "",
               budget_bytes: int | None = None, compute_bytes: dict[str, int] | None = None,
               notes: tuple[str, ...] = ()) -> Plan:
@@ -142,7 +143,7 @@ def make_plan(inv: ModelInventory, devices: dict[str, str], *, n_gpu_layers: int
     plan = Plan(schema_version=SCHEMA_VERSION, model=inv.identity, n_gpu_layers=n_gpu_layers,
                 tensor_overrides=overrides, n_ctx=n_ctx, n_batch=max(n_batch, n_ubatch), n_ubatch=n_ubatch,
                 use_mmap=(gpu is None) if use_mmap is None else use_mmap, op_offload=op_offload,
-                flash_attn=flash_attn, type_k=type_k, type_v=type_v, n_threads=n_threads,
+                flash_attn=flash_attn, type_k=type_k, type_v=type_v, n_threads=n_threads, swa_full=swa_full,
                 gpu_devices=tuple(gpu_devices), llama_cpp_build=llama_cpp_build, profile_id=profile_id,
                 budget_bytes=budget_bytes, notes=notes)
     return dataclasses.replace(plan, memory=predict_memory(inv, plan, compute_bytes))
@@ -183,6 +184,8 @@ def llama_cpp_flags(plan: Plan) -> str:
         flags.append("--no-mmap")
     if not plan.op_offload:
         flags.append("--no-op-offload")
+    if plan.swa_full:
+        flags.append("--swa-full")
     if plan.n_threads:
         flags.append(f"-t {plan.n_threads}")
     flags += [f"-ot '{o.pattern}={o.device}'" for o in plan.tensor_overrides]

@@ -132,6 +132,8 @@ class Plan:
     n_threads: int | None         # None: llama-cpp-python's default
     gpu_devices: tuple[str, ...]  # devices the plan places anything on, e.g. ("CUDA0",); () for all-CPU
     llama_cpp_build: str          # build the plan was solved for; "" = made by hand, any build
+    # sliding-window layers keep the whole context (llama.cpp's default) or only n_swa + n_ubatch cells
+    swa_full: bool = True
     profile_id: str = ""
     budget_bytes: int | None = None
     memory: MemoryPrediction | None = None

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFWriter, TokenType
 from gguf.quants import quantize
-from typer.testing import CliRunner
 
 TINY = dict(n_layer=4, n_embd=64, n_head=4, n_head_kv=2, n_ff=128, n_ctx=512)
 
@@ -117,6 +116,8 @@ def qwen_header_model(tmp_path_factory) -> Path:
 @pytest.fixture
 def cli():
     """Run the `oatoplan` CLI in-process: cli(["inspect", path]) -> click Result (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
     from oatoplan.cli import app
     runner = CliRunner()
 

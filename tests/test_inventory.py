@@ -93,9 +93,10 @@ def test_kv_bytes_per_token():
 
 def test_kv_cells_sliding_window(gemma_model):
     hp = read_inventory(gemma_model).hparams
-    assert kv_cells(hp, 0, 8192, 512) == 1024     # min(8192, 512 + 512) padded to 256
-    assert kv_cells(hp, 5, 8192, 512) == 8192     # global layer
-    assert kv_cells(hp, 0, 600, 512) == 768       # min(768, 1024)
+    assert kv_cells(hp, 0, 8192, 512, swa_full=False) == 1024   # min(8192, 512 + 512) padded to 256
+    assert kv_cells(hp, 5, 8192, 512, swa_full=False) == 8192   # global layer
+    assert kv_cells(hp, 0, 600, 512, swa_full=False) == 768     # min(768, 1024)
+    assert kv_cells(hp, 0, 8192, 512) == 8192                   # llama.cpp's default: full-size SWA cache
 
 
 # --- bad input: one clear line naming the file -------------------------------------------------------------------

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Stages of a GPU-machine session (device tool), each short enough for one call. Run from the repository root with
+# `.device/` carried: lcpp.tar.xz (the trimmed llama-cpp-python 0.3.36 sdist, see gpu-workflow.md), whl/ (pure-Python
+# wheels the machine lacks: gguf, diskcache, pytest...), *.header (model headers saved by benchmarks.make_model).
+#   bash benchmarks/gpu_session.sh start   # install wheels, start the CUDA build in the background, make the models
+#   bash benchmarks/gpu_session.sh wait    # wait for the build (up to WAIT_S seconds), install the wheel
+#   bash benchmarks/gpu_session.sh SCRIPT  # any command afterwards, with the environment below
+set -uo pipefail
+REPO=$(pwd)
+W=/tmp/oato
+export PYTHONPATH=$W/site:$REPO PYTHONUNBUFFERED=1
+mkdir -p $W
+case "${1:-}" in
+start)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target $W/site .device/whl/*.whl || exit 1
+  (cd $W && tar xJf "$REPO/.device/lcpp.tar.xz")
+  (cd $W/llama-cpp-python-0.3.36 && setsid nohup bash -c "CMAKE_ARGS='-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90' \
+     python3 -m pip wheel --no-build-isolation --no-deps --no-cache-dir -w $W/dist . > $W/build.log 2>&1; \
+     echo \$? > $W/build.rc" > /dev/null 2>&1 &)
+  date +%s > $W/build.start
+  for header in .device/*.header; do
+    name=$(basename "$header" .header)
+    python3 -m benchmarks.make_model "$header" "$W/$name.gguf" || exit 1
+  done
+  ls -la $W
+  ;;
+wait)
+  deadline=$(( $(date +%s) + ${WAIT_S:-540} ))
+  while [ ! -f $W/build.rc ] && [ "$(date +%s)" -lt "$deadline" ]; do sleep 5; done
+  if [ ! -f $W/build.rc ]; then echo "build still running after $(( $(date +%s) - $(cat $W/build.start) )) s"; exit 3; fi
+  echo "build rc=$(cat $W/build.rc) after $(( $(stat -c %Y $W/build.rc) - $(cat $W/build.start) )) s"
+  tail -3 $W/build.log
+  [ "$(cat $W/build.rc)" = 0 ] || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --target $W/site $W/dist/llama_cpp_python-*.whl || exit 1
+  python3 -c "import llama_cpp; from oatoplan.load import devices; print(llama_cpp.__file__, devices())"
+  ;;
+*)
+  shift 0
+  "$@"
+  ;;
+esac
