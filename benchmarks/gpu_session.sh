@@ -35,7 +35,11 @@ wait)
   python3 -c "import llama_cpp; from oatoplan.load import devices; print(llama_cpp.__file__, devices())"
   ;;
 *)
-  shift 0
+  # The CUDA build of llama-cpp-python 0.3.36 made this way segfaults in llama_model::print_info() on every model
+  # load: libllama's std::ostream calls bind to libstdc++ template copies exported by libggml-cuda.so (seen with
+  # cuda-gdb on 2026-11-22). Putting the real libstdc++ first in the global scope avoids it; a linker fix belongs
+  # in `oatoplan build` (issue #7).
+  export LD_PRELOAD=${LD_PRELOAD:-/lib/x86_64-linux-gnu/libstdc++.so.6}
   "$@"
   ;;
 esac
