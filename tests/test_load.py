@@ -151,3 +151,14 @@ def test_run_cli_streams_and_reports(tiny_model, tmp_path, cli):
     assert result.exit_code == 0, result.stderr
     assert "plan vs allocated" in result.stdout and " NO" not in result.stdout
     assert "prefill" in result.stderr and "tokens/s" in result.stderr
+
+
+def test_sliding_window_cache_sizes(gemma_model):
+    # swa_full off: Gemma's 15 sliding-window layers keep n_swa + n_ubatch cells instead of the whole context
+    inv = read_inventory(gemma_model)
+    for swa_full in (True, False):
+        plan = make_plan(inv, {}, n_gpu_layers=0, n_ctx=4096, swa_full=swa_full)
+        llm = load(gemma_model, plan)
+        kv = next(c for c in llm.oatoplan_memory.checks if c.kind == "KV")
+        assert kv.ok and kv.allocated_bytes == (72 if swa_full else 27) * 2**20
+        llm.close()
