@@ -162,3 +162,10 @@ def test_sliding_window_cache_sizes(gemma_model):
         kv = next(c for c in llm.oatoplan_memory.checks if c.kind == "KV")
         assert kv.ok and kv.allocated_bytes == (72 if swa_full else 27) * 2**20
         llm.close()
+
+
+def test_package_entry_point(tiny_model):
+    import oatoplan
+    llm = oatoplan.load(tiny_model)
+    assert llm.tokenize(b"hello")
+    llm.close()
