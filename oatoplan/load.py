@@ -143,7 +143,9 @@ def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_o
     patterns = [o.pattern.encode() for o in plan.tensor_overrides]   # kept alive as long as the model
     for i, (override, pattern) in enumerate(zip(plan.tensor_overrides, patterns)):
         overrides[i].pattern = pattern
-        overrides[i].buft = _cpu_buffer_type() if override.device == CPU else _buffer_type(override.device)
+        # the plain CPU buffer type means "host memory" to llama.cpp: pinned CUDA_Host when mmap is off and a GPU is
+        # present (or a repacked CPU buffer on a CPU-only build)
+        overrides[i].buft = _buffer_type(override.device)
     kwargs = dict(n_gpu_layers=plan.n_gpu_layers if plan.gpu_devices else 0, n_ctx=plan.n_ctx,
                   n_batch=plan.n_batch, n_ubatch=plan.n_ubatch, use_mmap=plan.use_mmap, op_offload=plan.op_offload,
                   flash_attn=plan.flash_attn, type_k=_ggml_type(plan.type_k), type_v=_ggml_type(plan.type_v),
@@ -168,11 +170,6 @@ def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_o
                         f"the plan predicted {c.predicted_bytes / BYTES_PER_MIB:.1f} MiB; the plan does not describe "
                         f"this load (re-plan, or report a bug with --debug output)")
     return llm
-
-
-def _cpu_buffer_type() -> int:
-    # llama.cpp treats an override to the plain CPU buffer type as "host memory": pinned CUDA_Host when mmap is off
-    return _buffer_type(CPU)
 
 
 def _ggml_type(name: str) -> int:
