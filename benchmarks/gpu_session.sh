@@ -2,6 +2,7 @@
 # Stages of a GPU-machine session (device tool), each short enough for one call. Run from the repository root with
 # `.device/` carried: lcpp.tar.xz (the trimmed llama-cpp-python 0.3.36 sdist, see gpu-workflow.md), whl/ (pure-Python
 # wheels the machine lacks: gguf, diskcache, pytest...), *.header (model headers saved by benchmarks.make_model).
+#   bash benchmarks/gpu_session.sh prepare # HERE (developer machine, venv active): fill .device/ (ignored by git)
 #   bash benchmarks/gpu_session.sh start   # install wheels, start the CUDA build in the background, make the models
 #   bash benchmarks/gpu_session.sh wait    # wait for the build (up to WAIT_S seconds), install the wheel
 #   bash benchmarks/gpu_session.sh SCRIPT  # any command afterwards, with the environment below
@@ -11,6 +12,23 @@ W=/tmp/oato
 export PYTHONPATH=$W/site:$REPO PYTHONUNBUFFERED=1
 mkdir -p $W
 case "${1:-}" in
+prepare)
+  grep -qx '/.device/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo '/.device/' >> .git/info/exclude; }
+  mkdir -p .device/whl && tmp=$(mktemp -d)
+  # LCPP_SDIST: a llama_cpp_python-0.3.36.tar.gz you have; else pip fetches it, which takes 7+ minutes here because
+  # pip prepares the sdist's metadata by running CMake
+  if [ -n "${LCPP_SDIST:-}" ]; then cp "$LCPP_SDIST" "$tmp"/; else
+    python -m pip download -q --no-deps --no-binary :all: -d "$tmp" llama-cpp-python==0.3.36 || exit 1; fi
+  tar xzf "$tmp"/llama_cpp_python-0.3.36.tar.gz -C "$tmp"
+  (cd "$tmp"/llama_cpp_python-0.3.36 && rm -rf .git vendor/llama.cpp/.git \
+     vendor/llama.cpp/{models,docs,media,benches,gguf-py,examples,pocs,scripts,conversion,tools/ui})
+  tar cJf .device/lcpp.tar.xz -C "$tmp" --transform 's/^llama_cpp_python-0.3.36/llama-cpp-python-0.3.36/' \
+     llama_cpp_python-0.3.36
+  python -m pip download -q --no-deps -d .device/whl gguf diskcache pytest pluggy iniconfig || exit 1
+  python -m benchmarks.make_model qwen2-7b .device/qwen2-7b.header --save-header
+  python -m benchmarks.make_model gemma3-270m .device/gemma3-270m.header --save-header
+  rm -rf "$tmp"; du -sh .device
+  ;;
 start)
   python3 -m pip install -q --no-index --no-deps --no-compile --target $W/site .device/whl/*.whl || exit 1
   (cd $W && tar xJf "$REPO/.device/lcpp.tar.xz")
