@@ -102,9 +102,8 @@ def _print_inventory(inv: ModelInventory) -> None:
     cells: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(lambda: [0, set()]))
     for t in inv.tensors:
         row = t.group if t.layer is None else f"blk.{t.layer}"
-        column = t.role if t.role in matrix_roles and t.param == "weight" else "other"
-        if t.group != "layer":
-            column = t.role if t.op in ("GET_ROWS", "MUL_MAT") else "other"
+        big = t.role in matrix_roles if t.group == "layer" else t.op in ("GET_ROWS", "MUL_MAT")
+        column = t.role if big and t.param == "weight" else "other"
         cells[row][column][0] += t.n_bytes
         cells[row][column][1].add(t.ggml_type)
     columns = matrix_roles + sorted({c for r in cells.values() for c in r} - set(matrix_roles) - {"other"}) + ["other"]

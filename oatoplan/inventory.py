@@ -47,7 +47,7 @@ GLOBAL_ROLES = {
 # with pattern n, layer il uses the window unless il % n == n - 1.
 DEFAULT_SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "cohere2": 4}
 
-_BLOCK_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
+BLOCK_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
 class _HeaderReader(GGUFReader):
@@ -173,8 +173,7 @@ def _field_value(fields, key: str, default=None):
         return default
     if field.types[:2] == [GGUFValueType.ARRAY, GGUFValueType.STRING]:
         return int(field.parts[-1][0])  # string arrays keep only their length (see _HeaderReader)
-    value = field.contents()
-    return value
+    return field.contents()
 
 
 def _hyperparameters(reader: GGUFReader, arch: str) -> tuple[Hyperparameters, list[str]]:
@@ -222,7 +221,7 @@ def _per_layer_max(value) -> int:
 
 
 def _classify(name: str, ggml_type: str, shape: tuple[int, ...], n_bytes: int, hp: Hyperparameters) -> TensorInfo:
-    match = _BLOCK_NAME.match(name)
+    match = BLOCK_NAME.match(name)
     layer = int(match.group(1)) if match else None
     rest = match.group(2) if match else name
     role, _, param = rest.partition(".")

@@ -129,9 +129,7 @@ def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_o
     available = {d.name for d in gpu_devices()}
     missing = [d for d in plan.gpu_devices if d not in available]
     if missing and cpu_only:
-        plan = dataclasses.replace(cpu_only_plan(inventory), n_ctx=plan.n_ctx, n_batch=plan.n_batch,
-                                   n_ubatch=plan.n_ubatch, flash_attn=plan.flash_attn, type_k=plan.type_k,
-                                   type_v=plan.type_v, n_threads=plan.n_threads, swa_full=plan.swa_full)
+        plan = dataclasses.replace(plan, n_gpu_layers=0, tensor_overrides=(), gpu_devices=(), use_mmap=True)
         plan = dataclasses.replace(plan, memory=predict_memory(inventory, plan))
         log.warning("running the plan's GPU placement on the CPU (--cpu-only)")
     elif missing:

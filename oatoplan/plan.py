@@ -14,14 +14,13 @@ import re
 from collections import defaultdict
 
 from .errors import OatoError, PlanMismatchError
-from .inventory import kv_bytes_per_token, kv_cells
+from .inventory import BLOCK_NAME, kv_bytes_per_token, kv_cells
 from .schema import SCHEMA_VERSION, MemoryPrediction, ModelInventory, Plan, TensorOverride
 
 CPU = "CPU"
 # Key of the second copy of token_embd.weight that llama.cpp makes as the output matrix of a tied-embedding model.
 TIED_OUTPUT = "token_embd.weight (output copy)"
 
-_BLOCK_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
 # llama.cpp (and the GGML CUDA backend's buffers) align tensors; allow this much per tensor when checking bytes.
 ALIGNMENT_SLACK_BYTES = 1024
 
@@ -94,7 +93,7 @@ def merge_pattern(names: list[str]) -> str:
     layers_by_suffix: dict[str, set[int]] = defaultdict(set)
     others = []
     for name in names:
-        match = _BLOCK_NAME.match(name)
+        match = BLOCK_NAME.match(name)
         if match:
             layers_by_suffix[match.group(2)].add(int(match.group(1)))
         else:
@@ -121,8 +120,9 @@ def make_plan(inv: ModelInventory, devices: dict[str, str], *, n_gpu_layers: int
     unknown = set(devices) - {t.name for t in inv.tensors} - {TIED_OUTPUT}
     if unknown:
         raise PlanError(f"no tensor named {sorted(unknown)[0]!r} in {inv.identity.file_name}")
-    for device in set(devices.values()) - {CPU} - set(gpu_devices):
-        raise PlanError(f"device {device!r} is not among the plan's GPU devices {list(gpu_devices)}")
+    stray = sorted(set(devices.values()) - {CPU} - set(gpu_devices))
+    if stray:
+        raise PlanError(f"device {stray[0]!r} is not among the plan's GPU devices {list(gpu_devices)}")
     moved: dict[str, list[str]] = defaultdict(list)
     for t in inv.tensors:
         default = default_device(inv, t.group, t.layer, n_gpu_layers, gpu)
@@ -170,8 +170,9 @@ def check_plan(inv: ModelInventory, plan: Plan, source: str) -> None:
         if not any(pattern.search(n) for n in names):
             raise PlanError(f"{source}: tensor pattern {override.pattern!r} matches no tensor of "
                             f"{inv.identity.file_name}; the plan would silently do nothing there")
-    for device in {o.device for o in plan.tensor_overrides} - {CPU} - set(plan.gpu_devices):
-        raise PlanError(f"{source}: override device {device!r} is not listed in gpu_devices {list(plan.gpu_devices)}")
+    stray = sorted({o.device for o in plan.tensor_overrides} - {CPU} - set(plan.gpu_devices))
+    if stray:
+        raise PlanError(f"{source}: override device {stray[0]!r} is not listed in gpu_devices {list(plan.gpu_devices)}")
     if plan.n_ubatch > plan.n_batch:
         raise PlanError(f"{source}: n_ubatch {plan.n_ubatch} is larger than n_batch {plan.n_batch}")
 
