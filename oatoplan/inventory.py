@@ -53,7 +53,8 @@ BLOCK_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
 class _HeaderReader(GGUFReader):
     """GGUFReader with two changes, both for the sake of clear errors and speed:
     - metadata arrays are read in one step instead of one numpy view per element (GGUFReader: 17.6 s over Gemma
-      3's 262k-token vocabulary, see benchmarks/inventory_speed.py); an array of strings keeps only its type and length, since we never read tokens;
+      3's 262k-token vocabulary, see benchmarks/inventory_speed.py); an array of strings keeps only its type and
+      length, since we never read tokens;
     - tensor types and data bounds are checked before the tensors are built, so that a damaged file gets a
       message naming the tensor rather than a numpy reshape error."""
 
