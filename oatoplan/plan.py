@@ -191,3 +191,55 @@ def llama_cpp_flags(plan: Plan) -> str:
         flags.append(f"-t {plan.n_threads}")
     flags += [f"-ot '{o.pattern}={o.device}'" for o in plan.tensor_overrides]
     return " ".join(flags)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# From a solved placement to a Plan
+
+def tensor_placement(inv: ModelInventory, unit_devices: dict[str, str]) -> tuple[dict[str, str], int]:
+    """Per-tensor devices and n_gpu_layers for a per-unit placement (solve's units): KV/attention on the GPU for
+    the last k layers means n_gpu_layers = k + 1 (`output` counts as a layer); tensors follow their unit."""
+    from .cost import model_units
+    devices: dict[str, str] = {}
+    n_kv_gpu = 0
+    for unit in model_units(inv):
+        device = unit_devices[unit.key]
+        if unit.is_attention:
+            n_kv_gpu += device != CPU
+        elif unit.is_output and inv.tied_output:
+            devices[TIED_OUTPUT] = device
+        else:
+            devices.update({name: device for name in unit.tensors})
+    uses_gpu = any(d != CPU for d in unit_devices.values())
+    return devices, (n_kv_gpu + 1 if uses_gpu else 0)
+
+
+def plan_model(inv: ModelInventory, profile, budget_bytes: int, workload, write_lp=None) -> Plan:
+    """Solve the placement for `workload` within `budget_bytes` of VRAM with `profile`'s costs, and return the
+    Plan with its prediction, the baselines' predictions at the same budget and an explanation."""
+    from .cost import CostModel, predict
+    from .schema import BaselinePrediction
+    from .solve import baseline_arms, explain, greedy, solve
+    cost = CostModel(profile)
+    solution = solve(inv, cost, budget_bytes, workload, write_lp)
+    s = solution.settings
+    baselines = []
+    for name, unit_devices, settings, flags in baseline_arms(inv, cost.gpu, budget_bytes, workload):
+        prediction = predict(cost, inv, unit_devices, workload, settings) if unit_devices else None
+        baselines.append(BaselinePrediction(name, flags, prediction))
+    greedy_devices = greedy(inv, cost, budget_bytes, workload, s)
+    baselines.append(BaselinePrediction("greedy (time saved per byte, same settings)", "",
+                                        predict(cost, inv, greedy_devices, workload, s)))
+    devices, n_gpu_layers = tensor_placement(inv, solution.devices)
+    gpu_bytes = solution.prediction.gpu_bytes
+    notes = tuple(explain(inv, cost, solution, workload)) + (
+        f"ubatch {s.n_ubatch}, op offload {'on' if s.op_offload else 'off'}, mmap off (host weights pinned): "
+        f"best of {len(solution.candidates)} settings solved in {solution.solve_s:.2f} s",)
+    plan = make_plan(inv, devices, n_gpu_layers=n_gpu_layers, gpu_devices=(cost.gpu,), n_ctx=workload.n_ctx,
+                     n_batch=s.n_ubatch, n_ubatch=s.n_ubatch, use_mmap=False, op_offload=s.op_offload,
+                     flash_attn=True, type_k=s.type_k, type_v=s.type_v, n_threads=profile.n_threads,
+                     llama_cpp_build=profile.machine.llama_cpp_build, profile_id=profile.profile_id,
+                     budget_bytes=budget_bytes, compute_bytes={cost.gpu: gpu_bytes.get("compute", 0)}, notes=notes)
+    plan = dataclasses.replace(plan, workload=workload, prediction=solution.prediction, baselines=tuple(baselines),
+                               placement=dict(solution.devices))
+    return dataclasses.replace(plan, flags=llama_cpp_flags(plan))

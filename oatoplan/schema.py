@@ -92,6 +92,43 @@ class ModelInventory:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Workload and predictions (what `plan` optimises for, and what it expects)
+
+OBJECTIVES = ("total", "ttft", "decode")
+
+
+@dataclass(frozen=True)
+class Workload:
+    n_prompt: int = 512           # prompt tokens to prefill
+    n_gen: int = 128              # tokens to generate
+    n_depth: int = 0              # tokens already in the KV cache before the prompt
+    objective: str = "total"      # "total" (prefill + all decode), "ttft" (prefill), "decode" (per token)
+
+    @property
+    def n_ctx(self) -> int:
+        return self.n_depth + self.n_prompt + self.n_gen
+
+
+@dataclass(frozen=True)
+class Prediction:
+    prefill_s: float              # the whole prompt: time to first token, less sampling
+    decode_s_per_token: float     # averaged over the generated tokens (attention grows with depth)
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    total_s: float                # prefill + n_gen tokens of decode
+    gpu_bytes: dict[str, int]     # VRAM by category: weights, kv, compute, pool
+    n_crossings: int              # CPU<->GPU crossings in one decode graph
+
+
+@dataclass(frozen=True)
+class BaselinePrediction:
+    name: str                     # "llama-cpp-python defaults", "layer offload (--fit)", "--n-cpu-ffn", ...
+    flags: str                    # the llama.cpp flags of that arm
+    prediction: Prediction | None  # None: does not fit the budget at all
+    note: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Plan (what `plan` writes and `load` applies)
 
 @dataclass(frozen=True)
@@ -138,6 +175,12 @@ class Plan:
     budget_bytes: int | None = None
     memory: MemoryPrediction | None = None
     notes: tuple[str, ...] = ()
+    # written by `oatoplan plan`: what it was solved for and what it expects
+    workload: Workload | None = None
+    prediction: Prediction | None = None
+    baselines: tuple[BaselinePrediction, ...] = ()
+    placement: dict[str, str] = field(default_factory=dict)   # unit key ("blk.3.ffn_up", "blk.3.attn") -> device
+    flags: str = ""               # the equivalent llama.cpp flags
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -191,6 +234,91 @@ class RunStats:
     @property
     def decode_tokens_per_s(self) -> float:
         return 1000.0 * self.n_generated_tokens / self.generate_ms if self.generate_ms else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Profile (what `profile` measures on the user's machine; the planner's cost model reads it)
+
+@dataclass(frozen=True)
+class MachineIdentity:
+    cpu_model: str
+    n_cpu_threads: int            # logical CPUs
+    ram_bytes: int
+    gpu_name: str                 # "" when profiled without a GPU
+    gpu_total_bytes: int
+    gpu_driver: str
+    pcie_link: str                # e.g. "gen5 x16", "" if unknown
+    llama_cpp_build: str
+
+
+@dataclass(frozen=True)
+class OpTiming:
+    """Median time of one operator on one device, per copy, from graphs of several independent copies (so that a
+    graph launch is not counted as op time and weights are read from memory, not from cache)."""
+    device: str                   # "CPU", "CUDA0"
+    op: str                       # ggml op: MUL_MAT, FLASH_ATTN_EXT, RMS_NORM, MUL, ADD, GLU, ROPE, SET_ROWS, GET_ROWS
+    ggml_type: str                # weight type (MUL_MAT, GET_ROWS), KV type (FLASH_ATTN_EXT, SET_ROWS), else F32
+    # MUL_MAT: (K, N) = (input features, output features) of the weight; FLASH_ATTN_EXT: (head_dim, n_head,
+    # n_head_kv, n_kv); element-wise ops: (elements per token,)
+    shape: tuple[int, ...]
+    n_tokens: int
+    t_us: float                   # median
+    samples_us: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class TransferTiming:
+    direction: str                # "h2d" (host to device) or "d2h"
+    memory: str                   # host side: "pinned" or "pageable"
+    n_bytes: int
+    t_us: float
+    samples_us: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Profile:
+    schema_version: int
+    profile_id: str
+    created_utc: str
+    machine: MachineIdentity
+    n_threads: int                # CPU threads the CPU backend ran with (and a plan must run with)
+    gpu_device: str               # ggml device profiled, "" without a GPU
+    ops: tuple[OpTiming, ...]
+    transfers: tuple[TransferTiming, ...]
+    launch_us: dict[str, float]   # one graph of one tiny op, per device: the fixed cost of a graph split
+    crossing_us: float            # one CPU<->GPU crossing in a graph: small activation copy + launch on the other side
+    cpu_read_bytes_per_s: float   # weight bytes per second a CPU mat-vec streams (largest weight, 1 token)
+    gpu_reserved_bytes: int       # VRAM in use before any buffer (CUDA context, other processes)
+    duration_s: float = 0.0
+    notes: tuple[str, ...] = ()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bench (what `bench` measured)
+
+@dataclass(frozen=True)
+class BenchArm:
+    name: str                     # "oatoplan plan", "llama-cpp-python defaults", ...
+    flags: str                    # the equivalent llama.cpp flags
+    plan: Plan                    # exactly what was loaded
+    prediction: Prediction | None
+    vram_bytes: int               # GPU memory in use after loading and a warm-up, less what was in use before
+    prefill_tokens_per_s: tuple[float, ...]   # one sample per repetition
+    decode_tokens_per_s: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    schema_version: int
+    created_utc: str
+    machine: MachineIdentity
+    model: ModelIdentity
+    workload: Workload
+    budget_bytes: int | None
+    reps: int
+    mode: str                     # "interleaved" (A B A B ...) or "sequential" (when the arms do not fit together)
+    arms: tuple[BenchArm, ...]
+    command: str = ""
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The CLI as a user meets it: inspect's table, subcommands not built yet, version."""
+"""The CLI as a user meets it: inspect's table, plan, subcommands not built yet, version."""
 
 import pytest
 
@@ -27,7 +27,7 @@ def test_inspect_gemma(gemma_model, cli):
     assert "n_swa 512 on 15 layers" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["profile", "plan", "bench", "build", "doctor"])
+@pytest.mark.parametrize("command", ["build", "doctor"])
 def test_unbuilt_commands_say_so(cli, command):
     result = cli([command])
     assert result.exit_code == 1
@@ -37,3 +37,41 @@ def test_unbuilt_commands_say_so(cli, command):
 def test_version(cli):
     result = cli(["--version"])
     assert result.exit_code == 0 and result.stdout.startswith("oatoplan ")
+
+
+def test_plan_writes_a_plan_the_loader_accepts(qwen_header_model, cli, tmp_path):
+    from oatoplan.plan import check_plan
+    from oatoplan.inventory import read_inventory
+    from oatoplan.schema import Plan, read_json, write_json
+    from profiles import synthetic_profile
+    profile = write_json(synthetic_profile(), tmp_path / "profile.json")
+    out, lp = tmp_path / "plan.json", tmp_path / "plan.lp"
+    result = cli(["plan", qwen_header_model, "--vram", "3GiB", "--profile", profile, "--prompt", "1024",
+                  "--out", out, "--write-lp", lp])
+    assert result.exit_code == 0, result.stderr
+    plan = read_json(Plan, out)
+    check_plan(read_inventory(qwen_header_model), plan, str(out))
+    assert plan.budget_bytes == 3 << 30 and sum(plan.prediction.gpu_bytes.values()) <= 3 << 30
+    assert plan.workload.n_prompt == 1024 and plan.n_ctx == 1024 + 128
+    assert "vram_budget" in lp.read_text()
+    for name in ("this plan", "llama-cpp-python defaults", "llama.cpp --fit (layer offload)", "greedy"):
+        assert name in result.stdout
+    assert "-ngl " in plan.flags and plan.profile_id == "synthetic-test"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--vram", "lots"], "lots"),
+    (["--vram", "3GiB", "--objective", "fast"], "--objective 'fast'"),
+    (["--vram", "10MiB"], "the smallest needs"),
+    (["--vram", "3GiB", "--profile", "profiles/cpu-devbox-2core.json"], "has no GPU"),
+])
+def test_plan_bad_input(qwen_header_model, cli, tmp_path, args, message):
+    from oatoplan.schema import write_json
+    from profiles import synthetic_profile
+    profile = write_json(synthetic_profile(), tmp_path / "profile.json")
+    if "--profile" not in args:
+        args = args + ["--profile", str(profile)]
+    result = cli(["plan", qwen_header_model, *args, "--out", tmp_path / "p.json"])
+    assert result.exit_code == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "p.json").exists()

@@ -1,0 +1,335 @@
+"""The cost model: a Profile turned into the time of any operator the planner asks about, the decoder graph of a
+model as an ordered list of placement units, and the predicted time and VRAM of a placement for a workload.
+
+Time of an op between measured points: log-log interpolation over the token count (and KV length), linear scaling
+beyond the largest measured point; a weight shape that was not measured is scaled from the nearest measured one by
+its number of weights, a weight type that was not measured from the nearest type by bytes per weight.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+from .ggml import row_bytes
+from .inventory import kv_bytes_per_token, kv_cells
+from .schema import ModelInventory, Prediction, Profile, Workload
+
+CPU = "CPU"
+# llama.cpp's CUDA backend takes an op with a host-resident weight to the GPU (copying the weight) from this batch size on.
+OP_OFFLOAD_MIN_TOKENS = 32
+
+
+def _loglog(xs: list[float], ys: list[float], x: float) -> float:
+    """Piecewise log-log interpolation through (xs, ys), xs ascending; below the first point the first value (a
+    latency floor), above the last point proportional scaling."""
+    if x <= xs[0]:
+        return ys[0]
+    if x >= xs[-1]:
+        return ys[-1] * x / xs[-1]
+    i = bisect.bisect_right(xs, x)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], max(ys[i - 1], 1e-9), max(ys[i], 1e-9)
+    f = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+    return math.exp(math.log(y0) + f * (math.log(y1) - math.log(y0)))
+
+
+def _bytes_per_weight(ggml_type: str) -> float:
+    return row_bytes(ggml_type, 256) / 256
+
+
+class CostModel:
+    """Times in microseconds from a Profile, for the CPU and the profiled GPU."""
+
+    def __init__(self, profile: Profile):
+        self.profile = profile
+        self.gpu = profile.gpu_device or None
+        self._matmul: dict[tuple[str, str], dict[tuple[int, int], tuple[list, list]]] = defaultdict(dict)
+        self._attn: dict[str, dict[int, tuple[list, list]]] = defaultdict(dict)
+        self._attn_layout: dict[str, tuple[int, ...]] = {}
+        self._elementwise: dict[tuple[str, str], tuple[list, list]] = {}
+        points = defaultdict(list)
+        for o in profile.ops:
+            if o.op == "MUL_MAT":
+                points[("mm", o.device, o.ggml_type, o.shape)].append((o.n_tokens, o.t_us))
+            elif o.op == "FLASH_ATTN_EXT":
+                points[("fa", o.device, o.n_tokens)].append((o.shape[3], o.t_us))
+                self._attn_layout[o.device] = o.shape[:3]
+            else:   # element-wise: by total elements
+                points[("ew", o.device, o.op)].append((o.shape[0] * o.n_tokens, o.t_us))
+        for key, pts in points.items():
+            pts.sort()
+            series = ([float(x) for x, _ in pts], [y for _, y in pts])
+            if key[0] == "mm":
+                self._matmul[(key[1], key[2])][key[3]] = series
+            elif key[0] == "fa":
+                self._attn[key[1]][key[2]] = series
+            else:
+                self._elementwise[(key[1], key[2])] = series
+        self._transfer = {}
+        for direction in ("h2d", "d2h"):
+            for memory in ("pinned", "pageable"):
+                pts = sorted((t.n_bytes, t.t_us) for t in profile.transfers
+                             if t.direction == direction and t.memory == memory)
+                if len(pts) >= 2:
+                    (b0, t0), (b1, t1) = pts[0], pts[-1]
+                    per_byte = (t1 - t0) / (b1 - b0)
+                    self._transfer[(direction, memory)] = (max(t0 - per_byte * b0, 0.0), per_byte)
+
+    def devices(self) -> list[str]:
+        return [CPU] + ([self.gpu] if self.gpu else [])
+
+    def matmul_us(self, device: str, ggml_type: str, k: int, n: int, n_tokens: int) -> float:
+        types = {t for d, t in self._matmul if d == device}
+        if not types:
+            raise KeyError(f"no MUL_MAT measured on {device}")
+        measured_type = ggml_type if ggml_type in types else min(
+            types, key=lambda t: abs(_bytes_per_weight(t) - _bytes_per_weight(ggml_type)))
+        shapes = self._matmul[(device, measured_type)]
+        shape = (k, n) if (k, n) in shapes else min(shapes, key=lambda s: abs(math.log(s[0] * s[1] / (k * n))))
+        t = _loglog(*shapes[shape], n_tokens) * (k * n) / (shape[0] * shape[1])
+        if measured_type != ggml_type and n_tokens < OP_OFFLOAD_MIN_TOKENS:   # small batches are bandwidth-bound
+            t *= _bytes_per_weight(ggml_type) / _bytes_per_weight(measured_type)
+        return t
+
+    def attention_us(self, device: str, head_dim: int, n_head: int, n_head_kv: int, n_kv: int,
+                     n_tokens: int) -> float:
+        """Flash attention of n_tokens queries over n_kv cached tokens (f16 K/V), one layer."""
+        by_tokens = self._attn[device]
+        token_counts = sorted(by_tokens)
+        times = [_loglog(*by_tokens[n], max(n_kv, 1)) for n in token_counts]
+        t = _loglog([float(n) for n in token_counts], times, n_tokens)
+        p_dim, p_head, p_head_kv = self._attn_layout[device]
+        # one token reads the cache (scale by KV width); many tokens compute (scale by query width)
+        scale = (n_head_kv * head_dim) / (p_head_kv * p_dim) if n_tokens == 1 else (n_head * head_dim) / (p_head * p_dim)
+        return t * scale
+
+    def elementwise_us(self, device: str, op: str, n_elements: int) -> float:
+        return _loglog(*self._elementwise[(device, op)], max(n_elements, 1))
+
+    def transfer_us(self, n_bytes: int, direction: str = "h2d", pinned: bool = True) -> float:
+        latency, per_byte = self._transfer[(direction, "pinned" if pinned else "pageable")]
+        return latency + per_byte * n_bytes
+
+    def launch_us(self, device: str) -> float:
+        return self.profile.launch_us.get(device, 0.0)
+
+    @property
+    def crossing_us(self) -> float:
+        return self.profile.crossing_us
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The decoder graph as placement units
+
+# A layer's units in graph order. "attn" is the KV cache and attention (placed with the layer, i.e. n_gpu_layers);
+# every other unit is a group of tensors that one op (or a matrix and its bias/norm) consumes.
+LAYER_ORDER = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn", "attn_output", "post_attention_norm",
+               "attn_post_norm", "ffn_norm", "ffn_gate_inp", "ffn_gate", "ffn_up", "ffn_gate_exps", "ffn_up_exps",
+               "ffn_gate_up_exps", "ffn_down", "ffn_down_exps", "ffn_gate_shexp", "ffn_up_shexp",
+               "ffn_down_shexp", "post_ffw_norm", "ffn_post_norm", "layer_output_norm")
+# tensors that ride with another unit (applied right after it, on its device)
+UNIT_OF_ROLE = {"attn_q_norm": "attn_q", "attn_k_norm": "attn_k"}
+
+
+@dataclass(frozen=True)
+class Unit:
+    key: str                       # "blk.3.ffn_up", "blk.3.attn" (KV + attention), "output", "output_norm"
+    layer: int | None
+    tensors: tuple[str, ...]       # GGUF names ("token_embd.weight" for a tied output matrix)
+    n_bytes: int                   # weight bytes (KV bytes for an attn unit are counted separately)
+    matrices: tuple[tuple[str, int, int], ...]   # (type, K, N) of each MUL_MAT weight in the unit
+    elementwise: tuple[tuple[str, int], ...]     # (op, elements per token) that run with the unit
+    is_attention: bool = False
+    is_output: bool = False
+
+
+def model_units(inv: ModelInventory) -> list[Unit]:
+    """Every placeable unit in graph order: blocks 0..n-1 (LAYER_ORDER within), then output_norm, output.
+    token_embd (input, GET_ROWS) stays on the CPU, as llama.cpp puts it."""
+    hp = inv.hparams
+    by_unit: dict[tuple[int, str], list] = defaultdict(list)
+    extra_roles: list[str] = []
+    for t in inv.tensors:
+        if t.layer is None:
+            continue
+        role = UNIT_OF_ROLE.get(t.role, t.role)
+        if role not in LAYER_ORDER and role not in extra_roles:
+            extra_roles.append(role)
+        by_unit[(t.layer, role)].append(t)
+    units = []
+    for il in range(hp.n_layer):
+        for role in LAYER_ORDER[:LAYER_ORDER.index("attn")] + ("attn",) + \
+                LAYER_ORDER[LAYER_ORDER.index("attn") + 1:] + tuple(extra_roles):
+            if role == "attn":
+                n_embd_q = hp.n_head * hp.head_dim_k
+                units.append(Unit(f"blk.{il}.attn", il, (), 0, (), (("ROPE", n_embd_q), ("ROPE", n_embd_q // 2),
+                                  ("SET_ROWS", hp.n_head_kv[il] * (hp.head_dim_k + hp.head_dim_v))), True))
+                continue
+            tensors = by_unit.get((il, role))
+            if tensors:
+                units.append(_unit(f"blk.{il}.{role}", il, tensors, hp))
+    names = {t.name for t in inv.tensors}
+    if "output_norm.weight" in names:
+        units.append(_unit("output_norm", None, [inv.tensor("output_norm.weight")], inv.hparams))
+    out = inv.output_matrix()
+    units.append(Unit("output", None, (out.name,), out.n_bytes, ((out.ggml_type, out.shape[0], out.shape[1]),), (),
+                      is_output=True))
+    return units
+
+
+def _unit(key: str, layer: int | None, tensors: list, hp) -> Unit:
+    matrices, elementwise = [], []
+    for t in tensors:
+        if t.op in ("MUL_MAT", "MUL_MAT_ID") and len(t.shape) >= 2:
+            share = hp.n_expert_used / hp.n_expert if t.op == "MUL_MAT_ID" and hp.n_expert else 1.0
+            matrices.append((t.ggml_type, t.shape[0], int(t.shape[1] * (t.shape[2] if len(t.shape) > 2 else 1)
+                                                          * share)))
+        elif t.op == "MUL" and "norm" in t.role:
+            elementwise += [("RMS_NORM", t.flops_per_token), ("MUL", t.flops_per_token)]
+        elif t.op in ("ADD", "MUL"):
+            elementwise.append((t.op, t.flops_per_token))
+    role = key.rsplit(".", 1)[-1]
+    if role in ("ffn_gate", "ffn_gate_exps", "ffn_gate_up_exps"):
+        elementwise.append(("GLU", hp.n_ff))
+    if role in ("attn_output", "ffn_down", "ffn_down_exps"):
+        elementwise.append(("ADD", hp.n_embd))          # the residual
+    return Unit(key, layer, tuple(t.name for t in tensors), sum(t.n_bytes for t in tensors), tuple(matrices),
+                tuple(elementwise))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Unit costs for a workload
+
+@dataclass(frozen=True)
+class Settings:
+    """The non-placement decisions a plan makes."""
+    n_ubatch: int
+    op_offload: bool
+    pinned: bool                   # mmap off: host weights in pinned memory
+    n_ctx: int
+    type_k: str = "f16"
+    type_v: str = "f16"
+
+
+def ubatches(n_prompt: int, n_ubatch: int) -> list[int]:
+    return [min(n_ubatch, n_prompt - start) for start in range(0, n_prompt, n_ubatch)]
+
+
+def unit_time_us(cost: CostModel, inv: ModelInventory, unit: Unit, device: str, workload: Workload,
+                 s: Settings) -> tuple[float, float]:
+    """(prefill time for the whole prompt, decode time per token averaged over the generated tokens) of one unit on
+    `device`, in microseconds. A host-resident matrix in a batch of >= 32 tokens with op offload on is copied to
+    the GPU and multiplied there."""
+    hp = inv.hparams
+    gpu = cost.gpu
+    decode_depth = workload.n_depth + workload.n_prompt + workload.n_gen / 2   # attention is linear in depth
+    if unit.is_attention:
+        head_kv = hp.n_head_kv[unit.layer]
+        decode = cost.attention_us(device, hp.head_dim_k, hp.n_head, head_kv, int(decode_depth), 1)
+        prefill, depth = 0.0, workload.n_depth
+        for n in ubatches(workload.n_prompt, s.n_ubatch):
+            depth += n
+            prefill += cost.attention_us(device, hp.head_dim_k, hp.n_head, head_kv, depth, n)
+            prefill += sum(cost.elementwise_us(device, op, width * n) for op, width in unit.elementwise)
+        decode += sum(cost.elementwise_us(device, op, width) for op, width in unit.elementwise)
+        return prefill, decode
+    decode = sum(cost.matmul_us(device, *m, 1) for m in unit.matrices)
+    decode += sum(cost.elementwise_us(device, op, width) for op, width in unit.elementwise)
+    if unit.is_output:     # logits only for the last prompt token
+        return decode, decode
+    prefill = 0.0
+    for n in ubatches(workload.n_prompt, s.n_ubatch):
+        offload = device == CPU and gpu and s.op_offload and n >= OP_OFFLOAD_MIN_TOKENS and unit.matrices
+        run_on = gpu if offload else device
+        if offload:
+            prefill += cost.transfer_us(unit.n_bytes, "h2d", s.pinned)
+        prefill += sum(cost.matmul_us(run_on, *m, n) for m in unit.matrices)
+        prefill += sum(cost.elementwise_us(device, op, width * n) for op, width in unit.elementwise)
+    return prefill, decode
+
+
+def fixed_time_us(cost: CostModel, inv: ModelInventory, workload: Workload, s: Settings,
+                  uses_gpu: bool) -> tuple[float, float]:
+    """Time that no placement changes: the input embedding lookup on the CPU and the graph launches."""
+    n_embd = inv.hparams.n_embd
+    launches = cost.launch_us(CPU) + (cost.launch_us(cost.gpu) if uses_gpu and cost.gpu else 0.0)
+    prefill = sum(cost.elementwise_us(CPU, "GET_ROWS", n_embd * n) + launches
+                  for n in ubatches(workload.n_prompt, s.n_ubatch))
+    return prefill, launches + cost.elementwise_us(CPU, "GET_ROWS", n_embd)
+
+
+def combine(prefill_us: float, decode_us: float, workload: Workload) -> float:
+    """The objective in microseconds."""
+    if workload.objective == "ttft":
+        return prefill_us
+    if workload.objective == "decode":
+        return decode_us
+    return prefill_us + workload.n_gen * decode_us
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VRAM
+
+def kv_unit_bytes(inv: ModelInventory, layer: int, s: Settings) -> int:
+    return kv_cells(inv.hparams, layer, s.n_ctx, s.n_ubatch) * kv_bytes_per_token(inv.hparams, layer, s.type_k,
+                                                                                 s.type_v)
+
+
+def compute_stage_bytes(inv: ModelInventory, s: Settings) -> tuple[int, int]:
+    """(output stage, layer stage) bytes of llama.cpp's GPU compute buffer, which it reserves for the worst case
+    (every token of a ubatch produces logits). Output stage: logits (n_ubatch x n_vocab f32) + the normed input;
+    layer stage: gate/up/residual activations and the attention mask. Weight copies for op offload come on top.
+    Checked against llama.cpp's allocation (Qwen2-7B at ubatch 2048: 1,216 MiB with output on the GPU, 1,642 MiB
+    with the output matrix offloaded from the CPU)."""
+    hp, u = inv.hparams, s.n_ubatch
+    n_ctx = -(-s.n_ctx // 256) * 256
+    output_stage = 4 * u * hp.n_vocab + 4 * u * hp.n_embd
+    layer_stage = 4 * u * (2 * hp.n_ff + 2 * hp.n_embd) + 2 * u * n_ctx
+    return output_stage, layer_stage
+
+
+def pool_bytes(inv: ModelInventory, s: Settings) -> int:
+    """The CUDA backend's working pool beside llama.cpp's buffers (quantized activations, cuBLAS conversions):
+    estimated as one f32 activation row block of the widest matrix input."""
+    widest = max((t.shape[0] for t in inv.tensors if t.op == "MUL_MAT"), default=inv.hparams.n_embd)
+    return 4 * s.n_ubatch * widest
+
+
+def predict(cost: CostModel, inv: ModelInventory, devices: dict[str, str], workload: Workload,
+            s: Settings) -> Prediction:
+    """Predicted time and VRAM of a placement: `devices` maps every unit key to "CPU" or the GPU."""
+    units = model_units(inv)
+    prefill = decode = 0.0
+    for unit in units:
+        p, d = unit_time_us(cost, inv, unit, devices[unit.key], workload, s)
+        prefill, decode = prefill + p, decode + d
+    uses_gpu = cost.gpu is not None      # a GPU build runs graph splits (and op offload) there even at -ngl 0
+    chain = [CPU] + [devices[u.key] for u in units]       # the input lookup is on the CPU
+    crossings = sum(1 for a, b in zip(chain, chain[1:]) if a != b)
+    fixed_prefill, fixed_decode = fixed_time_us(cost, inv, workload, s, uses_gpu)
+    n_ub = len(ubatches(workload.n_prompt, s.n_ubatch))
+    prefill += fixed_prefill + n_ub * crossings * cost.crossing_us
+    decode += fixed_decode + crossings * cost.crossing_us
+    gpu_bytes = gpu_memory(inv, units, devices, s) if uses_gpu else {}
+    return Prediction(prefill_s=prefill * 1e-6, decode_s_per_token=decode * 1e-6,
+                      prefill_tokens_per_s=workload.n_prompt / (prefill * 1e-6),
+                      decode_tokens_per_s=1e6 / decode, total_s=(prefill + workload.n_gen * decode) * 1e-6,
+                      gpu_bytes=gpu_bytes, n_crossings=crossings)
+
+
+def gpu_memory(inv: ModelInventory, units: list[Unit], devices: dict[str, str], s: Settings) -> dict[str, int]:
+    """VRAM by category for a placement (the same terms as the planner's memory constraint)."""
+    on_gpu = [u for u in units if devices[u.key] != CPU]
+    weights = sum(u.n_bytes for u in on_gpu if not u.is_attention)
+    kv = sum(kv_unit_bytes(inv, u.layer, s) for u in on_gpu if u.is_attention)
+    output_stage, layer_stage = compute_stage_bytes(inv, s)
+    offload = s.op_offload and s.n_ubatch >= OP_OFFLOAD_MIN_TOKENS
+    out = next(u for u in units if u.is_output)
+    output_on_gpu = devices[out.key] != CPU
+    copy_output = out.n_bytes if offload and not output_on_gpu else 0
+    copy_layer = max((u.n_bytes for u in units if offload and devices[u.key] == CPU and u.matrices
+                      and not u.is_output), default=0)
+    compute = max(output_stage + copy_output if (output_on_gpu or offload) else 0, layer_stage + copy_layer)
+    return {"weights": weights, "kv": kv, "compute": compute, "pool": pool_bytes(inv, s)}

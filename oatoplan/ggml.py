@@ -1,0 +1,237 @@
+"""ctypes bindings to the libggml that llama-cpp-python loaded: the device registry, and just enough of the graph API
+to time single operators on a real backend (the profiler's microbenchmarks).
+
+Everything goes through `llama_cpp._ggml.libggml`, the very library libllama links, so the devices, buffer types and
+kernels are the ones a loaded model uses (a second copy of the library would have a registry of its own).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from .errors import BackendError
+
+p = ctypes.c_void_p
+_i64, _f32, _sz = ctypes.c_int64, ctypes.c_float, ctypes.c_size_t
+
+
+class InitParams(ctypes.Structure):
+    _fields_ = [("mem_size", _sz), ("mem_buffer", p), ("no_alloc", ctypes.c_bool)]
+
+
+_DECLARATIONS = [
+    # device registry
+    ("ggml_backend_dev_count", _sz, []),
+    ("ggml_backend_dev_get", p, [_sz]),
+    ("ggml_backend_dev_name", ctypes.c_char_p, [p]),
+    ("ggml_backend_dev_description", ctypes.c_char_p, [p]),
+    ("ggml_backend_dev_type", ctypes.c_int, [p]),
+    ("ggml_backend_dev_memory", None, [p, ctypes.POINTER(_sz), ctypes.POINTER(_sz)]),
+    ("ggml_backend_dev_buffer_type", p, [p]),
+    ("ggml_backend_dev_host_buffer_type", p, [p]),
+    ("ggml_version", ctypes.c_char_p, []),
+    ("ggml_commit", ctypes.c_char_p, []),
+    # backends and buffers
+    ("ggml_backend_dev_init", p, [p, ctypes.c_char_p]),
+    ("ggml_backend_free", None, [p]),
+    ("ggml_backend_synchronize", None, [p]),
+    ("ggml_backend_graph_compute", ctypes.c_int, [p, p]),
+    ("ggml_backend_alloc_ctx_tensors", p, [p, p]),
+    ("ggml_backend_buft_alloc_buffer", p, [p, _sz]),
+    ("ggml_backend_buffer_get_base", p, [p]),
+    ("ggml_backend_buffer_free", None, [p]),
+    ("ggml_backend_tensor_set", None, [p, p, _sz, _sz]),
+    ("ggml_backend_tensor_get", None, [p, p, _sz, _sz]),
+    # contexts, tensors, ops, graphs
+    ("ggml_init", p, [InitParams]),
+    ("ggml_free", None, [p]),
+    ("ggml_tensor_overhead", _sz, []),
+    ("ggml_graph_overhead_custom", _sz, [_sz, ctypes.c_bool]),
+    ("ggml_new_tensor_1d", p, [p, ctypes.c_int, _i64]),
+    ("ggml_new_tensor_2d", p, [p, ctypes.c_int, _i64, _i64]),
+    ("ggml_new_tensor_3d", p, [p, ctypes.c_int, _i64, _i64, _i64]),
+    ("ggml_nbytes", _sz, [p]),
+    ("ggml_mul_mat", p, [p, p, p]),
+    ("ggml_add", p, [p, p, p]),
+    ("ggml_mul", p, [p, p, p]),
+    ("ggml_rms_norm", p, [p, p, _f32]),
+    ("ggml_swiglu_split", p, [p, p, p]),
+    ("ggml_get_rows", p, [p, p, p]),
+    ("ggml_set_rows", p, [p, p, p, p]),
+    ("ggml_rope_ext", p, [p, p, p, p, ctypes.c_int, ctypes.c_int, ctypes.c_int] + [_f32] * 6),
+    ("ggml_flash_attn_ext", p, [p, p, p, p, p, _f32, _f32, _f32]),
+    ("ggml_new_graph_custom", p, [p, _sz, ctypes.c_bool]),
+    ("ggml_build_forward_expand", None, [p, p]),
+]
+_OPTIONAL = [("ggml_backend_cpu_set_n_threads", None, [p, ctypes.c_int])]   # in libggml-cpu
+
+
+def lib() -> ctypes.CDLL:
+    from llama_cpp._ggml import libggml   # the same libggml.so that llama-cpp-python's libllama links
+    if not getattr(libggml, "_oatoplan_declared", False):
+        for name, restype, argtypes in _DECLARATIONS + _OPTIONAL:
+            try:
+                fn = getattr(libggml, name)
+            except AttributeError:
+                if (name, restype, argtypes) in _OPTIONAL:
+                    continue
+                raise
+            fn.restype, fn.argtypes = restype, argtypes
+        libggml._oatoplan_declared = True
+    return libggml
+
+
+def device_handle(name: str) -> int:
+    g = lib()
+    for i in range(g.ggml_backend_dev_count()):
+        dev = g.ggml_backend_dev_get(i)
+        if g.ggml_backend_dev_name(dev).decode() == name:
+            return dev
+    raise BackendError(f"device {name!r} is not in this llama.cpp build")
+
+
+def type_id(name: str) -> int:
+    return int(GGMLQuantizationType[name.upper()])
+
+
+def row_bytes(ggml_type: str, n_elements: int) -> int:
+    """Bytes of `n_elements` values of `ggml_type` (a whole number of blocks)."""
+    block_elements, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[ggml_type.upper()]]
+    return n_elements // block_elements * block_bytes
+
+
+def random_bytes(ggml_type: str, n_bytes: int, rng: np.random.Generator) -> bytes:
+    """`n_bytes` of valid `ggml_type` data: small finite floats, or random quantized blocks with small fp16 scales
+    (random scale bytes could be inf/NaN, which no real weight is)."""
+    qtype = GGMLQuantizationType[ggml_type.upper()]
+    block_elements, block_bytes = GGML_QUANT_SIZES[qtype]
+    n_elements = n_bytes // block_bytes * block_elements
+    if qtype in (GGMLQuantizationType.I32, GGMLQuantizationType.I64):
+        return bytes(n_bytes)          # row indices and positions: 0 is valid everywhere
+    if qtype == GGMLQuantizationType.F32:
+        return rng.standard_normal(n_elements, dtype=np.float32).tobytes()
+    if qtype == GGMLQuantizationType.F16:
+        return (rng.standard_normal(n_elements, dtype=np.float32) * 0.02).astype(np.float16).tobytes()
+    if qtype == GGMLQuantizationType.BF16:
+        floats = (rng.standard_normal(n_elements, dtype=np.float32) * 0.02).view(np.uint32)
+        return (floats >> 16).astype(np.uint16).tobytes()
+    blocks = rng.integers(0, 256, size=(n_elements // block_elements, block_bytes), dtype=np.uint8)
+    scale = np.frombuffer(np.float16(2e-4).tobytes(), np.uint8)
+    if qtype.name == "Q6_K":   # int8 sub-block scales, kept small
+        blocks[:, 192:208] = rng.integers(-24, 24, size=(len(blocks), 16)).astype(np.int8).view(np.uint8)
+    for pos in SCALE_FIELDS.get(qtype.name, ()):
+        blocks[:, pos:pos + 2] = scale
+    return blocks.tobytes()
+
+
+# Byte ranges of the fp16 scale fields in one block, per type.
+SCALE_FIELDS = {
+    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+}
+
+
+class Backend:
+    """One initialised ggml backend (a device), for timing graphs on it."""
+
+    def __init__(self, device: str, n_threads: int | None = None):
+        g = lib()
+        self.device = device
+        self.dev = device_handle(device)
+        self.handle = g.ggml_backend_dev_init(self.dev, None)
+        if not self.handle:
+            raise BackendError(f"ggml could not initialise device {device}")
+        if n_threads and device == "CPU" and hasattr(g, "ggml_backend_cpu_set_n_threads"):
+            g.ggml_backend_cpu_set_n_threads(self.handle, n_threads)
+
+    def close(self) -> None:
+        if self.handle:
+            lib().ggml_backend_free(self.handle)
+            self.handle = None
+
+    def memory(self) -> tuple[int, int]:
+        free, total = _sz(0), _sz(0)
+        lib().ggml_backend_dev_memory(self.dev, ctypes.byref(free), ctypes.byref(total))
+        return free.value, total.value
+
+
+class Graph:
+    """A ggml context whose tensors live in one backend buffer, and a graph over them.
+    Build: g.tensor(...) / g.op("ggml_mul_mat", a, b) / g.output(t); then g.allocate(fill) and g.compute()."""
+
+    def __init__(self, backend: Backend, max_tensors: int = 4096):
+        g = lib()
+        self.backend = backend
+        size = max_tensors * g.ggml_tensor_overhead() + g.ggml_graph_overhead_custom(max_tensors, False)
+        self.ctx = g.ggml_init(InitParams(size, None, True))
+        self.graph = g.ggml_new_graph_custom(self.ctx, max_tensors, False)
+        self.inputs: list[tuple[int, str]] = []
+        self.buffer = None
+
+    def tensor(self, ggml_type: str, *shape: int) -> int:
+        g = lib()
+        maker = {1: g.ggml_new_tensor_1d, 2: g.ggml_new_tensor_2d, 3: g.ggml_new_tensor_3d}[len(shape)]
+        t = maker(self.ctx, type_id(ggml_type), *shape)
+        self.inputs.append((t, ggml_type))
+        return t
+
+    def op(self, name: str, *args) -> int:
+        return getattr(lib(), name)(self.ctx, *args)
+
+    def output(self, t: int) -> None:
+        lib().ggml_build_forward_expand(self.graph, t)
+
+    def allocate(self, fill) -> None:
+        """Allocate every tensor on the backend; `fill(tensor, ggml_type, n_bytes)` gives inputs' bytes or None."""
+        g = lib()
+        self.buffer = g.ggml_backend_alloc_ctx_tensors(self.ctx, self.backend.handle)
+        if not self.buffer:
+            raise BackendError(f"out of memory on {self.backend.device} allocating a profiling graph")
+        for t, ggml_type in self.inputs:
+            n_bytes = g.ggml_nbytes(t)
+            data = fill(t, ggml_type, n_bytes)
+            if data is not None:
+                g.ggml_backend_tensor_set(t, data, 0, n_bytes)
+
+    def compute(self) -> None:
+        status = lib().ggml_backend_graph_compute(self.backend.handle, self.graph)
+        if status != 0:
+            raise BackendError(f"ggml graph compute failed on {self.backend.device} (status {status})")
+
+    def close(self) -> None:
+        g = lib()
+        if self.buffer:
+            g.ggml_backend_buffer_free(self.buffer)
+            self.buffer = None
+        if self.ctx:
+            g.ggml_free(self.ctx)
+            self.ctx = None
+
+
+@contextmanager
+def graph_on(backend: Backend, max_tensors: int = 4096) -> Iterator[Graph]:
+    graph = Graph(backend, max_tensors)
+    try:
+        yield graph
+    finally:
+        graph.close()
+
+
+def time_us(fn, min_samples: int = 3, max_samples: int = 9, budget_s: float = 1.0, warmup: int = 1) -> list[float]:
+    """Wall time of fn() in microseconds: `warmup` untimed calls, then samples until `max_samples` or `budget_s`
+    (at least `min_samples`)."""
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < min_samples or (len(samples) < max_samples and time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    return samples

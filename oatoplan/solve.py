@@ -1,0 +1,356 @@
+"""Stage 3: choose the placement. Entry point: `solve(inventory, cost, budget_bytes, workload)` -> Solution.
+
+For each candidate of the few discrete settings (ubatch size, op offload), an integer program picks, jointly, which
+units (a matrix with its bias/norm, or a layer's KV cache and attention) live on the GPU:
+
+    minimise   sum_u t_cpu[u] (1 - x[u]) + t_gpu[u] x[u]  +  t_cross * (number of CPU<->GPU crossings)
+    subject to z[i] >= |x[i-1] - x[i]|        for consecutive units in graph order (CPU<->GPU crossings)
+               x[attn l] <= x[attn l+1]       (n_gpu_layers: the layers with KV on the GPU are the last ones)
+               weights + KV + compute + pool <= budget   (compute buffer: logits and activations for the ubatch, plus
+                                                          the largest weight op offload copies to the GPU)
+
+with t = prefill + n_gen x decode (or one of them, by the workload's objective). The best candidate wins. A greedy
+placement (best time saved per byte first) ships beside it as a baseline, and the usual llama.cpp choices (layer
+offload, --n-cpu-ffn, llama-cpp-python's defaults) are predicted with the same cost model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pulp
+
+from .cost import (CPU, OP_OFFLOAD_MIN_TOKENS, CostModel, Settings, Unit, combine, compute_stage_bytes, fixed_time_us,
+                   gpu_memory, kv_unit_bytes, model_units, pool_bytes, predict, ubatches, unit_time_us)
+from .errors import OatoError
+from .schema import ModelInventory, Prediction, Workload
+from .units import BYTES_PER_MIB, format_bytes
+
+log = logging.getLogger(__name__)
+
+UBATCH_CANDIDATES = (512, 1024, 2048, 4096)
+
+
+class PlanInfeasibleError(OatoError):
+    """The budget cannot hold any GPU placement."""
+
+
+class SolverError(OatoError):
+    """CBC did not return an optimal solution."""
+
+
+@dataclass(frozen=True)
+class Solution:
+    devices: dict[str, str]        # unit key -> "CPU" or the GPU
+    settings: Settings
+    prediction: Prediction
+    objective_us: float
+    solve_s: float
+    candidates: tuple[tuple[Settings, float], ...]   # every settings candidate and its optimum (us)
+
+
+@dataclass
+class _Instance:
+    units: list[Unit]
+    t_cpu: list[float]             # objective contribution of each unit on the CPU, us
+    t_gpu: list[float]
+    size_mib: list[float]          # VRAM of each unit on the GPU (weights, or KV for an attn unit)
+    cross_us: float                # objective cost of one crossing
+    fixed_us: float
+    output_stage_mib: float
+    layer_stage_mib: float
+    pool_mib: float
+    offload: bool
+
+
+def instance(cost: CostModel, inv: ModelInventory, workload: Workload, s: Settings) -> _Instance:
+    """The numbers of one integer program."""
+    units = model_units(inv)
+    t_cpu, t_gpu, size = [], [], []
+    for u in units:
+        t_cpu.append(combine(*unit_time_us(cost, inv, u, CPU, workload, s), workload))
+        t_gpu.append(combine(*unit_time_us(cost, inv, u, cost.gpu, workload, s), workload))
+        size.append((kv_unit_bytes(inv, u.layer, s) if u.is_attention else u.n_bytes) / BYTES_PER_MIB)
+    n_ub = len(ubatches(workload.n_prompt, s.n_ubatch))
+    output_stage, layer_stage = compute_stage_bytes(inv, s)
+    return _Instance(units, t_cpu, t_gpu, size, combine(n_ub * cost.crossing_us, cost.crossing_us, workload),
+                     combine(*fixed_time_us(cost, inv, workload, s, True), workload),
+                     output_stage / BYTES_PER_MIB, layer_stage / BYTES_PER_MIB, pool_bytes(inv, s) / BYTES_PER_MIB,
+                     s.op_offload and s.n_ubatch >= OP_OFFLOAD_MIN_TOKENS)
+
+
+def build_problem(inst: _Instance, budget_mib: float) -> tuple[pulp.LpProblem, dict]:
+    """The integer program of one settings candidate, written like PuLP's examples."""
+    prob = pulp.LpProblem("oatoplan_placement", pulp.LpMinimize)
+    n = len(inst.units)
+    # Variables: x[i] = 1 puts unit i on the GPU; z[i] = 1 when units i-1 and i (or the CPU input and unit 0) sit on
+    # different devices; compute and copy are VRAM (MiB) of the compute buffer and of its largest weight copy
+    x = pulp.LpVariable.dicts("gpu", range(n), cat=pulp.LpBinary)
+    z = pulp.LpVariable.dicts("cross", range(n), lowBound=0)
+    compute = pulp.LpVariable("compute_mib", lowBound=0)
+    copy = pulp.LpVariable("copy_mib", lowBound=0)
+    # the time no placement changes, as a variable fixed at 1 so that CBC's relative gap is relative to the time
+    base = pulp.LpVariable("base", lowBound=1, upBound=1)
+
+    # Objective: unit times on their devices, crossings, and the time no placement changes (us)
+    prob += (pulp.lpSum((inst.t_gpu[i] - inst.t_cpu[i]) * x[i] for i in range(n))
+             + inst.cross_us * pulp.lpSum(z.values()) + (inst.fixed_us + sum(inst.t_cpu)) * base), "time_us"
+
+    # Crossings: |x[i-1] - x[i]| linearised; the token embedding lookup before unit 0 runs on the CPU
+    for i in range(n):
+        before = x[i - 1] if i > 0 else 0
+        prob += z[i] >= x[i] - before, f"cross_up_{i}"
+        prob += z[i] >= before - x[i], f"cross_down_{i}"
+
+    # n_gpu_layers: KV cache and attention of layer l on the GPU only if layer l+1's is too
+    attn = [i for i, u in enumerate(inst.units) if u.is_attention]
+    for a, b in zip(attn, attn[1:]):
+        prob += x[a] <= x[b], f"kv_suffix_{inst.units[a].layer}"
+
+    # Symmetry: for each role, layers with the GPU copy are the last ones (as n_gpu_layers does for whole layers)
+    by_role: dict[str, list[int]] = defaultdict(list)
+    for i, u in enumerate(inst.units):
+        if u.layer is not None and not u.is_attention:
+            by_role[u.key.split(".", 2)[2]].append(i)
+    for role, idx in by_role.items():
+        for a, b in zip(idx, idx[1:]):
+            prob += x[a] <= x[b], f"suffix_{role}_{inst.units[a].layer}"
+
+    # Compute buffer: the output stage (logits) where the output matmul runs on the GPU, the layer stage with the
+    # largest host weight that op offload copies in
+    out = next(i for i, u in enumerate(inst.units) if u.is_output)
+    copied = [i for i, u in enumerate(inst.units) if inst.offload and u.matrices and not u.is_output]
+    largest_copy = max((inst.size_mib[i] for i in copied), default=0.0)
+    if inst.offload:
+        prob += compute >= inst.output_stage_mib + inst.size_mib[out] * (1 - x[out]), "compute_output_stage"
+        # (the copy terms only matter when the layer stage can outgrow the output stage; they are left out otherwise,
+        # which keeps the relaxation tight)
+        if inst.layer_stage_mib + largest_copy > inst.output_stage_mib:
+            for i in copied:
+                prob += copy >= inst.size_mib[i] * (1 - x[i]), f"copy_{i}"
+    else:
+        prob += compute >= inst.output_stage_mib * x[out], "compute_output_stage"
+    prob += compute >= inst.layer_stage_mib + copy, "compute_layer_stage"
+
+    # VRAM: weights + KV + compute buffer + pool within the budget
+    prob += (pulp.lpSum(inst.size_mib[i] * x[i] for i in range(n)) + compute + inst.pool_mib <= budget_mib,
+             "vram_budget")
+    return prob, x
+
+
+# CBC's proven gap: a placement within 0.1% of the optimum time is accepted (the cost model's own error is ~10x that)
+GAP_REL = 1e-3
+
+
+def _solver(relax: bool = False) -> pulp.LpSolver:
+    # CBC, bundled with pulp 3.x; one thread and no time limit, so that the same inputs give the same plan
+    return pulp.PULP_CBC_CMD(msg=False, threads=1, gapRel=GAP_REL, mip=not relax)
+
+
+def lower_bound(inst: _Instance, budget_mib: float) -> float | None:
+    """The LP relaxation's optimum (us): no placement of this candidate can be faster. None if infeasible."""
+    prob, _ = build_problem(inst, budget_mib)
+    status = prob.solve(_solver(relax=True))
+    return pulp.value(prob.objective) if pulp.LpStatus[status] == "Optimal" else None
+
+
+def solve_instance(inst: _Instance, budget_mib: float, write_lp: Path | None = None) -> tuple[list[int], float] | None:
+    """Optimal x for one candidate (within GAP_REL), and its objective (us); None when nothing fits."""
+    prob, x = build_problem(inst, budget_mib)
+    if write_lp:
+        prob.writeLP(str(write_lp))
+    status = prob.solve(_solver())
+    if pulp.LpStatus[status] == "Infeasible":
+        return None
+    if pulp.LpStatus[status] != "Optimal":
+        raise SolverError(f"CBC returned {pulp.LpStatus[status]} for the placement problem; run with --write-lp "
+                          f"and --debug and report it")
+    chosen = [int(round(x[i].value() or 0)) for i in range(len(inst.units))]
+    return chosen, objective(inst, chosen)
+
+
+def objective(inst: _Instance, chosen: list[int]) -> float:
+    """The integer program's objective for a placement (the same terms, evaluated directly)."""
+    t = inst.fixed_us + sum(inst.t_gpu[i] if c else inst.t_cpu[i] for i, c in enumerate(chosen))
+    return t + inst.cross_us * sum(1 for a, b in zip([0] + chosen, chosen) if a != b)
+
+
+def vram_mib(inst: _Instance, chosen: list[int]) -> float:
+    """VRAM of a placement under the integer program's memory terms."""
+    out = next(i for i, u in enumerate(inst.units) if u.is_output)
+    copy = max((inst.size_mib[i] for i, u in enumerate(inst.units)
+                if inst.offload and u.matrices and not u.is_output and not chosen[i]), default=0.0)
+    output_stage = (inst.output_stage_mib + (0 if chosen[out] else inst.size_mib[out])) if inst.offload else \
+        inst.output_stage_mib * chosen[out]
+    compute = max(output_stage, inst.layer_stage_mib + copy)
+    return sum(s for s, c in zip(inst.size_mib, chosen) if c) + compute + inst.pool_mib
+
+
+def candidate_settings(workload: Workload) -> list[Settings]:
+    largest = max(512, 1 << (max(workload.n_prompt, 1) - 1).bit_length())
+    return [Settings(ub, offload, True, workload.n_ctx) for ub in UBATCH_CANDIDATES if ub <= largest
+            for offload in (True, False)]
+
+
+def smallest_gpu_mib(cost: CostModel, inv: ModelInventory, workload: Workload) -> float:
+    """VRAM of the cheapest GPU use: op offload alone at the smallest ubatch, or one layer's KV without it."""
+    best = float("inf")
+    for s in candidate_settings(workload):
+        inst = instance(cost, inv, workload, s)
+        chosen = [0] * len(inst.units)
+        if not inst.offload:
+            chosen[max(i for i, u in enumerate(inst.units) if u.is_attention)] = 1
+        best = min(best, vram_mib(inst, chosen))
+    return best
+
+
+def solve(inv: ModelInventory, cost: CostModel, budget_bytes: int, workload: Workload,
+          write_lp: Path | None = None) -> Solution:
+    """The fastest placement within `budget_bytes` of VRAM for `workload` (every candidate settings' ILP)."""
+    if not cost.gpu:
+        raise OatoError(f"profile {cost.profile.profile_id} has no GPU; profile on the machine with the GPU "
+                        f"(oatoplan profile) to plan a GPU placement")
+    started = time.perf_counter()
+    budget_mib = budget_bytes / BYTES_PER_MIB
+    # Candidates in the order of their LP bounds; a candidate whose bound is no better than the best placement
+    # found so far cannot win and is not solved
+    bounded = []
+    for s in candidate_settings(workload):
+        inst = instance(cost, inv, workload, s)
+        bound = lower_bound(inst, budget_mib)
+        if bound is not None:
+            bounded.append((bound, s.n_ubatch, not s.op_offload, s, inst))
+    results = []
+    for bound, _, _, s, inst in sorted(bounded, key=lambda b: b[:3]):
+        if results and bound >= min(r[0] for r in results) * (1 - GAP_REL):
+            log.debug("ubatch %d op_offload %s: bound %.1f ms, skipped", s.n_ubatch, s.op_offload, bound / 1e3)
+            continue
+        found = solve_instance(inst, budget_mib)
+        if found:
+            results.append((found[1], s, inst, found[0]))
+            log.debug("ubatch %d op_offload %s: %.1f ms", s.n_ubatch, s.op_offload, found[1] / 1e3)
+    if not results:
+        need = smallest_gpu_mib(cost, inv, workload) * BYTES_PER_MIB
+        raise PlanInfeasibleError(f"a VRAM budget of {format_bytes(budget_bytes)} holds no GPU placement of "
+                                  f"{inv.identity.file_name}; the smallest needs {format_bytes(need)} (use --vram "
+                                  f"{-(-int(need) // BYTES_PER_MIB)}MiB or more), or run it all on the CPU")
+    best_us, s, inst, chosen = min(results, key=lambda r: (r[0], r[1].n_ubatch, not r[1].op_offload))
+    if write_lp:
+        build_problem(inst, budget_mib)[0].writeLP(str(write_lp))
+    devices = {u.key: (cost.gpu if c else CPU) for u, c in zip(inst.units, chosen)}
+    return Solution(devices, s, predict(cost, inv, devices, workload, s), best_us, time.perf_counter() - started,
+                    tuple((r[1], r[0]) for r in results))
+
+
+def greedy(inv: ModelInventory, cost: CostModel, budget_bytes: int, workload: Workload, s: Settings) -> dict[str, str]:
+    """Baseline: units by time saved per MiB, best first, while they fit (KV layers from the last one back)."""
+    inst = instance(cost, inv, workload, s)
+    chosen = [0] * len(inst.units)
+    order = sorted(range(len(inst.units)),
+                   key=lambda i: -(inst.t_cpu[i] - inst.t_gpu[i]) / max(inst.size_mib[i], 1e-3))
+    attn = [i for i, u in enumerate(inst.units) if u.is_attention]
+    changed = True
+    while changed:
+        changed = False
+        for i in order:
+            if chosen[i] or inst.t_cpu[i] <= inst.t_gpu[i]:
+                continue
+            if inst.units[i].is_attention and attn.index(i) + 1 < len(attn) and not chosen[attn[attn.index(i) + 1]]:
+                continue
+            chosen[i] = 1
+            if vram_mib(inst, chosen) > budget_bytes / BYTES_PER_MIB:
+                chosen[i] = 0
+            else:
+                changed = True
+    return {u.key: (cost.gpu if c else CPU) for u, c in zip(inst.units, chosen)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# llama.cpp's own choices, predicted with the same model
+
+def layer_offload(inv: ModelInventory, gpu: str, n_gpu_layers: int) -> dict[str, str]:
+    """-ngl N: output and the last N-1 blocks (weights, KV and attention) on the GPU."""
+    first = inv.hparams.n_layer + 1 - n_gpu_layers
+    return {u.key: gpu if (u.layer if u.layer is not None else inv.hparams.n_layer) >= first else CPU
+            for u in model_units(inv)}
+
+
+def n_cpu_ffn(inv: ModelInventory, gpu: str, n: int) -> dict[str, str]:
+    """All layers on the GPU, the FFN of the first n blocks on the CPU (llama.cpp's --n-cpu-moe idea for dense
+    models: -ot 'blk\\.(0|..|n-1)\\.ffn_.*=CPU')."""
+    return {u.key: CPU if u.layer is not None and u.layer < n and u.key.split(".", 2)[2].startswith("ffn_")
+            and "norm" not in u.key else gpu for u in model_units(inv)}
+
+
+def _ffn_flag(n: int) -> str:
+    """--n-cpu-ffn N as llama.cpp spells it for a dense model (-ot; --n-cpu-moe only moves experts)."""
+    return f"-ot 'blk\\.({'|'.join(map(str, range(n)))})\\.ffn_(gate|up|down)=CPU'" if n else ""
+
+
+def fits(inv: ModelInventory, devices: dict[str, str], s: Settings, budget_bytes: int) -> bool:
+    return sum(gpu_memory(inv, model_units(inv), devices, s).values()) <= budget_bytes
+
+
+def baseline_arms(inv: ModelInventory, gpu: str, budget_bytes: int, workload: Workload
+                  ) -> list[tuple[str, dict[str, str] | None, Settings, str]]:
+    """(name, placement or None if nothing fits, settings, llama.cpp flags) of the baselines at this budget:
+    1. llama-cpp-python defaults (mmap on, ubatch 512) with the largest -ngl that fits; 2. llama.cpp's --fit for a
+    dense model (whole layers, back to front); 3. --n-cpu-ffn with the smallest N that fits; 4. the best of those
+    with pinned memory and ubatch 2048, as a well-read user would write it."""
+    n_layer = inv.hparams.n_layer
+    default = Settings(512, True, False, workload.n_ctx)
+    arms = []
+    ngl = next((n for n in range(n_layer + 1, -1, -1) if fits(inv, layer_offload(inv, gpu, n), default,
+                                                              budget_bytes)), None)
+    arms.append(("llama-cpp-python defaults", layer_offload(inv, gpu, ngl) if ngl is not None else None, default,
+                 f"-ngl {ngl} -ub 512 -b 512" if ngl is not None else "does not fit"))
+    arms.append(("llama.cpp --fit (layer offload)", arms[0][1], default,
+                 f"-ngl {ngl} -ub 512 -b 2048" if ngl is not None else "does not fit"))
+    n_ffn = next((n for n in range(n_layer + 1) if fits(inv, n_cpu_ffn(inv, gpu, n), default, budget_bytes)), None)
+    arms.append(("--n-cpu-ffn", n_cpu_ffn(inv, gpu, n_ffn) if n_ffn is not None else None, default,
+                 f"-ngl 99 {_ffn_flag(n_ffn)} -ub 512" if n_ffn is not None else "does not fit"))
+    strong = Settings(2048, True, True, workload.n_ctx)
+    ngl_strong = next((n for n in range(n_layer + 1, -1, -1)
+                       if fits(inv, layer_offload(inv, gpu, n), strong, budget_bytes)), None)
+    ffn_strong = next((n for n in range(n_layer + 1) if fits(inv, n_cpu_ffn(inv, gpu, n), strong, budget_bytes)),
+                      None)
+    if ngl_strong is not None:
+        arms.append(("-ngl, pinned, ubatch 2048", layer_offload(inv, gpu, ngl_strong), strong,
+                     f"-ngl {ngl_strong} --no-mmap -ub 2048 -b 2048"))
+    if ffn_strong is not None:
+        arms.append(("--n-cpu-ffn, pinned, ubatch 2048", n_cpu_ffn(inv, gpu, ffn_strong), strong,
+                     f"-ngl 99 {_ffn_flag(ffn_strong)} --no-mmap -ub 2048 -b 2048"))
+    return arms
+
+
+def explain(inv: ModelInventory, cost: CostModel, solution: Solution, workload: Workload) -> list[str]:
+    """Why each group of units is where it is: per role, which layers are on the GPU and the time each MiB there
+    saves (the solver fills the budget with the largest savings per MiB, corrected for crossings)."""
+    inst = instance(cost, inv, workload, solution.settings)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, u in enumerate(inst.units):
+        groups[u.key.split(".", 2)[2] if u.layer is not None else u.key].append(i)
+    lines = []
+    for role, idx in groups.items():
+        on_gpu = [inst.units[i].layer for i in idx if solution.devices[inst.units[i].key] != CPU]
+        saving = sum(inst.t_cpu[i] - inst.t_gpu[i] for i in idx) / max(sum(inst.size_mib[i] for i in idx), 1e-3)
+        where = ("GPU" if len(on_gpu) == len(idx) else "CPU" if not on_gpu else
+                 f"GPU for layers {_ranges([x for x in on_gpu if x is not None])}, CPU otherwise")
+        what = "KV cache + attention" if role == "attn" else role
+        lines.append(f"{what}: {where}; the GPU saves {saving / 1e3:.3f} ms of {workload.objective} time per MiB")
+    return lines
+
+
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8"."""
+    runs: list[list[int]] = []
+    for x in sorted(layers):
+        if runs and x == runs[-1][-1] + 1:
+            runs[-1].append(x)
+        else:
+            runs.append([x])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)

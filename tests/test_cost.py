@@ -1,0 +1,71 @@
+"""The cost model: interpolation between measured points, and VRAM terms checked against llama.cpp's allocations."""
+
+import math
+
+import pytest
+
+from oatoplan.cost import CostModel, Settings, _loglog, compute_stage_bytes, gpu_memory, model_units, predict
+from oatoplan.inventory import read_inventory
+from oatoplan.schema import Workload
+from oatoplan.units import BYTES_PER_MIB
+from profiles import synthetic_profile
+
+
+def test_loglog_exact_at_points_between_and_beyond():
+    xs, ys = [1.0, 4.0, 16.0], [10.0, 20.0, 80.0]
+    assert _loglog(xs, ys, 4.0) == pytest.approx(20.0)
+    assert _loglog(xs, ys, 2.0) == pytest.approx(math.sqrt(10.0 * 20.0))   # geometric mean halfway in log
+    assert _loglog(xs, ys, 0.5) == 10.0                                      # latency floor
+    assert _loglog(xs, ys, 32.0) == pytest.approx(160.0)                     # proportional beyond
+
+
+def test_matmul_measured_point_and_scaled_shape():
+    prof = synthetic_profile()
+    cost = CostModel(prof)
+    point = next(o for o in prof.ops if o.op == "MUL_MAT" and o.device == "CUDA0" and o.n_tokens == 512)
+    assert cost.matmul_us("CUDA0", point.ggml_type, *point.shape, 512) == pytest.approx(point.t_us)
+    k, n = point.shape
+    # twice the output features of a measured shape costs twice as much when scaled from it
+    assert cost.matmul_us("CUDA0", point.ggml_type, k, 2 * n, 512) == pytest.approx(
+        2 * cost.matmul_us("CUDA0", point.ggml_type, k, n, 512), rel=0.05)
+    # an unmeasured type at decode scales by bytes per weight from the nearest measured type
+    assert cost.matmul_us("CPU", "Q8_0", 4096, 4096, 1) > cost.matmul_us("CPU", "Q4_K", 4096, 4096, 1)
+
+
+def test_transfer_is_linear_between_small_and_big():
+    cost = CostModel(synthetic_profile(pcie_bytes_per_s=50e9))
+    small, big = cost.transfer_us(16 << 10), cost.transfer_us(256 << 20)
+    assert big - small == pytest.approx(((256 << 20) - (16 << 10)) / 50e9 * 1e6, rel=1e-6)
+    assert cost.transfer_us(1 << 30, pinned=False) > cost.transfer_us(1 << 30, pinned=True)
+
+
+def test_all_gpu_beats_all_cpu_and_crossings_are_counted(qwen_header_model):
+    inv = read_inventory(qwen_header_model)
+    cost = CostModel(synthetic_profile())
+    units = model_units(inv)
+    s, w = Settings(512, True, True, 1024), Workload(256, 32)
+    all_gpu = predict(cost, inv, {u.key: "CUDA0" for u in units}, w, s)
+    all_cpu = predict(cost, inv, {u.key: "CPU" for u in units}, w, s)
+    assert all_gpu.total_s < all_cpu.total_s
+    assert all_gpu.n_crossings == 1 and all_cpu.n_crossings == 0          # the input lookup runs on the CPU
+    scattered = {u.key: "CUDA0" if i % 2 else "CPU" for i, u in enumerate(units)}
+    assert predict(cost, inv, scattered, w, s).n_crossings == sum(
+        1 for a, b in zip(["CPU"] + list(scattered.values()), list(scattered.values())) if a != b)
+
+
+def test_compute_buffer_matches_llama_cpp_allocations(qwen_header_model):
+    """llama.cpp's CUDA0 compute buffer for Qwen2-7B at ubatch 2048, measured on the H100 machine
+    (benchmarks/results/2026-11-22-h100-load-check-qwen2-7b.json and gpu-workflow.md): 1,216 MiB with -ngl 15
+    (output on the GPU) and 1,642 MiB with output and layers 0-13's FFN on the CPU (op offload copies the output
+    matrix in)."""
+    inv = read_inventory(qwen_header_model)
+    units = model_units(inv)
+    s = Settings(2048, True, False, 4096)
+    ngl15 = {u.key: "CUDA0" if (u.layer if u.layer is not None else 28) >= 14 else "CPU" for u in units}
+    ffn_cpu = {u.key: "CPU" if u.key == "output" or (u.layer is not None and u.layer < 14 and
+                                                     u.key.split(".")[2] in ("ffn_gate", "ffn_up", "ffn_down"))
+               else "CUDA0" for u in units}
+    assert gpu_memory(inv, units, ngl15, s)["compute"] / BYTES_PER_MIB == pytest.approx(1216, rel=0.03)
+    assert gpu_memory(inv, units, ffn_cpu, s)["compute"] / BYTES_PER_MIB == pytest.approx(1642, rel=0.03)
+    output_stage, layer_stage = compute_stage_bytes(inv, s)
+    assert output_stage > layer_stage
