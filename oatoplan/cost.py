@@ -230,8 +230,10 @@ def unit_time_us(cost: CostModel, inv: ModelInventory, unit: Unit, device: str, 
         decode = cost.attention_us(device, hp.head_dim_k, hp.n_head, head_kv, int(decode_depth), 1)
         prefill, depth = 0.0, workload.n_depth
         for n in ubatches(workload.n_prompt, s.n_ubatch):
+            # causal mask: the ubatch sees what came before and, on average, half of itself (the CPU and CUDA
+            # flash-attention kernels skip fully masked blocks)
+            prefill += cost.attention_us(device, hp.head_dim_k, hp.n_head, head_kv, depth + n // 2, n)
             depth += n
-            prefill += cost.attention_us(device, hp.head_dim_k, hp.n_head, head_kv, depth, n)
             prefill += sum(cost.elementwise_us(device, op, width * n) for op, width in unit.elementwise)
         decode += sum(cost.elementwise_us(device, op, width) for op, width in unit.elementwise)
         return prefill, decode
@@ -246,7 +248,10 @@ def unit_time_us(cost: CostModel, inv: ModelInventory, unit: Unit, device: str, 
         if offload:
             prefill += cost.transfer_us(unit.n_bytes, "h2d", s.pinned)
         prefill += sum(cost.matmul_us(run_on, *m, n) for m in unit.matrices)
-        prefill += sum(cost.elementwise_us(device, op, width * n) for op, width in unit.elementwise)
+        # with op offload every op that reads a host weight at >= 32 tokens moves to the GPU, and the scheduler
+        # puts the element-wise ops around it there too
+        ew_device = gpu if device == CPU and gpu and s.op_offload and n >= OP_OFFLOAD_MIN_TOKENS else device
+        prefill += sum(cost.elementwise_us(ew_device, op, width * n) for op, width in unit.elementwise)
     return prefill, decode
 
 
