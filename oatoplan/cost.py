@@ -277,6 +277,11 @@ def combine(prefill_us: float, decode_us: float, workload: Workload) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # VRAM
 
+def effective_ubatch(s: Settings) -> int:
+    """llama.cpp caps n_batch (and so n_ubatch) at n_ctx: a 2048-token ubatch in a 640-token context is 640."""
+    return min(s.n_ubatch, s.n_ctx)
+
+
 def kv_unit_bytes(inv: ModelInventory, layer: int, s: Settings) -> int:
     return kv_cells(inv.hparams, layer, s.n_ctx, s.n_ubatch) * kv_bytes_per_token(inv.hparams, layer, s.type_k,
                                                                                  s.type_v)
@@ -288,7 +293,7 @@ def compute_stage_bytes(inv: ModelInventory, s: Settings) -> tuple[int, int]:
     layer stage: gate/up/residual activations and the attention mask. Weight copies for op offload come on top.
     Checked against llama.cpp's allocation (Qwen2-7B at ubatch 2048: 1,216 MiB with output on the GPU, 1,642 MiB
     with the output matrix offloaded from the CPU)."""
-    hp, u = inv.hparams, s.n_ubatch
+    hp, u = inv.hparams, effective_ubatch(s)
     n_ctx = -(-s.n_ctx // 256) * 256
     output_stage = 4 * u * hp.n_vocab + 4 * u * hp.n_embd
     layer_stage = 4 * u * (2 * hp.n_ff + 2 * hp.n_embd) + 2 * u * n_ctx
@@ -299,7 +304,7 @@ def pool_bytes(inv: ModelInventory, s: Settings) -> int:
     """The CUDA backend's working pool beside llama.cpp's buffers (quantized activations, cuBLAS conversions):
     estimated as one f32 activation row block of the widest matrix input."""
     widest = max((t.shape[0] for t in inv.tensors if t.op == "MUL_MAT"), default=inv.hparams.n_embd)
-    return 4 * s.n_ubatch * widest
+    return 4 * effective_ubatch(s) * widest
 
 
 def predict(cost: CostModel, inv: ModelInventory, devices: dict[str, str], workload: Workload,

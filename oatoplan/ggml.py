@@ -43,6 +43,7 @@ _DECLARATIONS = [
     ("ggml_backend_synchronize", None, [p]),
     ("ggml_backend_graph_compute", ctypes.c_int, [p, p]),
     ("ggml_backend_alloc_ctx_tensors", p, [p, p]),
+    ("ggml_backend_alloc_ctx_tensors_from_buft", p, [p, p]),
     ("ggml_backend_buft_alloc_buffer", p, [p, _sz]),
     ("ggml_backend_buffer_get_base", p, [p]),
     ("ggml_backend_buffer_free", None, [p]),
@@ -187,10 +188,12 @@ class Graph:
     def output(self, t: int) -> None:
         lib().ggml_build_forward_expand(self.graph, t)
 
-    def allocate(self, fill) -> None:
-        """Allocate every tensor on the backend; `fill(tensor, ggml_type, n_bytes)` gives inputs' bytes or None."""
+    def allocate(self, fill, buffer_type: int | None = None) -> None:
+        """Allocate every tensor on the backend (or in `buffer_type`, e.g. a GPU's pinned host memory);
+        `fill(tensor, ggml_type, n_bytes)` gives inputs' bytes or None."""
         g = lib()
-        self.buffer = g.ggml_backend_alloc_ctx_tensors(self.ctx, self.backend.handle)
+        self.buffer = (g.ggml_backend_alloc_ctx_tensors_from_buft(self.ctx, buffer_type) if buffer_type else
+                       g.ggml_backend_alloc_ctx_tensors(self.ctx, self.backend.handle))
         if not self.buffer:
             raise BackendError(f"out of memory on {self.backend.device} allocating a profiling graph")
         for t, ggml_type in self.inputs:

@@ -111,12 +111,15 @@ def _fill(rng: np.random.Generator):
 
 
 def _time_matmuls(backend: ggml.Backend, ggml_type: str, k: int, n: int, tokens: tuple[int, ...], timer: _Timer,
-                  fill) -> list[OpTiming]:
+                  fill, host_buffer_type: int | None = None) -> list[OpTiming]:
+    """MUL_MAT of a (k, n) weight at each token count. On the CPU with a GPU present, the weights sit where a
+    plan puts host weights: the GPU's pinned host buffer type (page-locked memory streams slower than the
+    huge-page-backed buffers the CPU backend allocates for itself)."""
     weight_bytes = ggml.row_bytes(ggml_type, k) * n
     results = []
     with ggml.graph_on(backend) as weights:
         copies = [weights.tensor(ggml_type, k, n) for _ in range(_copies(weight_bytes, 1))]
-        weights.allocate(fill)
+        weights.allocate(fill, host_buffer_type)
         for n_tokens in tokens:
             used = copies[:_copies(weight_bytes, n_tokens)]
             with ggml.graph_on(backend) as g:
@@ -222,6 +225,38 @@ def _time_transfers(backend: ggml.Backend, timer: _Timer) -> list[TransferTiming
     return results
 
 
+def _time_crossing(gpu: ggml.Backend, cpu: ggml.Backend, s: ModelShapes, timer: _Timer, fill) -> float:
+    """One CPU<->GPU crossing as a decode graph pays it: a GPU split, its activation copied to the host, a CPU
+    split (its threadpool woken after idling through the GPU work), the result copied back. Each split is one
+    mat-vec; the crossing is half of (round trip - both splits timed alone, back to back)."""
+    g = ggml.lib()
+    width = s.n_embd
+    with ggml.graph_on(gpu) as on_gpu, ggml.graph_on(cpu) as on_cpu:
+        gpu_in = on_gpu.tensor("F32", width, 1)
+        gpu_out = on_gpu.op("ggml_mul_mat", on_gpu.tensor("Q4_K", width, width), gpu_in)
+        on_gpu.output(gpu_out)
+        cpu_in = on_cpu.tensor("F32", width, 1)
+        cpu_out = on_cpu.op("ggml_mul_mat", on_cpu.tensor("Q4_K", width, width), cpu_in)
+        on_cpu.output(cpu_out)
+        on_gpu.allocate(fill)
+        on_cpu.allocate(fill, g.ggml_backend_dev_host_buffer_type(gpu.dev))
+        staging = np.zeros(width, np.float32)
+        n_bytes = staging.nbytes
+
+        def round_trip() -> None:
+            on_gpu.compute()
+            g.ggml_backend_tensor_get(gpu_out, staging.ctypes.data, 0, n_bytes)
+            g.ggml_backend_tensor_set(cpu_in, staging.ctypes.data, 0, n_bytes)
+            on_cpu.compute()
+            g.ggml_backend_tensor_get(cpu_out, staging.ctypes.data, 0, n_bytes)
+            g.ggml_backend_tensor_set(gpu_in, staging.ctypes.data, 0, n_bytes)
+
+        alone = statistics.median(ggml.time_us(on_gpu.compute, budget_s=timer.budget_s)) + \
+            statistics.median(ggml.time_us(on_cpu.compute, budget_s=timer.budget_s))
+        both = statistics.median(ggml.time_us(round_trip, min_samples=20, max_samples=200, budget_s=timer.budget_s))
+    return max(both - alone, 0.0) / 2
+
+
 def machine_identity(gpu_device: str | None) -> MachineIdentity:
     from .load import devices, llama_cpp_build
     cpu_model = platform.processor() or platform.machine()
@@ -276,7 +311,7 @@ def measure_profile(inventory: ModelInventory | None = None, *, gpu_device: str 
     ops: list[OpTiming] = []
     launch: dict[str, float] = {}
     transfers: list[TransferTiming] = []
-    gpu_reserved = 0
+    gpu_reserved, crossing = 0, 0.0
     try:
         if gpu is not None:
             free, total = gpu.memory()
@@ -285,7 +320,8 @@ def measure_profile(inventory: ModelInventory | None = None, *, gpu_device: str 
             if progress:
                 progress(f"{kind} on {backend.device}", i, len(steps))
             if kind == "matmul":
-                ops += _time_matmuls(backend, *what, tokens, timer, fill)
+                host = ggml.lib().ggml_backend_dev_host_buffer_type(gpu.dev) if gpu and backend is cpu else None
+                ops += _time_matmuls(backend, *what, tokens, timer, fill, host)
             elif kind == "attention":
                 ops.append(_time_attention(backend, shapes, what[0], what[1], timer, fill))
             else:
@@ -295,17 +331,13 @@ def measure_profile(inventory: ModelInventory | None = None, *, gpu_device: str 
             if progress:
                 progress("transfers", len(steps), len(steps) + 1)
             transfers = _time_transfers(gpu, timer)
+            crossing = _time_crossing(gpu, cpu, shapes, timer, fill)
     except (BackendError, ProfileError) as exc:
         raise ProfileError(f"profiling stopped: {exc}; measured {len(ops)} operator points and "
                            f"{len(transfers)} transfers before that, nothing written") from None
     finally:
         for b in backends:
             b.close()
-    crossing = 0.0
-    if transfers:
-        small = {(t.direction, t.memory): t.t_us for t in transfers if t.n_bytes == TRANSFER_SMALL_BYTES}
-        crossing = ((small[("h2d", "pinned")] + small[("d2h", "pinned")]) / 2
-                    + (launch[gpu_device] + launch["CPU"]) / 2)
     streaming = [o for o in ops if o.device == "CPU" and o.op == "MUL_MAT" and o.n_tokens == 1]
     biggest = max(streaming, key=lambda o: o.shape[0] * o.shape[1] * ggml.row_bytes(o.ggml_type, 1))
     cpu_read = ggml.row_bytes(biggest.ggml_type, biggest.shape[0]) * biggest.shape[1] / (biggest.t_us * 1e-6)

@@ -286,7 +286,7 @@ class Profile:
     ops: tuple[OpTiming, ...]
     transfers: tuple[TransferTiming, ...]
     launch_us: dict[str, float]   # one graph of one tiny op, per device: the fixed cost of a graph split
-    crossing_us: float            # one CPU<->GPU crossing in a graph: small activation copy + launch on the other side
+    crossing_us: float            # one CPU<->GPU crossing in a decode graph (half a measured round trip)
     cpu_read_bytes_per_s: float   # weight bytes per second a CPU mat-vec streams (largest weight, 1 token)
     gpu_reserved_bytes: int       # VRAM in use before any buffer (CUDA context, other processes)
     duration_s: float = 0.0
