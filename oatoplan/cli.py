@@ -226,8 +226,8 @@ def profile(
     = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the profile (default "
                                                                     "profiles/<id>.json).")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: half the logical "
-                                                                           "CPUs, i.e. the physical cores).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: all logical "
+                                                                           "CPUs).")] = None,
     cpu: Annotated[bool, typer.Option("--cpu", help="Profile only the CPU, even with a GPU present.")] = False,
     show: Annotated[Optional[Path], typer.Option("--show", help="Print the GPU-affinity table of a profile.")] = None,
     validate: Annotated[Optional[Path], typer.Option("--validate", help="Predict and measure three placements of "

@@ -229,10 +229,17 @@ def unit_time_us(cost: CostModel, inv: ModelInventory, unit: Unit, device: str, 
         head_kv = hp.n_head_kv[unit.layer]
         decode = cost.attention_us(device, hp.head_dim_k, hp.n_head, head_kv, int(decode_depth), 1)
         prefill, depth = 0.0, workload.n_depth
+        kv_row_bytes = kv_bytes_per_token(hp, unit.layer, s.type_k, s.type_v)
         for n in ubatches(workload.n_prompt, s.n_ubatch):
             # causal mask: the ubatch sees what came before and, on average, half of itself (the CPU and CUDA
-            # flash-attention kernels skip fully masked blocks)
-            prefill += cost.attention_us(device, hp.head_dim_k, hp.n_head, head_kv, depth + n // 2, n)
+            # flash-attention kernels skip fully masked blocks). With op offload, a host layer's attention in a
+            # large batch follows its offloaded Q/K/V to the GPU: the cache is copied up, attention runs there
+            # (on the H100 machine -ngl 13 prefilled as fast as all-layers-on-GPU placements: benchmarks/results)
+            offload = device == CPU and gpu and s.op_offload and n >= OP_OFFLOAD_MIN_TOKENS
+            run_on = gpu if offload else device
+            if offload:
+                prefill += cost.transfer_us((depth + n) * kv_row_bytes, "h2d", s.pinned)
+            prefill += cost.attention_us(run_on, hp.head_dim_k, hp.n_head, head_kv, depth + n // 2, n)
             depth += n
             prefill += sum(cost.elementwise_us(device, op, width * n) for op, width in unit.elementwise)
         decode += sum(cost.elementwise_us(device, op, width) for op, width in unit.elementwise)
@@ -259,7 +266,8 @@ def fixed_time_us(cost: CostModel, inv: ModelInventory, workload: Workload, s: S
                   uses_gpu: bool) -> tuple[float, float]:
     """Time that no placement changes: the input embedding lookup on the CPU and the graph launches."""
     n_embd = inv.hparams.n_embd
-    launches = cost.launch_us(CPU) + (cost.launch_us(cost.gpu) if uses_gpu and cost.gpu else 0.0)
+    # one graph launch per token on the GPU; a CPU split's launch is part of the measured crossing
+    launches = cost.launch_us(cost.gpu) if uses_gpu and cost.gpu else cost.launch_us(CPU)
     prefill = sum(cost.elementwise_us(CPU, "GET_ROWS", n_embd * n) + launches
                   for n in ubatches(workload.n_prompt, s.n_ubatch))
     return prefill, launches + cost.elementwise_us(CPU, "GET_ROWS", n_embd)

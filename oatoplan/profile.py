@@ -258,10 +258,9 @@ def _time_crossing(gpu: ggml.Backend, cpu: ggml.Backend, s: ModelShapes, timer: 
 
 
 def default_threads() -> int:
-    """Half the logical CPUs: the physical cores on an SMT machine (llama-cpp-python's own default). Spinning
-    barriers with as many threads as logical CPUs stall for a scheduler slice whenever another thread runs (seen on
-    the H100 machine: a 16-element CPU graph took 12 ms median with 16 threads on 16 vCPUs)."""
-    return max(1, (os.cpu_count() or 2) // 2)
+    """All logical CPUs, as llama-bench's runs in baselines.md: on the H100 machine decode with 16 threads on 16
+    vCPUs was 25 tokens/s against 18 with 8 (benchmarks/results/2026-11-22-h100-bench-*.json)."""
+    return os.cpu_count() or 1
 
 
 def machine_identity(gpu_device: str | None) -> MachineIdentity:
