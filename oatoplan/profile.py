@@ -44,11 +44,12 @@ ATTN_TOKENS_GPU = (1, 512, 2048)
 ATTN_TOKENS_CPU = (1, 512)
 CPU_MAX_ATTN_WORK = 512 * 4096               # n_tokens x n_kv beyond this is extrapolated on the CPU
 ELEMENTWISE_TOKENS = (1, 32, 512, 2048)
-# Independent copies per graph: enough weight bytes to defeat caches (H100 L2 is 50 MB; server LLCs ~100 MB). With
-# 16 copies at most, a 1 MB attn_k stayed in the CPU's cache and its mat-vec was timed ~5x too fast: decode of
-# placements with many small host matrices came out 20% slower than predicted (benchmarks/results, 2026-11-22).
-COPY_BYTES = 512 << 20
-MAX_COPIES = 1024
+# Independent copies per graph: enough weight bytes to defeat caches (H100 L2 is 50 MB; server LLCs ~100 MB).
+# 16 copies at most leaves a 1 MB attn_k partly in the CPU's cache (decode of placements with many small host
+# matrices came out ~20% slower than predicted); 1024 copies overshot the other way (decode predicted 2x too slow,
+# each of 1024 graph nodes paying a 16-thread barrier): benchmarks/results/README.md, 2026-11-22.
+COPY_BYTES = 256 << 20
+MAX_COPIES = 16
 TRANSFER_BIG_BYTES = 256 << 20
 TRANSFER_SMALL_BYTES = 16 << 10              # one token's activations of a large model, rounded up
 
