@@ -90,7 +90,8 @@ def build_problem(inst: _Instance, budget_mib: float) -> tuple[pulp.LpProblem, d
     # Variables: x[i] = 1 puts unit i on the GPU; z[i] = 1 when units i-1 and i (or the CPU input and unit 0) sit on
     # different devices; compute and copy are VRAM (MiB) of the compute buffer and of its largest weight copy
     x = pulp.LpVariable.dicts("gpu", range(n), cat=pulp.LpBinary)
-    z = pulp.LpVariable.dicts("cross", range(n), lowBound=0)
+    pairs, spans = _crossing_terms(inst)
+    z = pulp.LpVariable.dicts("cross", range(len(pairs) + len(spans)), lowBound=0)
     compute = pulp.LpVariable("compute_mib", lowBound=0)
     copy = pulp.LpVariable("copy_mib", lowBound=0)
     # the time no placement changes, as a variable fixed at 1 so that CBC's relative gap is relative to the time
@@ -100,11 +101,17 @@ def build_problem(inst: _Instance, budget_mib: float) -> tuple[pulp.LpProblem, d
     prob += (pulp.lpSum((inst.t_gpu[i] - inst.t_cpu[i]) * x[i] for i in range(n))
              + inst.cross_us * pulp.lpSum(z.values()) + (inst.fixed_us + sum(inst.t_cpu)) * base), "time_us"
 
-    # Crossings: |x[i-1] - x[i]| linearised; the token embedding lookup before unit 0 runs on the CPU
-    for i in range(n):
-        before = x[i - 1] if i > 0 else 0
-        prob += z[i] >= x[i] - before, f"cross_up_{i}"
-        prob += z[i] >= before - x[i], f"cross_down_{i}"
+    # Crossings: |x[a] - x[b]| linearised for consecutive units a, b (a = -1: the token embedding lookup, on the
+    # CPU). Two roles adjacent in every layer (attn_q then attn_k...) both have their GPU layers at the end, so over
+    # all layers they cross |sum x[role a] - sum x[role b]| times: one term per role pair instead of one per layer
+    for j, (a, b) in enumerate(pairs):
+        before = x[a] if a >= 0 else 0
+        prob += z[j] >= x[b] - before, f"cross_up_{j}"
+        prob += z[j] >= before - x[b], f"cross_down_{j}"
+    for j, (first, second) in enumerate(spans, start=len(pairs)):
+        difference = pulp.lpSum(x[i] for i in first) - pulp.lpSum(x[i] for i in second)
+        prob += z[j] >= difference, f"cross_up_{j}"
+        prob += z[j] >= -difference, f"cross_down_{j}"
 
     # n_gpu_layers: KV cache and attention of layer l on the GPU only if layer l+1's is too
     attn = [i for i, u in enumerate(inst.units) if u.is_attention]
@@ -115,7 +122,7 @@ def build_problem(inst: _Instance, budget_mib: float) -> tuple[pulp.LpProblem, d
     by_role: dict[str, list[int]] = defaultdict(list)
     for i, u in enumerate(inst.units):
         if u.layer is not None and not u.is_attention:
-            by_role[u.key.split(".", 2)[2]].append(i)
+            by_role[_role(u)].append(i)
     for role, idx in by_role.items():
         for a, b in zip(idx, idx[1:]):
             prob += x[a] <= x[b], f"suffix_{role}_{inst.units[a].layer}"
@@ -144,6 +151,31 @@ def build_problem(inst: _Instance, budget_mib: float) -> tuple[pulp.LpProblem, d
 
 # CBC's proven gap: a placement within 0.1% of the optimum time is accepted (the cost model's own error is ~10x that)
 GAP_REL = 1e-3
+
+
+def _crossing_terms(inst: _Instance) -> tuple[list[tuple[int, int]], list[tuple[list[int], list[int]]]]:
+    """Consecutive unit pairs in graph order: single pairs (a, b), and role pairs adjacent within every layer,
+    as the unit lists of each role (`spans`)."""
+    layers = {u.layer for u in inst.units if u.layer is not None}
+    by_roles: dict[tuple[str, str], list[tuple[int, int]]] = defaultdict(list)
+    pairs = []
+    for b, unit in enumerate(inst.units):
+        a = b - 1
+        if a >= 0 and unit.layer is not None and inst.units[a].layer == unit.layer:
+            by_roles[(_role(inst.units[a]), _role(unit))].append((a, b))
+        else:
+            pairs.append((a, b))
+    spans = []
+    for found in by_roles.values():
+        if {inst.units[b].layer for _, b in found} == layers:
+            spans.append(([a for a, _ in found], [b for _, b in found]))
+        else:
+            pairs += found
+    return pairs, spans
+
+
+def _role(unit: Unit) -> str:
+    return unit.key.split(".", 2)[2]
 
 
 def _solver(relax: bool = False) -> pulp.LpSolver:
