@@ -186,18 +186,39 @@ def stats(values: tuple[float, ...]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def markdown(result: BenchResult) -> str:
-    """llama-bench style: one row per arm, pp and tg as avg ± stdev tokens/s, predicted beside measured."""
+def decode_bounds(inv: ModelInventory, profile: Profile, result: BenchResult) -> dict[str, float]:
+    """Each arm's decode bound (tokens/s) under `profile`: host bytes at the CPU's streaming rate + GPU time."""
+    from .cost import decode_bound_tokens_per_s
+    cost = CostModel(profile)
+    return {a.name: decode_bound_tokens_per_s(cost, inv, a.plan.placement) for a in result.arms if a.plan.placement}
+
+
+def markdown(result: BenchResult, bounds: dict[str, float] | None = None) -> str:
+    """llama-bench style: one row per arm, pp and tg as avg ± stdev tokens/s, predicted beside measured; with
+    `bounds` (arm -> decode bound, tokens/s) the measured decode as a share of it; then the plan / best ratios."""
     w = result.workload
     pp, tg = f"pp{w.n_prompt}", f"tg{w.n_gen}" + (f" @ d{w.n_depth}" if w.n_depth else "")
-    lines = [f"| arm | flags | VRAM MiB | {pp} t/s | {tg} t/s | predicted {pp} | predicted {tg} |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [f"| arm | flags | VRAM MiB | {pp} t/s | {tg} t/s | total s | predicted {pp} | predicted {tg} |"
+             + (" tg / bound |" if bounds else ""), "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if bounds else "")]
+    totals = {}
     for arm in result.arms:
         (p_avg, p_sd), (t_avg, t_sd) = stats(arm.prefill_tokens_per_s), stats(arm.decode_tokens_per_s)
+        totals[arm.name] = (p_avg, t_avg, w.n_prompt / p_avg + (w.n_gen / t_avg if t_avg else 0.0))
         pred = arm.prediction
         predicted = f"{pred.prefill_tokens_per_s:,.0f} | {pred.decode_tokens_per_s:,.1f}" if pred else "n/a | n/a"
+        share = f" {t_avg / bounds[arm.name]:.0%} of {bounds[arm.name]:.1f} |" if bounds and arm.name in bounds else \
+            (" |" if bounds else "")
         lines.append(f"| {arm.name} | `{arm.flags}` | {arm.vram_bytes / 2**20:,.0f} | {p_avg:,.1f} ± {p_sd:,.1f} | "
-                     f"{t_avg:,.2f} ± {t_sd:,.2f} | {predicted} |")
+                     f"{t_avg:,.2f} ± {t_sd:,.2f} | {totals[arm.name][2]:.2f} | {predicted} |{share}")
+    first, *others = result.arms
+    if others:
+        best_pp = max(totals[a.name][0] for a in others)
+        best_tg = max(totals[a.name][1] for a in others)
+        best_total = min(totals[a.name][2] for a in others)
+        p, t, total = totals[first.name]
+        lines.append("")
+        lines.append(f"{first.name} / best other arm: {pp} {p / best_pp:.2f}x, {tg} {t / best_tg:.2f}x, "
+                     f"total time {total / best_total:.2f}x (lower is better)")
     return "\n".join(lines) + "\n"
 
 

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .bench import markdown
+from .bench import decode_bounds, markdown
 from .cost import CostModel
 from .errors import NotBuiltYetError, OatoError
 from .ggml import row_bytes
@@ -248,7 +248,7 @@ def profile(
         with _progress("validating") as update:
             result = run_bench(validate, arms, arms[0][1].workload, reps, update)
         path = write_json(result, out or Path(f"validate-{prof.profile_id}.json"))
-        stdout.print(markdown(result), markup=False)
+        stdout.print(markdown(result, decode_bounds(read_inventory(validate), prof, result)), markup=False)
         stdout.print(f"wrote {path}")
         return
     inv = read_inventory(model) if model else None
@@ -379,7 +379,7 @@ def bench(
         result = run_bench(model, arms, workload, reps, update)
     result = dataclasses.replace(result, command=" ".join(["oatoplan"] + sys.argv[1:]))
     path = write_json(result, out)
-    table = markdown(result)
+    table = markdown(result, decode_bounds(inv, prof, result))
     path.with_suffix(".md").write_text(table)
     stdout.print(table, markup=False)
     try:

@@ -351,3 +351,13 @@ def gpu_memory(inv: ModelInventory, units: list[Unit], devices: dict[str, str], 
                       and not u.is_output), default=0)
     compute = max(output_stage + copy_output if (output_on_gpu or offload) else 0, layer_stage + copy_layer)
     return {"weights": weights, "kv": kv, "compute": compute, "pool": pool_bytes(inv, s)}
+
+
+def decode_bound_tokens_per_s(cost: CostModel, inv: ModelInventory, devices: dict[str, str]) -> float:
+    """What decode cannot beat for a placement: host weight bytes read at the CPU's measured mat-vec streaming rate,
+    plus the GPU units' own decode time (no crossings, no CPU op overhead)."""
+    units = model_units(inv)
+    cpu_bytes = sum(u.n_bytes for u in units if devices[u.key] == CPU and not u.is_attention)
+    gpu_us = sum(sum(cost.matmul_us(devices[u.key], *m, 1) for m in u.matrices)
+                 for u in units if devices[u.key] != CPU)
+    return 1e6 / (cpu_bytes / cost.profile.cpu_read_bytes_per_s * 1e6 + gpu_us)
