@@ -1,0 +1,35 @@
+"""The cost model against reality on a CPU-only machine: predict all-CPU prefill and decode of a model from a CPU
+profile, then measure them with the bench harness (llama-bench style, 3 repetitions).
+
+    python -m benchmarks.cpu_validate MODEL.gguf PROFILE.json OUT.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from oatoplan.bench import markdown, run_bench
+from oatoplan.cost import CostModel, Settings, model_units, predict
+from oatoplan.inventory import read_inventory
+from oatoplan.plan import cpu_only_plan
+from oatoplan.schema import Profile, Workload, read_json, write_json
+
+
+def main(argv: list[str]) -> int:
+    model, profile_path, out = argv
+    inv, prof = read_inventory(model), read_json(Profile, profile_path)
+    workload = Workload(128, 32)
+    prediction = predict(CostModel(prof), inv, {u.key: "CPU" for u in model_units(inv)}, workload,
+                         Settings(512, False, False, workload.n_ctx))
+    plan = dataclasses.replace(cpu_only_plan(inv, n_ctx=workload.n_ctx, n_threads=prof.n_threads),
+                               workload=workload)
+    result = run_bench(model, [("all on the CPU (mmap, llama.cpp's default)", plan, prediction)], workload, 3)
+    result = dataclasses.replace(result, command="python -m benchmarks.cpu_validate " + " ".join(argv))
+    write_json(result, out)
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
