@@ -1,0 +1,44 @@
+"""The bench harness on this machine's CPU with the tiny model: samples, report, chart; and the decode bound."""
+
+import dataclasses
+
+import pytest
+
+from oatoplan.bench import markdown, plot, run_bench
+from oatoplan.cost import CostModel, decode_bound_tokens_per_s, model_units
+from oatoplan.inventory import read_inventory
+from oatoplan.plan import cpu_only_plan, make_plan
+from oatoplan.schema import BenchResult, Workload, read_json, write_json
+from profiles import synthetic_profile
+
+
+def test_bench_measures_every_arm(tiny_model, tmp_path):
+    inv = read_inventory(tiny_model)
+    w = Workload(48, 8)
+    mapped = dataclasses.replace(cpu_only_plan(inv, n_ctx=64, n_threads=2), workload=w)
+    pinned = dataclasses.replace(make_plan(inv, {}, n_gpu_layers=0, n_ctx=64, n_threads=2, use_mmap=False,
+                                           n_batch=16, n_ubatch=16), workload=w)
+    seen = []
+    result = run_bench(tiny_model, [("mapped", mapped, None), ("copied", pinned, None)], w, 2,
+                       lambda *a: seen.append(a))
+    assert [a.name for a in result.arms] == ["mapped", "copied"]
+    for arm in result.arms:
+        assert len(arm.prefill_tokens_per_s) == 2 and len(arm.decode_tokens_per_s) == 2
+        assert all(v > 0 for v in arm.prefill_tokens_per_s + arm.decode_tokens_per_s)
+    assert result.arms[1].plan.n_ubatch == 16 and seen[-1][1] == seen[-1][2]
+    again = read_json(BenchResult, write_json(result, tmp_path / "b.json"))
+    assert again == result
+    table = markdown(again)
+    assert "| mapped |" in table and "pp48 t/s" in table and "mapped / best other arm" in table
+    assert plot([again], tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_decode_bound_adds_host_bytes_and_gpu_time(qwen_header_model):
+    inv = read_inventory(qwen_header_model)
+    cost = CostModel(synthetic_profile())
+    units = model_units(inv)
+    all_cpu = decode_bound_tokens_per_s(cost, inv, {u.key: "CPU" for u in units})
+    cpu_bytes = sum(u.n_bytes for u in units)
+    assert all_cpu == pytest.approx(cost.profile.cpu_read_bytes_per_s / cpu_bytes)
+    all_gpu = decode_bound_tokens_per_s(cost, inv, {u.key: "CUDA0" for u in units})
+    assert all_gpu > all_cpu
