@@ -22,12 +22,13 @@ from rich.table import Table
 
 from . import __version__
 from .bench import decode_bounds, markdown
+from .profile import budget_bytes, find_profile
 from .cost import CostModel
 from .errors import NotBuiltYetError, OatoError
 from .ggml import row_bytes
 from .inventory import kv_bytes_per_token, read_inventory
 from .schema import OBJECTIVES, ModelInventory, Plan, Profile, Workload, dumps, read_json, write_json
-from .units import format_bytes, format_flops, mib, parse_size_bytes
+from .units import format_bytes, format_flops, mib
 
 app = typer.Typer(help="Plan and run GGUF models split between the CPU and a GPU that is too small for them.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -201,17 +202,6 @@ def _workload(prompt: int, gen: int, depth: int, objective: str) -> Workload:
     return Workload(prompt, gen, depth, objective)
 
 
-def _budget(vram: str, profile: Profile) -> int:
-    if vram != "auto":
-        return parse_size_bytes(vram)
-    from .load import devices
-    found = [d for d in devices() if d.name == profile.gpu_device]
-    if not found:
-        raise OatoError(f"--vram auto needs {profile.gpu_device or 'a GPU'} in this llama.cpp build; give a size, "
-                        f"e.g. --vram 6GiB")
-    return int(found[0].free_bytes * 0.95)     # 5% for the CUDA context's growth and other processes
-
-
 PromptOpt = Annotated[int, typer.Option("--prompt", help="Prompt tokens of the workload.")]
 GenOpt = Annotated[int, typer.Option("--gen", help="Generated tokens of the workload.")]
 DepthOpt = Annotated[int, typer.Option("--depth", help="Tokens already in the KV cache.")]
@@ -243,7 +233,7 @@ def profile(
         return
     if validate:
         from .bench import run_bench, validation_arms
-        prof = _find_profile(use)
+        prof = find_profile(use)
         arms = validation_arms(read_inventory(validate), prof, _workload(prompt, gen, 0, "total"))
         with _progress("validating") as update:
             result = run_bench(validate, arms, arms[0][1].workload, reps, update)
@@ -271,19 +261,6 @@ def _writable(path: Path) -> None:
         raise OatoError(f"{path}: cannot write ({exc.strerror}); choose a writable path") from None
     if not os.access(path.parent, os.W_OK):
         raise OatoError(f"{path}: cannot write (directory not writable); choose a writable path")
-
-
-def _find_profile(path: Path | None) -> Profile:
-    if path:
-        return read_json(Profile, path)
-    from .load import gpu_devices
-    names = {d.description for d in gpu_devices()}
-    candidates = sorted(Path("profiles").glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for candidate in candidates:
-        found = read_json(Profile, candidate)
-        if found.machine.gpu_name in names or (not names and not found.machine.gpu_name):
-            return found
-    raise OatoError("no profile for this machine in profiles/; run 'oatoplan profile' or pass --profile FILE")
 
 
 def _print_affinity(prof: Profile) -> None:
@@ -322,9 +299,9 @@ def plan(
 ) -> None:
     """Solve for the fastest placement of MODEL under a VRAM budget, for a workload."""
     from .plan import plan_model
-    prof = _find_profile(use)
+    prof = find_profile(use)
     inv = read_inventory(model)
-    result = plan_model(inv, prof, _budget(vram, prof), _workload(prompt, gen, depth, objective), write_lp)
+    result = plan_model(inv, prof, budget_bytes(vram, prof), _workload(prompt, gen, depth, objective), write_lp)
     path = write_json(result, out)
     _print_plan(result, path)
     stdout.print(f"wrote {path}" + (f" and {write_lp}" if write_lp else ""))
@@ -370,10 +347,10 @@ def bench(
     """Measure a plan against llama.cpp's own choices at the same VRAM, side by side (interleaved)."""
     from .bench import arm_plans, plot, run_bench
     from .plan import plan_model
-    prof = _find_profile(use)
+    prof = find_profile(use)
     inv = read_inventory(model)
     workload = _workload(prompt, gen, depth, "total")
-    solved = plan_model(inv, prof, _budget(vram, prof), workload)
+    solved = plan_model(inv, prof, budget_bytes(vram, prof), workload)
     arms = arm_plans(inv, solved, prof)
     with _progress("bench") as update:
         result = run_bench(model, arms, workload, reps, update)

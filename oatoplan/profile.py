@@ -22,13 +22,16 @@ import statistics
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from . import ggml
 from .errors import BackendError, OatoError
-from .schema import (SCHEMA_VERSION, MachineIdentity, ModelInventory, OpTiming, Profile, TransferTiming)
+from .schema import (SCHEMA_VERSION, MachineIdentity, ModelInventory, OpTiming, Profile, TransferTiming,
+                     read_json)
+from .units import parse_size_bytes
 
 log = logging.getLogger(__name__)
 
@@ -358,3 +361,29 @@ def measure_profile(inventory: ModelInventory | None = None, *, gpu_device: str 
     return Profile(SCHEMA_VERSION, f"{name}-{n_threads}t-{created[:10]}-{digest}", created, machine, n_threads,
                    gpu_device or "", tuple(ops), tuple(transfers), launch, round(crossing, 3), round(cpu_read),
                    gpu_reserved, round(time.perf_counter() - started, 1), notes)
+
+
+def find_profile(path: Path | None = None) -> Profile:
+    """`path`, or the newest profile in ./profiles measured with this machine's GPU (or without one)."""
+    if path:
+        return read_json(Profile, path)
+    from .load import gpu_devices
+    names = {d.description for d in gpu_devices()}
+    candidates = sorted(Path("profiles").glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for candidate in candidates:
+        found = read_json(Profile, candidate)
+        if found.machine.gpu_name in names or (not names and not found.machine.gpu_name):
+            return found
+    raise ProfileError("no profile for this machine in profiles/; run 'oatoplan profile' or pass --profile FILE")
+
+
+def budget_bytes(vram: str, profile: Profile) -> int:
+    """A VRAM budget: a size ("6GiB", "4500MiB"), or "auto": the profiled GPU's free memory less 5%."""
+    if vram != "auto":
+        return parse_size_bytes(vram)
+    from .load import devices
+    found = [d for d in devices() if d.name == profile.gpu_device]
+    if not found:
+        raise ProfileError(f"--vram auto needs {profile.gpu_device or 'a GPU'} in this llama.cpp build; give a size, "
+                           f"e.g. --vram 6GiB")
+    return int(found[0].free_bytes * 0.95)     # 5% for the CUDA context's growth and other processes
