@@ -375,9 +375,21 @@ def build() -> None:
 
 @app.command()
 @handle_errors
-def doctor() -> None:
-    """Check the llama.cpp build, devices and profiles (not built yet)."""
-    _not_built("doctor", 7)
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the diagnosis as JSON.")] = False,
+) -> None:
+    """Check the llama.cpp build, devices and profiles, and say what to do about anything missing."""
+    from .doctor import diagnose
+    diagnosis = diagnose()
+    if as_json:
+        sys.stdout.write(dumps(diagnosis))
+        return
+    table = Table(show_edge=False, box=None)
+    for name in ("check", "", "found", "to do"):
+        table.add_column(name)
+    for c in diagnosis.checks:
+        table.add_row(c.name, "ok" if c.ok else "--", c.detail, "" if c.ok else c.fix)
+    stdout.print(table)
 
 
 def main() -> None:

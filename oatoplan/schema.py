@@ -322,6 +322,23 @@ class BenchResult:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Doctor (what `doctor` found)
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""                 # what to do when not ok
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    schema_version: int
+    checks: tuple[Check, ...]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # JSON in and out
 
 def to_jsonable(obj: Any) -> Any:
