@@ -24,7 +24,7 @@ from . import __version__
 from .bench import decode_bounds, markdown
 from .profile import budget_bytes, find_profile
 from .cost import CostModel
-from .errors import NotBuiltYetError, OatoError
+from .errors import OatoError
 from .ggml import row_bytes
 from .inventory import kv_bytes_per_token, read_inventory
 from .schema import OBJECTIVES, ModelInventory, Plan, Profile, Workload, dumps, read_json, write_json
@@ -176,10 +176,6 @@ def _print_memory(report) -> None:
         checks.add_row(c.kind, c.device, f"{mib(c.predicted_bytes):.2f}", f"{mib(c.allocated_bytes):.2f}",
                        "yes" if c.ok else "NO")
     stdout.print(checks)
-
-
-def _not_built(name: str, issue: int) -> None:
-    raise NotBuiltYetError(f"'oatoplan {name}' is not built yet (tracked as issue #{issue})")
 
 
 @contextmanager
@@ -368,9 +364,23 @@ def bench(
 
 @app.command()
 @handle_errors
-def build() -> None:
-    """Build and install the patched llama-cpp-python (not built yet)."""
-    _not_built("build", 7)
+def build(
+    cuda: Annotated[bool, typer.Option("--cuda/--cpu", help="With the CUDA backend, or CPU only.")] = False,
+    cuda_arch: Annotated[Optional[str], typer.Option("--cuda-arch", help="CUDA architectures, e.g. 90.")] = None,
+    sdist: Annotated[Optional[Path], typer.Option("--sdist", help="A local llama-cpp-python 0.3.36 sdist "
+                                                                  "(offline); default: download it.")] = None,
+    no_build_isolation: Annotated[bool, typer.Option("--no-build-isolation", help="Use the build tools already "
+                                                                                  "installed (offline).")] = False,
+    no_install: Annotated[bool, typer.Option("--no-install", help="Build (or find) the wheel, do not install.")]
+    = False,
+) -> None:
+    """Build and install llama-cpp-python 0.3.36 with oatoplan's patch series (cached after the first build)."""
+    from .build import build as build_wheel
+    result = build_wheel(cuda=cuda, cuda_arch=cuda_arch, sdist=sdist, install=not no_install,
+                         build_isolation=not no_build_isolation)
+    stdout.print(f"{'cached' if result.cached else 'built'} {result.wheel} (series {result.series_hash}, "
+                 f"CMAKE_ARGS {result.cmake_args}) in {result.seconds:.0f} s"
+                 + ("" if no_install else "; installed"))
 
 
 @app.command()

@@ -21,8 +21,13 @@ def diagnose(profiles_dir: Path = Path("profiles")) -> Diagnosis:
                     f"pip install llama-cpp-python=={PINNED_LLAMA_CPP_PYTHON} (oatoplan's ctypes bindings and "
                     f"plans target that release)")]
     checks.append(Check("llama.cpp build", True, llama_cpp_build()))
-    checks.append(Check("oatoplan patches", False, "not applied: this is the stock llama.cpp",
-                        "oatoplan build (issue #7) will build the patched library; everything else works without it"))
+    from .build import loaded_series, series, series_hash
+    carried = loaded_series()
+    expected = series_hash(series())
+    checks.append(Check("oatoplan patches", carried is not None and carried.startswith(expected + ":"),
+                        f"series {carried}" if carried else "none: this is the stock llama.cpp",
+                        f"oatoplan build --cpu (or --cuda) builds and installs the patched library (series "
+                        f"{expected}); everything else works without it"))
     info = llama_cpp.llama_print_system_info().decode(errors="replace")
     features = sorted(set(re.findall(r"(\w+) = 1", info)))
     checks.append(Check("CPU features", True, ", ".join(features) or info.strip()))

@@ -26,7 +26,3 @@ class LoadError(OatoError):
 
 class BackendError(OatoError):
     """The llama.cpp build at hand lacks a device or feature that was asked for."""
-
-
-class NotBuiltYetError(OatoError):
-    """A subcommand the product will have but that does not exist yet."""

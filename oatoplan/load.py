@@ -59,7 +59,10 @@ def llama_cpp_build() -> str:
     """Identity of the llama.cpp build at hand; a plan solved for one build is refused by another."""
     import llama_cpp
     lib = ggml.lib()
-    return f"llama-cpp-python {llama_cpp.__version__}, ggml {lib.ggml_version().decode()} ({lib.ggml_commit().decode()})"
+    from .build import loaded_series
+    carried = loaded_series()
+    return (f"llama-cpp-python {llama_cpp.__version__}, ggml {lib.ggml_version().decode()} ({lib.ggml_commit().decode()})"
+            + (f", oatoplan patches {carried}" if carried else ""))
 
 
 def _buffer_type(device_name: str) -> int:

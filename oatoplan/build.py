@@ -1,0 +1,168 @@
+"""Build the patched llama-cpp-python: the pinned sdist (sha256 checked), our patch series from `patches/`, a wheel
+built with CMake options for this machine, cached by (sdist, series, options), installed into this environment.
+Entry point: `build(...)` -> BuildResult.
+
+Offline-friendly: `sdist` may be a local file, and `build_isolation=False` uses the build tools already installed
+(scikit-build-core, cmake, ninja), as on the GPU machine, which has no network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import OatoError
+
+log = logging.getLogger(__name__)
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+# sha256 of the sdist as the package registry serves it (checked on 2026-11-22)
+SDIST_SHA256 = "13a69b34f7dd4fd47739ab0fabf76c8620287cb25eef98eaedbc31a83aed7af9"
+PATCHES_DIR = Path(__file__).resolve().parent.parent / "patches"
+CACHE_DIR = Path(os.environ.get("OATOPLAN_CACHE", Path.home() / ".cache" / "oatoplan"))
+
+
+class BuildError(OatoError):
+    """The patched library could not be built."""
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    wheel: Path
+    series_hash: str
+    cmake_args: str
+    cached: bool
+    seconds: float
+
+
+def series(patches_dir: Path = PATCHES_DIR) -> list[Path]:
+    """The patches named in `series`, in order (blank lines and # comments skipped)."""
+    listing = patches_dir / "series"
+    if not listing.exists():
+        raise BuildError(f"{listing}: no series file; patches/ must list its patches in order")
+    names = [line.strip() for line in listing.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    missing = [n for n in names if not (patches_dir / n).exists()]
+    if missing:
+        raise BuildError(f"{listing} names {missing[0]}, which is not in {patches_dir}")
+    return [patches_dir / n for n in names]
+
+
+def series_hash(patches: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for p in patches:
+        digest.update(p.name.encode() + b"\0" + p.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cmake_args(cuda: bool, cuda_arch: str | None) -> str:
+    """CMake options: CUDA for the given architectures; CPU code for any x86-64 machine of the last decade
+    (GGML_CPU_ALL_VARIANTS would need GGML_BACKEND_DL, which llama-cpp-python's loader does not do)."""
+    args = ["-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON"]
+    if cuda:
+        args += ["-DGGML_CUDA=ON"] + ([f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}"] if cuda_arch else [])
+    return " ".join(args)
+
+
+def check_sdist(path: Path) -> Path:
+    if not path.is_file():
+        raise BuildError(f"{path}: no such file; pass the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != SDIST_SHA256:
+        raise BuildError(f"{path}: sha256 {digest[:16]}... is not the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} "
+                         f"sdist ({SDIST_SHA256[:16]}...); download it again")
+    return path
+
+
+def fetch_sdist(cache_dir: Path = CACHE_DIR) -> Path:
+    """The pinned sdist from the package index (pip download), kept in the cache."""
+    cached = cache_dir / "sdist" / SDIST_NAME
+    if cached.exists():
+        return check_sdist(cached)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s (pip prepares its metadata with CMake: minutes)", SDIST_NAME)
+    run = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d",
+                          str(cached.parent), f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"],
+                         capture_output=True, text=True)
+    if run.returncode != 0 or not cached.exists():
+        raise BuildError(f"pip could not download llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} "
+                         f"({run.stderr.strip().splitlines()[-1] if run.stderr.strip() else 'no output'}); "
+                         f"pass --sdist FILE")
+    return check_sdist(cached)
+
+
+def apply_series(source: Path, patches: list[Path], digest: str) -> None:
+    """Apply each patch with `patch -p1` (a dry run first, so a patch that does not apply changes nothing), then
+    write src/oato-series.h naming the series."""
+    for p in patches:
+        for dry in (True, False):
+            cmd = ["patch", "-p1", "--forward", "--batch", "--silent", "--fuzz=0", "-i", str(p)]
+            cmd += ["--dry-run"] if dry else []
+            run = subprocess.run(cmd, cwd=source, capture_output=True, text=True)
+            if run.returncode != 0:
+                raise BuildError(f"patch {p.name} does not apply to llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}: "
+                                 f"{(run.stdout + run.stderr).strip().splitlines()[0]}; fix or drop it in "
+                                 f"patches/series")
+    header = source / "vendor" / "llama.cpp" / "src" / "oato-series.h"
+    names = ",".join(p.stem for p in patches)
+    header.write_text(f'#pragma once\n#define OATO_PATCH_SERIES "{digest}:{names}"\n')
+
+
+def build(*, cuda: bool, cuda_arch: str | None = None, sdist: Path | None = None, install: bool = True,
+          build_isolation: bool = True, cache_dir: Path = CACHE_DIR, patches_dir: Path = PATCHES_DIR) -> BuildResult:
+    """Build (or take from the cache) and install the patched wheel."""
+    started = time.perf_counter()
+    patches = series(patches_dir)
+    digest = series_hash(patches)
+    options = cmake_args(cuda, cuda_arch)
+    key = hashlib.sha256(f"{SDIST_SHA256}|{digest}|{options}|{sys.version_info[:2]}".encode()).hexdigest()[:16]
+    wheel_dir = cache_dir / "wheels" / key
+    wheels = sorted(wheel_dir.glob("llama_cpp_python-*.whl")) if wheel_dir.exists() else []
+    cached = bool(wheels)
+    if not cached:
+        source_archive = check_sdist(sdist) if sdist else fetch_sdist(cache_dir)
+        with tempfile.TemporaryDirectory(prefix="oatoplan-build-") as tmp:
+            with tarfile.open(source_archive) as archive:
+                archive.extractall(tmp, filter="data")
+            source = Path(tmp) / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
+            apply_series(source, patches, digest)
+            out = Path(tmp) / "dist"
+            cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out), str(source)]
+            if not build_isolation:
+                cmd.insert(4, "--no-build-isolation")
+            log.info("building the patched wheel: CMAKE_ARGS=%r", options)
+            run = subprocess.run(cmd, env={**os.environ, "CMAKE_ARGS": options}, capture_output=True, text=True)
+            if run.returncode != 0:
+                tail = "\n".join((run.stdout + run.stderr).strip().splitlines()[-20:])
+                log.error("pip wheel output (last lines):\n%s", tail)
+                raise BuildError(f"building llama-cpp-python with {len(patches)} patches failed (CMAKE_ARGS "
+                                 f"{options}); run with --debug to see the compiler output")
+            wheel_dir.mkdir(parents=True, exist_ok=True)
+            wheels = [Path(shutil.copy2(w, wheel_dir)) for w in out.glob("llama_cpp_python-*.whl")]
+    if install:
+        run = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", str(wheels[0])],
+                             capture_output=True, text=True)
+        if run.returncode != 0:
+            raise BuildError(f"pip could not install {wheels[0].name}: {run.stderr.strip().splitlines()[-1]}")
+    return BuildResult(wheels[0], digest, options, cached, time.perf_counter() - started)
+
+
+def loaded_series() -> str | None:
+    """The patch series of the llama.cpp that llama-cpp-python loaded ("hash:names"), None for a stock build."""
+    import ctypes
+    from llama_cpp import llama_cpp as bindings
+    try:
+        fn = bindings._lib.oato_patch_series
+    except AttributeError:
+        return None
+    fn.restype, fn.argtypes = ctypes.c_char_p, []
+    return fn().decode()
