@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
-# sha256 of the sdist as the package registry serves it (checked on 2026-11-22)
-SDIST_SHA256 = "13a69b34f7dd4fd47739ab0fabf76c8620287cb25eef98eaedbc31a83aed7af9"
+# sha256 of the sdist as PyPI serves it (https://pypi.org/simple/llama-cpp-python/, 2026-11-22)
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+INDEX_URL = "https://pypi.org/simple/llama-cpp-python/"
 PATCHES_DIR = Path(__file__).resolve().parent.parent / "patches"
 CACHE_DIR = Path(os.environ.get("OATOPLAN_CACHE", Path.home() / ".cache" / "oatoplan"))
 
@@ -84,19 +85,25 @@ def check_sdist(path: Path) -> Path:
 
 
 def fetch_sdist(cache_dir: Path = CACHE_DIR) -> Path:
-    """The pinned sdist from the package index (pip download), kept in the cache."""
+    """The pinned sdist from PyPI (its simple JSON index names the file's URL), kept in the cache."""
+    import json
+    import urllib.request
     cached = cache_dir / "sdist" / SDIST_NAME
     if cached.exists():
         return check_sdist(cached)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    log.info("downloading %s (pip prepares its metadata with CMake: minutes)", SDIST_NAME)
-    run = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d",
-                          str(cached.parent), f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"],
-                         capture_output=True, text=True)
-    if run.returncode != 0 or not cached.exists():
-        raise BuildError(f"pip could not download llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} "
-                         f"({run.stderr.strip().splitlines()[-1] if run.stderr.strip() else 'no output'}); "
-                         f"pass --sdist FILE")
+    try:
+        request = urllib.request.Request(INDEX_URL, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            files = json.load(response)["files"]
+        url = next(f["url"] for f in files if f["filename"] == SDIST_NAME)
+        log.info("downloading %s", url)
+        partial = cached.with_suffix(".part")
+        with urllib.request.urlopen(url, timeout=300) as response, partial.open("wb") as out:
+            shutil.copyfileobj(response, out)
+        partial.replace(cached)
+    except (OSError, ValueError, KeyError, StopIteration) as exc:
+        raise BuildError(f"could not download {SDIST_NAME} from PyPI ({exc}); pass --sdist FILE") from None
     return check_sdist(cached)
 
 

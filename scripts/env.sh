@@ -1,5 +1,7 @@
-# Sourced by scripts/main.sh and scripts/test.sh: creates .venv (once) and installs oatoplan with its test extras.
-# llama-cpp-python 0.3.36 is built from source the first time (about 6 minutes on 2 cores); pip caches the wheel.
+# Sourced by scripts/main.sh and scripts/test.sh: creates .venv (once), installs oatoplan with its test extras, then
+# replaces llama-cpp-python with the patched build (oatoplan build --cpu). The first run builds llama-cpp-python
+# twice from source (stock, as a dependency, then patched: about 6 minutes each on 2 cores); pip caches the first,
+# oatoplan (~/.cache/oatoplan) the second, so later runs take seconds.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
@@ -8,4 +10,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[test]"
+if ! .venv/bin/python -c 'import sys; from oatoplan.build import loaded_series, series, series_hash
+sys.exit(0 if (loaded_series() or "").startswith(series_hash(series()) + ":") else 1)' 2>/dev/null; then
+  .venv/bin/oatoplan build --cpu
+fi
 export PATH="$PWD/.venv/bin:$PATH"
