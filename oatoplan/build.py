@@ -112,8 +112,11 @@ def apply_series(source: Path, patches: list[Path], digest: str) -> None:
     write src/oato-series.h naming the series."""
     for p in patches:
         for dry in (True, False):
-            cmd = ["patch", "-p1", "--forward", "--batch", "--silent", "--fuzz=0", "-i", str(p)]
-            cmd += ["--dry-run"] if dry else []
+            if shutil.which("patch"):
+                cmd = ["patch", "-p1", "--forward", "--batch", "--silent", "--fuzz=0", "-i", str(p)]
+                cmd += ["--dry-run"] if dry else []
+            else:   # git apply is as strict (no fuzz) and works outside a repository
+                cmd = ["git", "apply", "-p1"] + (["--check"] if dry else []) + [str(p)]
             run = subprocess.run(cmd, cwd=source, capture_output=True, text=True)
             if run.returncode != 0:
                 raise BuildError(f"patch {p.name} does not apply to llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}: "
@@ -124,26 +127,34 @@ def apply_series(source: Path, patches: list[Path], digest: str) -> None:
     header.write_text(f'#pragma once\n#define OATO_PATCH_SERIES "{digest}:{names}"\n')
 
 
-def build(*, cuda: bool, cuda_arch: str | None = None, sdist: Path | None = None, install: bool = True,
-          build_isolation: bool = True, cache_dir: Path = CACHE_DIR, patches_dir: Path = PATCHES_DIR) -> BuildResult:
-    """Build (or take from the cache) and install the patched wheel."""
+def build(*, cuda: bool, cuda_arch: str | None = None, sdist: Path | None = None, source: Path | None = None,
+          install: bool = True, build_isolation: bool = True, cache_dir: Path = CACHE_DIR,
+          patches_dir: Path = PATCHES_DIR) -> BuildResult:
+    """Build (or take from the cache) and install the patched wheel. `source`: an unpacked (possibly trimmed)
+    llama-cpp-python 0.3.36 tree instead of the sdist, copied before patching (not checksummed: the GPU machine
+    gets a trimmed tree because the sdist is too big to carry)."""
     started = time.perf_counter()
     patches = series(patches_dir)
     digest = series_hash(patches)
     options = cmake_args(cuda, cuda_arch)
-    key = hashlib.sha256(f"{SDIST_SHA256}|{digest}|{options}|{sys.version_info[:2]}".encode()).hexdigest()[:16]
+    origin = SDIST_SHA256 if source is None else f"tree:{Path(source).resolve()}"
+    key = hashlib.sha256(f"{origin}|{digest}|{options}|{sys.version_info[:2]}".encode()).hexdigest()[:16]
     wheel_dir = cache_dir / "wheels" / key
     wheels = sorted(wheel_dir.glob("llama_cpp_python-*.whl")) if wheel_dir.exists() else []
     cached = bool(wheels)
     if not cached:
-        source_archive = check_sdist(sdist) if sdist else fetch_sdist(cache_dir)
         with tempfile.TemporaryDirectory(prefix="oatoplan-build-") as tmp:
-            with tarfile.open(source_archive) as archive:
-                archive.extractall(tmp, filter="data")
-            source = Path(tmp) / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
-            apply_series(source, patches, digest)
+            tree = Path(tmp) / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
+            if source is not None:
+                if not (Path(source) / "vendor" / "llama.cpp").is_dir():
+                    raise BuildError(f"{source}: not a llama-cpp-python source tree (no vendor/llama.cpp)")
+                shutil.copytree(source, tree, symlinks=True)
+            else:
+                with tarfile.open(check_sdist(sdist) if sdist else fetch_sdist(cache_dir)) as archive:
+                    archive.extractall(tmp, filter="data")
+            apply_series(tree, patches, digest)
             out = Path(tmp) / "dist"
-            cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out), str(source)]
+            cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out), str(tree)]
             if not build_isolation:
                 cmd.insert(4, "--no-build-isolation")
             log.info("building the patched wheel: CMAKE_ARGS=%r", options)

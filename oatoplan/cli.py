@@ -369,6 +369,9 @@ def build(
     cuda_arch: Annotated[Optional[str], typer.Option("--cuda-arch", help="CUDA architectures, e.g. 90.")] = None,
     sdist: Annotated[Optional[Path], typer.Option("--sdist", help="A local llama-cpp-python 0.3.36 sdist "
                                                                   "(offline); default: download it.")] = None,
+    source: Annotated[Optional[Path], typer.Option("--source", help="An unpacked llama-cpp-python 0.3.36 tree "
+                                                                    "instead of the sdist (copied, not changed).")]
+    = None,
     no_build_isolation: Annotated[bool, typer.Option("--no-build-isolation", help="Use the build tools already "
                                                                                   "installed (offline).")] = False,
     no_install: Annotated[bool, typer.Option("--no-install", help="Build (or find) the wheel, do not install.")]
@@ -376,7 +379,7 @@ def build(
 ) -> None:
     """Build and install llama-cpp-python 0.3.36 with oatoplan's patch series (cached after the first build)."""
     from .build import build as build_wheel
-    result = build_wheel(cuda=cuda, cuda_arch=cuda_arch, sdist=sdist, install=not no_install,
+    result = build_wheel(cuda=cuda, cuda_arch=cuda_arch, sdist=sdist, source=source, install=not no_install,
                          build_isolation=not no_build_isolation)
     stdout.print(f"{'cached' if result.cached else 'built'} {result.wheel} (series {result.series_hash}, "
                  f"CMAKE_ARGS {result.cmake_args}) in {result.seconds:.0f} s"
