@@ -91,3 +91,9 @@ def test_cached_wheel_is_reused_without_building(tmp_path, monkeypatch):
     wheel.write_bytes(b"")
     result = build.build(cuda=False, install=False, cache_dir=tmp_path)
     assert result.cached and result.wheel == wheel
+
+
+def test_source_tree_must_be_llama_cpp_python(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(build.BuildError, match="not a llama-cpp-python source tree"):
+        build.build(cuda=False, source=tmp_path / "empty", install=False, cache_dir=tmp_path / "cache")

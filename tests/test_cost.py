@@ -69,3 +69,15 @@ def test_compute_buffer_matches_llama_cpp_allocations(qwen_header_model):
     assert gpu_memory(inv, units, ffn_cpu, s)["compute"] / BYTES_PER_MIB == pytest.approx(1642, rel=0.03)
     output_stage, layer_stage = compute_stage_bytes(inv, s)
     assert output_stage > layer_stage
+
+
+def test_deeper_context_slows_attention_not_weights(qwen_header_model):
+    inv = read_inventory(qwen_header_model)
+    cost = CostModel(synthetic_profile())
+    units = model_units(inv)
+    devices = {u.key: "CUDA0" if (u.layer or 0) >= 14 else "CPU" for u in units}
+    s = Settings(512, True, True, 40000)
+    shallow = predict(cost, inv, devices, Workload(512, 64, 0), s)
+    deep = predict(cost, inv, devices, Workload(512, 64, 32768), s)
+    assert deep.decode_s_per_token > shallow.decode_s_per_token and deep.prefill_s > shallow.prefill_s
+    assert deep.gpu_bytes["weights"] == shallow.gpu_bytes["weights"]
