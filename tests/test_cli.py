@@ -1,4 +1,4 @@
-"""The CLI as a user meets it: inspect's table, plan, subcommands not built yet, version."""
+"""The CLI as a user meets it: inspect's table, plan and its errors, doctor, version."""
 
 import pytest
 
