@@ -80,8 +80,7 @@ def plan_for(inv: ModelInventory, unit_devices: dict[str, str], s: Settings, pro
 
 
 def _gpu_used_bytes(device: str) -> int:
-    from .load import devices
-    d = next(d for d in devices() if d.name == device)
+    d = next(d for d in _devices() if d.name == device)
     return d.total_bytes - d.free_bytes
 
 

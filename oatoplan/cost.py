@@ -231,10 +231,11 @@ def unit_time_us(cost: CostModel, inv: ModelInventory, unit: Unit, device: str, 
         prefill, depth = 0.0, workload.n_depth
         kv_row_bytes = kv_bytes_per_token(hp, unit.layer, s.type_k, s.type_v)
         for n in ubatches(workload.n_prompt, s.n_ubatch):
-            # causal mask: the ubatch sees what came before and, on average, half of itself (the CPU and CUDA
-            # flash-attention kernels skip fully masked blocks). With op offload, a host layer's attention in a
+            # causal mask: the ubatch sees what came before and, on average, half of itself (assumed: the
+            # flash-attention kernels skip masked blocks; not measured on its own). With op offload, a host layer's attention in a
             # large batch follows its offloaded Q/K/V to the GPU: the cache is copied up, attention runs there
-            # (on the H100 machine -ngl 13 prefilled as fast as all-layers-on-GPU placements: benchmarks/results)
+            # (on the H100 machine, pinned -ngl 13 prefilled pp512 at 4,649 tokens/s against 5,157 with every layer's
+            # attention on the GPU: benchmarks/results/2026-11-22-h100-bench-qwen2-7b-pp512.json)
             offload = device == CPU and gpu and s.op_offload and n >= OP_OFFLOAD_MIN_TOKENS
             run_on = gpu if offload else device
             if offload:

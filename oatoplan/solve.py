@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 UBATCH_CANDIDATES = (512, 1024, 2048, 4096)
 # Share of the budget kept free: plans measured on the H100 machine used 60-74 MiB (2.3-2.9%) more VRAM than the
-# memory model predicted, while layer-offload placements were within +-20 MiB (benchmarks/results/README.md)
+# memory model predicted, the baselines -90..+10 MiB (benchmarks/results/README.md)
 VRAM_MARGIN = 0.03
 
 
@@ -153,8 +153,9 @@ def build_problem(inst: _Instance, budget_mib: float) -> tuple[pulp.LpProblem, d
     return prob, x
 
 
-# CBC's proven gap: a placement within 0.2% of the optimum time is accepted. The cost model's own error is ~10% and
-# closing the last 0.1% on an 80-layer model takes CBC seconds (2 s at 0.2% with a greedy warm start, 6-8 s at 0.1%).
+# CBC's proven gap: a placement within 0.2% of the optimum time is accepted. The cost model's own error is ~10x that,
+# and a tighter gap costs seconds more on large models (at 0.2%, 2.0-2.1 s for Qwen2-7B and 4.2-7.5 s for 80 layers
+# on the 2-core developer machine: benchmarks/results/2026-11-22-devbox-solve-speed.json).
 GAP_REL = 2e-3
 
 
@@ -188,18 +189,19 @@ def _solver(relax: bool = False, gap: float = GAP_REL, warm: bool = False) -> pu
     return pulp.PULP_CBC_CMD(msg=False, threads=1, gapRel=gap, mip=not relax, warmStart=warm)
 
 
-def lower_bound(inst: _Instance, budget_mib: float) -> float | None:
+def lower_bound(problem: tuple[pulp.LpProblem, dict]) -> float | None:
     """The LP relaxation's optimum (us): no placement of this candidate can be faster. None if infeasible."""
-    prob, _ = build_problem(inst, budget_mib)
+    prob, _ = problem
     status = prob.solve(_solver(relax=True))
     return pulp.value(prob.objective) if pulp.LpStatus[status] == "Optimal" else None
 
 
 def solve_instance(inst: _Instance, budget_mib: float, write_lp: Path | None = None, gap: float = GAP_REL,
-                   start: list[int] | None = None) -> tuple[list[int], float] | None:
+                   start: list[int] | None = None,
+                   problem: tuple[pulp.LpProblem, dict] | None = None) -> tuple[list[int], float] | None:
     """Optimal x for one candidate (within `gap`), and its objective (us); None when nothing fits. `start`: a
-    feasible placement CBC starts from (the greedy one)."""
-    prob, x = build_problem(inst, budget_mib)
+    feasible placement CBC starts from (the greedy one); `problem`: the candidate's program, if already built."""
+    prob, x = problem or build_problem(inst, budget_mib)
     if write_lp:
         prob.writeLP(str(write_lp))
     if start is not None:
@@ -263,16 +265,18 @@ def solve(inv: ModelInventory, cost: CostModel, budget_bytes: int, workload: Wor
     bounded = []
     for s in candidate_settings(workload):
         inst = instance(cost, inv, workload, s)
-        bound = lower_bound(inst, budget_mib)
+        problem = build_problem(inst, budget_mib)
+        bound = lower_bound(problem)
         if bound is not None:
-            bounded.append((bound, s.n_ubatch, not s.op_offload, s, inst))
+            bounded.append((bound, s.n_ubatch, not s.op_offload, s, inst, problem))
     results = []
-    for bound, _, _, s, inst in sorted(bounded, key=lambda b: b[:3]):
+    for bound, _, _, s, inst, problem in sorted(bounded, key=lambda b: b[:3]):
         if results and bound >= min(r[0] for r in results) * (1 - GAP_REL):
             log.debug("ubatch %d op_offload %s: bound %.1f ms, skipped", s.n_ubatch, s.op_offload, bound / 1e3)
             continue
         start = _greedy_start(inst, budget_mib)
-        found = solve_instance(inst, budget_mib, start=start if vram_mib(inst, start) <= budget_mib else None)
+        found = solve_instance(inst, budget_mib, start=start if vram_mib(inst, start) <= budget_mib else None,
+                               problem=problem)
         if found:
             results.append((found[1], s, inst, found[0]))
             log.debug("ubatch %d op_offload %s: %.1f ms", s.n_ubatch, s.op_offload, found[1] / 1e3)
