@@ -74,6 +74,7 @@ def plan_for(inv: ModelInventory, unit_devices: dict[str, str], s: Settings, pro
     compute = gpu_memory(inv, model_units(inv), unit_devices, s)["compute"]
     plan = make_plan(inv, devices, n_gpu_layers=n_gpu_layers, gpu_devices=(gpu,), n_ctx=s.n_ctx,
                      n_batch=s.n_ubatch, n_ubatch=s.n_ubatch, use_mmap=not s.pinned, op_offload=s.op_offload,
+                     n_outputs_max=s.n_outputs_max,
                      n_threads=profile.n_threads, llama_cpp_build=profile.machine.llama_cpp_build,
                      profile_id=profile.profile_id, compute_bytes={gpu: compute})
     return replace(plan, placement=dict(unit_devices), flags=llama_cpp_flags(plan))

@@ -30,6 +30,10 @@ SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 INDEX_URL = "https://pypi.org/simple/llama-cpp-python/"
 PATCHES_DIR = Path(__file__).resolve().parent.parent / "patches"
+# our own sources: native/X is copied to vendor/llama.cpp/ggml/src/X before the series is applied (the patches
+# wire them into the build)
+NATIVE_DIR = Path(__file__).resolve().parent.parent / "native"
+NATIVE_DEST = Path("vendor") / "llama.cpp" / "ggml" / "src"
 CACHE_DIR = Path(os.environ.get("OATOPLAN_CACHE", Path.home() / ".cache" / "oatoplan"))
 
 
@@ -58,10 +62,20 @@ def series(patches_dir: Path = PATCHES_DIR) -> list[Path]:
     return [patches_dir / n for n in names]
 
 
-def series_hash(patches: list[Path]) -> str:
+def native_sources(native_dir: Path = NATIVE_DIR) -> list[Path]:
+    """Our C/C++/CUDA files under native/ (sorted; README files are documentation, not sources)."""
+    if not native_dir.is_dir():
+        return []
+    return sorted(p for p in native_dir.rglob("*") if p.is_file() and p.suffix in (".c", ".h", ".cpp", ".cu", ".cuh"))
+
+
+def series_hash(patches: list[Path], native_dir: Path = NATIVE_DIR) -> str:
+    """16 hex digits naming the patches and the native sources they compile."""
     digest = hashlib.sha256()
     for p in patches:
         digest.update(p.name.encode() + b"\0" + p.read_bytes())
+    for f in native_sources(native_dir):
+        digest.update(f.relative_to(native_dir).as_posix().encode() + b"\0" + f.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -107,9 +121,13 @@ def fetch_sdist(cache_dir: Path = CACHE_DIR) -> Path:
     return check_sdist(cached)
 
 
-def apply_series(source: Path, patches: list[Path], digest: str) -> None:
-    """Apply each patch with `patch -p1` (a dry run first, so a patch that does not apply changes nothing), then
-    write src/oato-series.h naming the series."""
+def apply_series(source: Path, patches: list[Path], digest: str, native_dir: Path = NATIVE_DIR) -> None:
+    """Copy native/ into the tree, apply each patch with `patch -p1` (a dry run first, so a patch that does not
+    apply changes nothing), then write src/oato-series.h naming the series."""
+    for f in native_sources(native_dir):
+        dest = source / NATIVE_DEST / f.relative_to(native_dir)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, dest)
     for p in patches:
         for dry in (True, False):
             if shutil.which("patch"):

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import logging
 import os
+import statistics
 import sys
 from collections import defaultdict
 from contextlib import contextmanager
@@ -208,8 +209,12 @@ ProfileOpt = Annotated[Optional[Path], typer.Option("--profile", help="Profile J
 @app.command()
 @handle_errors
 def profile(
-    model: Annotated[Optional[Path], typer.Option("--model", help="Also time this model's own weight shapes.")]
+    model: Annotated[Optional[Path], typer.Option("--model", help="Also time this model's own weight shapes, and "
+                                                                  "calibrate decode on real decodes of it.")]
     = None,
+    calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="With --model: decode the model "
+                                                                              "in four placements and fit the "
+                                                                              "decode factors.")] = True,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the profile (default "
                                                                     "profiles/<id>.json).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: all logical "
@@ -219,7 +224,7 @@ def profile(
     validate: Annotated[Optional[Path], typer.Option("--validate", help="Predict and measure three placements of "
                                                                         "this model with the profile.")] = None,
     use: ProfileOpt = None,
-    reps: Annotated[int, typer.Option("--reps", help="Repetitions per placement (--validate).")] = 3,
+    reps: Annotated[int, typer.Option("--reps", help="Repetitions per placement (--validate, calibration).")] = 3,
     prompt: PromptOpt = 512, gen: GenOpt = 128,
 ) -> None:
     """Measure per-operator CPU and GPU costs and transfer costs on this machine."""
@@ -244,6 +249,10 @@ def profile(
     with _progress("profiling") as update:
         result = measure_profile(inv, gpu_device=gpus[0].name if gpus else None, n_threads=threads,
                                  progress=update)
+    if model and calibrate:
+        from .calibrate import calibrate as calibrate_decode
+        with _progress("calibrating decode") as update:
+            result = calibrate_decode(model, result, reps, update)
     path = write_json(result, out or Path("profiles") / f"{result.profile_id}.json")
     for note in result.notes:
         stderr.print(f"oatoplan: note: {note}", markup=False)
@@ -263,6 +272,13 @@ def _print_affinity(prof: Profile) -> None:
     stdout.print(f"[bold]{prof.profile_id}[/bold]: {prof.machine.cpu_model} ({prof.n_threads} threads), "
                  f"{prof.machine.gpu_name or 'no GPU'}; crossing {prof.crossing_us:.1f} us, CPU mat-vec stream "
                  f"{prof.cpu_read_bytes_per_s / 1e9:.1f} GB/s")
+    if prof.decode_factors:
+        stdout.print(f"decode calibrated on {prof.calibration_model}: " + ", ".join(
+            f"{c} x{f:.2f}" for c, f in prof.decode_factors.items()), markup=False)
+        for arm in prof.calibration:
+            measured = statistics.median(arm.decode_us_per_token)
+            stdout.print(f"  {arm.name}: measured {measured / 1e3:.2f} ms/token, isolated ops "
+                         f"{sum(arm.components_us.values()) / 1e3:.2f} ms", markup=False)
     cost = CostModel(prof)
     table = Table(show_edge=False, box=None)
     for name in ("op", "type", "shape", "tokens", "CPU us", "GPU us", "GPU+upload us", "CPU/GPU"):
@@ -326,7 +342,7 @@ def _print_plan(p: Plan, path: Path) -> None:
     stdout.print(f"llama-cpp-python: oatoplan.load(model, '{path}') = Llama(model, n_gpu_layers={p.n_gpu_layers}, "
                  f"n_ctx={p.n_ctx}, n_batch={p.n_batch}, n_ubatch={p.n_ubatch}, use_mmap={p.use_mmap}, "
                  f"op_offload={p.op_offload}, flash_attn=True, n_threads={p.n_threads}) with the -ot overrides "
-                 f"above", markup=False)
+                 f"above" + (f" and n_outputs_max={p.n_outputs_max}" if p.n_outputs_max else ""), markup=False)
 
 
 @app.command()

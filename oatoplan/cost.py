@@ -20,6 +20,9 @@ from .schema import ModelInventory, Prediction, Profile, Workload
 CPU = "CPU"
 # llama.cpp's CUDA backend takes an op with a host-resident weight to the GPU (copying the weight) from this batch size on.
 OP_OFFLOAD_MIN_TOKENS = 32
+# Classes of decode work that a profile's calibration scales separately (oatoplan/calibrate.py): every GPU unit; on
+# the CPU the FFN and output matrices, the attention block's matrices and norms, the KV cache and attention.
+DECODE_CLASSES = ("gpu", "cpu_ffn", "cpu_attn_weights", "cpu_attention")
 
 
 def _loglog(xs: list[float], ys: list[float], x: float) -> float:
@@ -112,6 +115,10 @@ class CostModel:
         latency, per_byte = self._transfer[(direction, "pinned" if pinned else "pageable")]
         return latency + per_byte * n_bytes
 
+    def decode_factor(self, decode_class: str) -> float:
+        """Calibrated factor of a class's decode time (1 without calibration)."""
+        return self.profile.decode_factors.get(decode_class, 1.0)
+
     def launch_us(self, device: str) -> float:
         return self.profile.launch_us.get(device, 0.0)
 
@@ -179,6 +186,17 @@ def model_units(inv: ModelInventory) -> list[Unit]:
     return units
 
 
+def decode_class(unit: Unit, device: str) -> str:
+    """The DECODE_CLASSES entry of a unit's decode work on `device`."""
+    if device != CPU:
+        return "gpu"
+    if unit.is_attention:
+        return "cpu_attention"
+    role = unit.key.rsplit(".", 1)[-1]
+    return "cpu_attn_weights" if unit.layer is not None and not role.startswith(("ffn", "post_ffw", "layer_output")) \
+        else "cpu_ffn"
+
+
 def _unit(key: str, layer: int | None, tensors: list, hp) -> Unit:
     matrices, elementwise = [], []
     for t in tensors:
@@ -211,6 +229,15 @@ class Settings:
     n_ctx: int
     type_k: str = "f16"
     type_v: str = "f16"
+    # llama.cpp's n_outputs_max: logits rows reserved per ubatch (0 = every token of it, llama.cpp's default).
+    # Generation needs one (the last prompt token's); llama-server sets it, llama-cpp-python and llama-cli cannot.
+    n_outputs_max: int = 0
+
+
+def n_outputs(s: Settings) -> int:
+    """Logit rows llama.cpp reserves (and computes at most) per ubatch."""
+    u = effective_ubatch(s)
+    return min(s.n_outputs_max, u) if s.n_outputs_max else u
 
 
 def ubatches(n_prompt: int, n_ubatch: int) -> list[int]:
@@ -244,9 +271,10 @@ def unit_time_us(cost: CostModel, inv: ModelInventory, unit: Unit, device: str, 
             depth += n
             prefill += sum(cost.elementwise_us(device, op, width * n) for op, width in unit.elementwise)
         decode += sum(cost.elementwise_us(device, op, width) for op, width in unit.elementwise)
-        return prefill, decode
+        return prefill, decode * cost.decode_factor(decode_class(unit, device))
     decode = sum(cost.matmul_us(device, *m, 1) for m in unit.matrices)
     decode += sum(cost.elementwise_us(device, op, width) for op, width in unit.elementwise)
+    decode *= cost.decode_factor(decode_class(unit, device))
     if unit.is_output:     # logits only for the last prompt token
         return decode, decode
     prefill = 0.0
@@ -298,13 +326,14 @@ def kv_unit_bytes(inv: ModelInventory, layer: int, s: Settings) -> int:
 
 def compute_stage_bytes(inv: ModelInventory, s: Settings) -> tuple[int, int]:
     """(output stage, layer stage) bytes of llama.cpp's GPU compute buffer, which it reserves for the worst case
-    (every token of a ubatch produces logits). Output stage: logits (n_ubatch x n_vocab f32) + the normed input;
+    (n_outputs_max tokens of a ubatch produce logits; by default all). Output stage: logits (n_outputs x n_vocab
+    f32) + the normed input;
     layer stage: gate/up/residual activations and the attention mask. Weight copies for op offload come on top.
     Checked against llama.cpp's allocation (Qwen2-7B at ubatch 2048: 1,216 MiB with output on the GPU, 1,642 MiB
     with the output matrix offloaded from the CPU)."""
     hp, u = inv.hparams, effective_ubatch(s)
     n_ctx = -(-s.n_ctx // 256) * 256
-    output_stage = 4 * u * hp.n_vocab + 4 * u * hp.n_embd
+    output_stage = 4 * n_outputs(s) * hp.n_vocab + 4 * u * hp.n_embd
     layer_stage = 4 * u * (2 * hp.n_ff + 2 * hp.n_embd) + 2 * u * n_ctx
     return output_stage, layer_stage
 
@@ -347,7 +376,8 @@ def gpu_memory(inv: ModelInventory, units: list[Unit], devices: dict[str, str], 
     offload = s.op_offload and s.n_ubatch >= OP_OFFLOAD_MIN_TOKENS
     out = next(u for u in units if u.is_output)
     output_on_gpu = devices[out.key] != CPU
-    copy_output = out.n_bytes if offload and not output_on_gpu else 0
+    # the output matrix is copied up only when its batch (the logit rows) reaches the op-offload size
+    copy_output = out.n_bytes if offload and n_outputs(s) >= OP_OFFLOAD_MIN_TOKENS and not output_on_gpu else 0
     copy_layer = max((u.n_bytes for u in units if offload and devices[u.key] == CPU and u.matrices
                       and not u.is_output), default=0)
     compute = max(output_stage + copy_output if (output_on_gpu or offload) else 0, layer_stage + copy_layer)

@@ -63,6 +63,7 @@ _DECLARATIONS = [
     ("ggml_mul", p, [p, p, p]),
     ("ggml_rms_norm", p, [p, p, _f32]),
     ("ggml_swiglu_split", p, [p, p, p]),
+    ("ggml_geglu_split", p, [p, p, p]),
     ("ggml_get_rows", p, [p, p, p]),
     ("ggml_set_rows", p, [p, p, p, p]),
     ("ggml_rope_ext", p, [p, p, p, p, ctypes.c_int, ctypes.c_int, ctypes.c_int] + [_f32] * 6),
@@ -86,6 +87,25 @@ def lib() -> ctypes.CDLL:
             fn.restype, fn.argtypes = restype, argtypes
         libggml._oatoplan_declared = True
     return libggml
+
+
+def fusion_counts() -> tuple[int, ...] | None:
+    """Nodes run through each of oatoplan's fused CPU ops since load (gate+up+GLU, mat-vec+ADD, RMS_NORM+MUL+ADD;
+    native/ggml-cpu/oato-fused.h), or None when the loaded libggml-cpu is not our patched one."""
+    import os
+    lib()   # libggml loads libggml-cpu.so.0; take that very copy by its soname (the wheel also holds other copies)
+    try:
+        cpu = ctypes.CDLL("libggml-cpu.so.0", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    except OSError:
+        return None
+    try:
+        fn = cpu.oato_cpu_fusion_counts
+    except AttributeError:
+        return None
+    counts = (_i64 * 3)()
+    fn.restype, fn.argtypes = None, [ctypes.POINTER(_i64)]
+    fn(counts)
+    return tuple(counts)
 
 
 def device_handle(name: str) -> int:
@@ -206,6 +226,12 @@ class Graph:
         status = lib().ggml_backend_graph_compute(self.backend.handle, self.graph)
         if status != 0:
             raise BackendError(f"ggml graph compute failed on {self.backend.device} (status {status})")
+
+    def read(self, t: int) -> np.ndarray:
+        """An f32 tensor's values (flattened)."""
+        out = np.empty(lib().ggml_nbytes(t) // 4, np.float32)
+        lib().ggml_backend_tensor_get(t, out.ctypes.data, 0, out.nbytes)
+        return out
 
     def close(self) -> None:
         g = lib()

@@ -102,6 +102,9 @@ def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_o
     inventory = read_inventory(model_path)
     plan = load_plan(plan) if isinstance(plan, (str, Path)) else plan or cpu_only_plan(inventory)
     check_plan(inventory, plan, source)
+    if plan.n_outputs_max and llama_kwargs.get("logits_all"):
+        raise LoadError(f"{source} reserves logits for {plan.n_outputs_max} token per batch (n_outputs_max), so "
+                        f"logits_all=True cannot work; plan again for that use or drop logits_all")
     clashing = sorted(set(llama_kwargs) & set(PLAN_KEYS))
     if clashing:
         raise LoadError(f"{', '.join(clashing)} must be set in the plan, not passed to load(): the plan's memory "
@@ -134,7 +137,8 @@ def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_o
                   n_threads=plan.n_threads, swa_full=plan.swa_full, verbose=False)
     kwargs.update(llama_kwargs)
     lines: list[str] = []
-    with _load_lock, _model_params_with(overrides if plan.tensor_overrides else None), _capture_log(lines):
+    with _load_lock, _default_params_with(overrides if plan.tensor_overrides else None, plan.n_outputs_max), \
+            _capture_log(lines):
         try:
             llm = llama_cpp.Llama(str(model_path), **kwargs)
         except ValueError as exc:
@@ -164,24 +168,28 @@ def _ggml_type(name: str) -> int:
 
 
 @contextmanager
-def _model_params_with(overrides):
-    """Llama.__init__ starts from llama_model_default_params() and never sets tensor_buft_overrides: hand it
-    params that already carry ours, for the duration of one load."""
+def _default_params_with(overrides, n_outputs_max: int):
+    """Llama.__init__ starts from llama_model_default_params() / llama_context_default_params() and never sets
+    tensor_buft_overrides or n_outputs_max: hand it params that already carry ours, for the duration of one load."""
     import llama_cpp.llama as llama_module
-    original = llama_module.llama_cpp.llama_model_default_params
-    if overrides is None:
-        yield
-        return
+    bindings = llama_module.llama_cpp
+    model_defaults, context_defaults = bindings.llama_model_default_params, bindings.llama_context_default_params
 
-    def with_overrides():
-        params = original()
-        params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+    def model_params():
+        params = model_defaults()
+        if overrides is not None:
+            params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
         return params
-    llama_module.llama_cpp.llama_model_default_params = with_overrides
+
+    def context_params():
+        params = context_defaults()
+        params.n_outputs_max = n_outputs_max
+        return params
+    bindings.llama_model_default_params, bindings.llama_context_default_params = model_params, context_params
     try:
         yield
     finally:
-        llama_module.llama_cpp.llama_model_default_params = original
+        bindings.llama_model_default_params, bindings.llama_context_default_params = model_defaults, context_defaults
 
 
 @contextmanager

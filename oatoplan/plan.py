@@ -109,7 +109,7 @@ def merge_pattern(names: list[str]) -> str:
 def make_plan(inv: ModelInventory, devices: dict[str, str], *, n_gpu_layers: int, gpu_devices: tuple[str, ...] = (),
               n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int = 512, use_mmap: bool | None = None,
               op_offload: bool = True, flash_attn: bool = True, type_k: str = "f16", type_v: str = "f16",
-              swa_full: bool = True,
+              swa_full: bool = True, n_outputs_max: int = 0,
               n_threads: int | None = None, llama_cpp_build: str = "", profile_id: str = "",
               budget_bytes: int | None = None, compute_bytes: dict[str, int] | None = None,
               notes: tuple[str, ...] = ()) -> Plan:
@@ -144,6 +144,7 @@ def make_plan(inv: ModelInventory, devices: dict[str, str], *, n_gpu_layers: int
                 tensor_overrides=overrides, n_ctx=n_ctx, n_batch=max(n_batch, n_ubatch), n_ubatch=n_ubatch,
                 use_mmap=(gpu is None) if use_mmap is None else use_mmap, op_offload=op_offload,
                 flash_attn=flash_attn, type_k=type_k, type_v=type_v, n_threads=n_threads, swa_full=swa_full,
+                n_outputs_max=n_outputs_max,
                 gpu_devices=tuple(gpu_devices), llama_cpp_build=llama_cpp_build, profile_id=profile_id,
                 budget_bytes=budget_bytes, notes=notes)
     return dataclasses.replace(plan, memory=predict_memory(inv, plan, compute_bytes))
@@ -234,9 +235,13 @@ def plan_model(inv: ModelInventory, profile, budget_bytes: int, workload, write_
     gpu_bytes = solution.prediction.gpu_bytes
     notes = tuple(explain(inv, cost, solution, workload)) + (
         f"ubatch {s.n_ubatch}, op offload {'on' if s.op_offload else 'off'}, mmap off (host weights pinned): "
-        f"best of {len(solution.candidates)} settings solved in {solution.solve_s:.2f} s",)
+        f"best of {len(solution.candidates)} settings solved in {solution.solve_s:.2f} s",) + ((
+        f"n_outputs_max {s.n_outputs_max}: llama.cpp reserves logits for {s.n_outputs_max} token per ubatch, not "
+        f"{s.n_ubatch} (no llama-cli flag; llama-server does this itself, oatoplan.load sets it)",)
+        if s.n_outputs_max else ())
     plan = make_plan(inv, devices, n_gpu_layers=n_gpu_layers, gpu_devices=(cost.gpu,), n_ctx=workload.n_ctx,
                      n_batch=s.n_ubatch, n_ubatch=s.n_ubatch, use_mmap=False, op_offload=s.op_offload,
+                     n_outputs_max=s.n_outputs_max,
                      flash_attn=True, type_k=s.type_k, type_v=s.type_v, n_threads=profile.n_threads,
                      llama_cpp_build=profile.machine.llama_cpp_build, profile_id=profile.profile_id,
                      budget_bytes=budget_bytes, compute_bytes={cost.gpu: gpu_bytes.get("compute", 0)}, notes=notes)

@@ -171,6 +171,9 @@ class Plan:
     llama_cpp_build: str          # build the plan was solved for; "" = made by hand, any build
     # sliding-window layers keep the whole context (llama.cpp's default) or only n_swa + n_ubatch cells
     swa_full: bool = True
+    # logit rows llama.cpp reserves per ubatch (0 = all of them, its default); 1 frees n_ubatch x n_vocab x 4 bytes
+    # of compute buffer, and the model can then return logits for one token per ubatch (what generation reads)
+    n_outputs_max: int = 0
     profile_id: str = ""
     budget_bytes: int | None = None
     memory: MemoryPrediction | None = None
@@ -276,6 +279,15 @@ class TransferTiming:
 
 
 @dataclass(frozen=True)
+class CalibrationArm:
+    """One real llama.cpp decode of the profiled model (`oatoplan profile --model`), against the isolated-op model."""
+    name: str                             # the placement, e.g. "FFN of layers 0-13 on CPU"
+    flags: str                            # its llama.cpp flags
+    decode_us_per_token: tuple[float, ...]   # measured, one sample per repetition
+    components_us: dict[str, float]       # uncalibrated predicted decode time per class (cost.DECODE_CLASSES), "fixed"
+
+
+@dataclass(frozen=True)
 class Profile:
     schema_version: int
     profile_id: str
@@ -291,6 +303,10 @@ class Profile:
     gpu_reserved_bytes: int       # VRAM in use before any buffer (CUDA context, other processes)
     duration_s: float = 0.0
     notes: tuple[str, ...] = ()
+    # decode time factors per class of work (cost.DECODE_CLASSES), fitted to real decodes of a model; {}: none
+    decode_factors: dict[str, float] = field(default_factory=dict)
+    calibration: tuple[CalibrationArm, ...] = ()
+    calibration_model: str = ""           # file name and sha256 prefix of the model calibrated on
 
 
 # ---------------------------------------------------------------------------------------------------------------

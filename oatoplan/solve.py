@@ -26,7 +26,7 @@ from pathlib import Path
 import pulp
 
 from .cost import (CPU, OP_OFFLOAD_MIN_TOKENS, CostModel, Settings, Unit, combine, compute_stage_bytes, fixed_time_us,
-                   gpu_memory, kv_unit_bytes, model_units, pool_bytes, predict, ubatches, unit_time_us)
+                   gpu_memory, kv_unit_bytes, model_units, n_outputs, pool_bytes, predict, ubatches, unit_time_us)
 from .errors import OatoError
 from .schema import ModelInventory, Prediction, Workload
 from .units import BYTES_PER_MIB, format_bytes
@@ -69,6 +69,7 @@ class _Instance:
     layer_stage_mib: float
     pool_mib: float
     offload: bool
+    copy_output: bool              # op offload copies a host output matrix up (its logit rows reach 32)
 
 
 def instance(cost: CostModel, inv: ModelInventory, workload: Workload, s: Settings) -> _Instance:
@@ -84,7 +85,8 @@ def instance(cost: CostModel, inv: ModelInventory, workload: Workload, s: Settin
     return _Instance(units, t_cpu, t_gpu, size, combine(n_ub * cost.crossing_us, cost.crossing_us, workload),
                      combine(*fixed_time_us(cost, inv, workload, s, True), workload),
                      output_stage / BYTES_PER_MIB, layer_stage / BYTES_PER_MIB, pool_bytes(inv, s) / BYTES_PER_MIB,
-                     s.op_offload and s.n_ubatch >= OP_OFFLOAD_MIN_TOKENS)
+                     s.op_offload and s.n_ubatch >= OP_OFFLOAD_MIN_TOKENS,
+                     s.op_offload and n_outputs(s) >= OP_OFFLOAD_MIN_TOKENS)
 
 
 def build_problem(inst: _Instance, budget_mib: float) -> tuple[pulp.LpProblem, dict]:
@@ -137,7 +139,8 @@ def build_problem(inst: _Instance, budget_mib: float) -> tuple[pulp.LpProblem, d
     copied = [i for i, u in enumerate(inst.units) if inst.offload and u.matrices and not u.is_output]
     largest_copy = max((inst.size_mib[i] for i in copied), default=0.0)
     if inst.offload:
-        prob += compute >= inst.output_stage_mib + inst.size_mib[out] * (1 - x[out]), "compute_output_stage"
+        prob += compute >= inst.output_stage_mib + inst.copy_output * inst.size_mib[out] * (1 - x[out]), \
+            "compute_output_stage"
         # (the copy terms only matter when the layer stage can outgrow the output stage; they are left out otherwise,
         # which keeps the relaxation tight)
         if inst.layer_stage_mib + largest_copy > inst.output_stage_mib:
@@ -228,7 +231,8 @@ def vram_mib(inst: _Instance, chosen: list[int]) -> float:
     out = next(i for i, u in enumerate(inst.units) if u.is_output)
     copy = max((inst.size_mib[i] for i, u in enumerate(inst.units)
                 if inst.offload and u.matrices and not u.is_output and not chosen[i]), default=0.0)
-    output_stage = (inst.output_stage_mib + (0 if chosen[out] else inst.size_mib[out])) if inst.offload else \
+    output_stage = (inst.output_stage_mib + (0 if chosen[out] or not inst.copy_output else inst.size_mib[out])) \
+        if inst.offload else \
         inst.output_stage_mib * chosen[out]
     compute = max(output_stage, inst.layer_stage_mib + copy)
     return sum(s for s, c in zip(inst.size_mib, chosen) if c) + compute + inst.pool_mib
@@ -236,7 +240,8 @@ def vram_mib(inst: _Instance, chosen: list[int]) -> float:
 
 def candidate_settings(workload: Workload) -> list[Settings]:
     largest = max(512, 1 << (max(workload.n_prompt, 1) - 1).bit_length())
-    return [Settings(ub, offload, True, workload.n_ctx) for ub in UBATCH_CANDIDATES if ub <= largest
+    # one logit row per ubatch: generation reads only the last prompt token's logits
+    return [Settings(ub, offload, True, workload.n_ctx, n_outputs_max=1) for ub in UBATCH_CANDIDATES if ub <= largest
             for offload in (True, False)]
 
 

@@ -45,9 +45,23 @@ GOOD = """--- a/vendor/llama.cpp/src/llama.cpp
 def test_apply_series_patches_and_names_the_series(tmp_path):
     source = _tree(tmp_path)
     patches = build.series(_patches(tmp_path, GOOD))
-    build.apply_series(source, patches, "abc")
+    native = tmp_path / "native"
+    (native / "ggml-cpu").mkdir(parents=True)
+    (native / "ggml-cpu" / "oato-x.c").write_text("int x;\n")
+    build.apply_series(source, patches, "abc", native)
     assert (source / "vendor/llama.cpp/src/llama.cpp").read_text().endswith("int oato;\n")
     assert '"abc:0001-x"' in (source / "vendor/llama.cpp/src/oato-series.h").read_text()
+    assert (source / "vendor/llama.cpp/ggml/src/ggml-cpu/oato-x.c").read_text() == "int x;\n"
+
+
+def test_series_hash_covers_native_sources(tmp_path):
+    patches = build.series(_patches(tmp_path, GOOD))
+    native = tmp_path / "native"
+    native.mkdir()
+    before = build.series_hash(patches, native)
+    (native / "oato-x.c").write_text("int x;\n")
+    assert build.series_hash(patches, native) != before
+    assert build.native_sources() and all(f.suffix in (".c", ".h") for f in build.native_sources())
 
 
 def test_a_patch_that_does_not_apply_is_named_and_changes_nothing(tmp_path):
