@@ -4,6 +4,9 @@
 # repository root with `.device/` carried (see gpu_session.sh); results go to $OUT.
 #   bash benchmarks/h100_chain.sh build profile validate    # first call
 #   bash benchmarks/h100_chain.sh bench512 bench2048         # next call, at once (the machine stays 30 s)
+# Steps: build (oatoplan's patched CUDA build), profile (with decode calibration), validate / validate2048,
+# bench512 / bench2048, fused (fused CPU ops on/off, two placements), gemma (real Gemma 3 270M, GPU vs CPU: the file
+# travels in parts, appended to $W/gemma.part by earlier calls, see benchmarks/results/README.md).
 set -uo pipefail
 W=/tmp/oato
 G="bash benchmarks/gpu_session.sh python3 -m oatoplan"
@@ -12,7 +15,7 @@ PROFILE=$W/h100.json
 VRAM=${VRAM:-2.5GiB}
 ensure_build() {
   if [ ! -d $W/site/llama_cpp ]; then
-    bash benchmarks/gpu_session.sh start > $OUT/start.log 2>&1
+    bash benchmarks/gpu_session.sh start-patched > $OUT/start.log 2>&1
     WAIT_S=420 bash benchmarks/gpu_session.sh wait > $OUT/wait.log 2>&1 || { tail -5 $OUT/wait.log; exit 1; }
     tail -1 $OUT/wait.log
   fi
@@ -20,18 +23,32 @@ ensure_build() {
 ensure_profile() {
   ensure_build
   if [ ! -f $PROFILE ]; then
-    timeout 150 $G profile --model $MODEL --out $PROFILE > $OUT/profile.log 2>&1; echo "profile rc=$?"
+    timeout 300 $G profile --model $MODEL --out $PROFILE > $OUT/profile.log 2>&1; echo "profile rc=$?"
     tail -2 $OUT/profile.log; cp $PROFILE $OUT/h100.json
+    $G profile --show $PROFILE 2>&1 | head -8
   fi
 }
 for step in "$@"; do
   case $step in
   build) ensure_build ;;
   profile) ensure_profile ;;
-  validate)
+  validate|validate2048)
     ensure_profile
-    timeout 120 $G profile --validate $MODEL --profile $PROFILE --reps 3 --prompt 512 --gen 64 \
-      --out $OUT/validate-pp512.json > $OUT/validate.log 2>&1; echo "validate rc=$?"; tail -7 $OUT/validate.log ;;
+    n=${step#validate}; n=${n:-512}
+    timeout 150 $G profile --validate $MODEL --profile $PROFILE --reps 3 --prompt $n --gen 64 \
+      --out $OUT/validate-pp$n.json > $OUT/validate$n.log 2>&1; echo "validate $n rc=$?"; tail -7 $OUT/validate$n.log ;;
+  fused)
+    ensure_profile
+    for placement in ffn-cpu layer-offload; do
+      timeout 150 bash benchmarks/gpu_session.sh python3 -m benchmarks.fused_decode $MODEL --placement $placement \
+        --profile $PROFILE --out $OUT/fused-$placement.json 2>&1 | tail -1
+    done ;;
+  gemma)
+    ensure_build
+    echo "${GEMMA_SHA256:-none}  $W/gemma.part" | sha256sum -c - || exit 1
+    mv $W/gemma.part $W/gemma3-270m-q4_k_m.gguf
+    timeout 120 bash benchmarks/gpu_session.sh python3 -m benchmarks.gpu_patched_check $W/gemma3-270m-q4_k_m.gguf 32 \
+      > $OUT/gemma-gpu-vs-cpu.json 2> $OUT/gemma.log; echo "gemma rc=$?"; cut -c1-600 $OUT/gemma-gpu-vs-cpu.json ;;
   bench*)
     ensure_profile
     n=${step#bench}

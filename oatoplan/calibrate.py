@@ -1,18 +1,18 @@
 """Decode calibration (part of the profile stage): the profile times isolated operators, but inside llama.cpp's
-decode graph the CPU side runs at another speed (thread-pool wake-ups after every GPU phase, a barrier after every
-node, caches; on the H100 machine 12-22% slower for placements with many host matrices, on the 2-core machine
-faster). `oatoplan profile --model M` therefore decodes M for real in a few placements and fits one factor per
-class of decode work (cost.DECODE_CLASSES) so that predicted and measured decode agree on those placements; the
-bench checks the fit on placements it never saw.
+decode graph both sides run at another speed (on the H100 machine the GPU's kernels ran at 0.7x their isolated
+time, the CPU's mat-vecs at 0.74x, and every CPU<->GPU crossing cost ~100 us instead of the 14 us measured back to
+back: the CPU threads sleep during each GPU phase and must be woken). `oatoplan profile --model M` therefore
+decodes M for real in four placements and fits, by non-negative least squares on relative error (scipy),
 
-    placement                                classes it exercises
-    all on the GPU                           gpu
-    FFN of the first half of layers on CPU   gpu, cpu_ffn
-    attention weights of the first half      gpu, cpu_attn_weights
-    layer offload of the first half          gpu, cpu_ffn, cpu_attn_weights, cpu_attention
+    measured decode time = k_gpu * GPU units + k_cpu * CPU units + n_crossings * crossing_us + fixed
 
-Four placements, four unknowns: a non-negative least-squares fit (scipy). Without a GPU one placement (all on the
-CPU) gives one factor shared by the CPU classes.
+    placement                                what it exercises
+    all on the GPU                           k_gpu
+    FFN of the first half of layers on CPU   k_cpu on large matrices, 2 crossings per layer
+    attention weights of the first half      small matrices, 4 crossings per layer
+    layer offload of the first half          k_cpu with CPU attention, one crossing
+
+Without a GPU one placement (all on the CPU) gives k_cpu alone. The bench checks the fit on placements it never saw.
 """
 
 from __future__ import annotations
@@ -34,21 +34,22 @@ log = logging.getLogger(__name__)
 
 # Short prompt, enough decode steps for a stable mean; the KV depth is small, so attention is a minor term.
 WORKLOAD = Workload(n_prompt=32, n_gen=64)
+MIN_REPS = 5          # decode times of one placement spread by 10-15% between repetitions on the H100 machine
 SETTINGS = Settings(n_ubatch=512, op_offload=True, pinned=True, n_ctx=WORKLOAD.n_ctx, n_outputs_max=1)
 
 
 def decode_components(cost: CostModel, inv: ModelInventory, devices: dict[str, str], workload: Workload,
-                      s: Settings) -> dict[str, float]:
-    """Uncalibrated predicted decode time per token (us) of a placement, split by class, plus "fixed" (launch,
-    input lookup, crossings), which calibration does not scale. `cost` must be uncalibrated."""
+                      s: Settings) -> tuple[dict[str, float], int]:
+    """Uncalibrated predicted decode time per token (us) of a placement by class, plus "fixed" (graph launch and
+    input lookup), and its number of crossings. `cost` must be uncalibrated."""
     units = model_units(inv)
     parts = dict.fromkeys(DECODE_CLASSES, 0.0)
     for unit in units:
         parts[decode_class(unit, devices[unit.key])] += unit_time_us(cost, inv, unit, devices[unit.key], workload, s)[1]
     chain = [CPU] + [devices[u.key] for u in units]
     crossings = sum(1 for a, b in zip(chain, chain[1:]) if a != b)
-    parts["fixed"] = fixed_time_us(cost, inv, workload, s, cost.gpu is not None)[1] + crossings * cost.crossing_us
-    return parts
+    parts["fixed"] = fixed_time_us(cost, inv, workload, s, cost.gpu is not None)[1]
+    return parts, crossings
 
 
 def placements(inv: ModelInventory, gpu: str | None) -> list[tuple[str, dict[str, str]]]:
@@ -59,29 +60,28 @@ def placements(inv: ModelInventory, gpu: str | None) -> list[tuple[str, dict[str
 
     def cpu_where(test) -> dict[str, str]:
         return {u.key: CPU if u.layer is not None and u.layer < half and test(u) else gpu for u in units}
+    def ffn(u) -> bool:
+        return u.key.rsplit(".", 1)[-1].startswith(("ffn", "post_ffw", "layer_output"))
     return [
         ("all on GPU", {u.key: gpu for u in units}),
-        (f"FFN of layers 0-{half - 1} on CPU", cpu_where(lambda u: decode_class(u, CPU) == "cpu_ffn")),
-        (f"attention weights of layers 0-{half - 1} on CPU",
-         cpu_where(lambda u: decode_class(u, CPU) == "cpu_attn_weights")),
+        (f"FFN of layers 0-{half - 1} on CPU", cpu_where(lambda u: not u.is_attention and ffn(u))),
+        (f"attention weights of layers 0-{half - 1} on CPU", cpu_where(lambda u: not u.is_attention and not ffn(u))),
         (f"layers 0-{half - 1} on CPU (layer offload)", cpu_where(lambda u: True)),
     ]
 
 
-def fit(arms: list[CalibrationArm], gpu: bool) -> dict[str, float]:
-    """Factors per class that best explain the measured decode times (non-negative least squares on relative
-    error); classes no arm exercises keep 1."""
-    used = [c for c in DECODE_CLASSES if any(a.components_us[c] > 0 for a in arms)]
-    if not gpu:   # one equation: one factor for every CPU class
+def fit(arms: list[CalibrationArm], gpu: bool) -> tuple[dict[str, float], float]:
+    """(factors per class, decode crossing us) that best explain the measured decode times: non-negative least
+    squares on relative error. Without a GPU: the CPU factor alone."""
+    if not gpu:
         a = arms[0]
-        cpu_us = sum(a.components_us[c] for c in used)
-        factor = (statistics.median(a.decode_us_per_token) - a.components_us["fixed"]) / cpu_us
-        return {c: round(max(factor, 0.0), 4) for c in used}
-    matrix = np.array([[a.components_us[c] for c in used] for a in arms])
-    target = np.array([statistics.median(a.decode_us_per_token) - a.components_us["fixed"] for a in arms])
-    scale = 1.0 / np.array([statistics.median(a.decode_us_per_token) for a in arms])   # relative error
-    factors, _ = nnls(matrix * scale[:, None], target * scale)
-    return {c: round(float(f), 4) for c, f in zip(used, factors)}
+        factor = (statistics.median(a.decode_us_per_token) - a.components_us["fixed"]) / a.components_us["cpu"]
+        return {"cpu": round(max(factor, 0.0), 4)}, 0.0
+    matrix = np.array([[a.components_us["gpu"], a.components_us["cpu"], a.n_crossings] for a in arms])
+    measured = np.array([statistics.median(a.decode_us_per_token) for a in arms])
+    target = measured - np.array([a.components_us["fixed"] for a in arms])
+    (k_gpu, k_cpu, crossing), _ = nnls(matrix / measured[:, None], target / measured)
+    return {"gpu": round(float(k_gpu), 4), "cpu": round(float(k_cpu), 4)}, round(float(crossing), 2)
 
 
 def calibrate(model: str | Path, profile: Profile, reps: int = 3,
@@ -90,22 +90,22 @@ def calibrate(model: str | Path, profile: Profile, reps: int = 3,
     from .bench import plan_for, run_bench
     from .plan import llama_cpp_flags
     inv = read_inventory(model)
-    bare = dataclasses.replace(profile, decode_factors={}, calibration=())
+    bare = dataclasses.replace(profile, decode_factors={}, decode_crossing_us=0.0, calibration=())
     cost = CostModel(bare)
     arms, components = [], {}
     for name, devices in placements(inv, cost.gpu):
         plan = plan_for(inv, devices, SETTINGS, bare, cost.gpu) if cost.gpu else _cpu_plan(inv, bare)
         arms.append((name, dataclasses.replace(plan, workload=WORKLOAD), None))
         components[name] = decode_components(cost, inv, devices, WORKLOAD, SETTINGS)
-    result = run_bench(model, arms, WORKLOAD, reps, progress)
+    result = run_bench(model, arms, WORKLOAD, max(reps, MIN_REPS), progress)
     measured = [CalibrationArm(arm.name, arm.flags or llama_cpp_flags(arm.plan),
-                               tuple(round(1e6 / t, 1) for t in arm.decode_tokens_per_s), components[arm.name])
+                               tuple(round(1e6 / t, 1) for t in arm.decode_tokens_per_s), *components[arm.name])
                 for arm in result.arms]
-    factors = fit(measured, cost.gpu is not None)
-    log.info("decode factors %s", factors)
+    factors, crossing_us = fit(measured, cost.gpu is not None)
+    log.info("decode factors %s, decode crossing %.1f us", factors, crossing_us)
     identity = f"{inv.identity.file_name} tensor table sha256:{inv.identity.tensor_table_sha256[:16]}"
-    return dataclasses.replace(profile, decode_factors=factors, calibration=tuple(measured),
-                               calibration_model=identity)
+    return dataclasses.replace(profile, decode_factors=factors, decode_crossing_us=crossing_us,
+                               calibration=tuple(measured), calibration_model=identity)
 
 
 def _cpu_plan(inv: ModelInventory, profile: Profile):

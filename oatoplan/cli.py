@@ -274,11 +274,13 @@ def _print_affinity(prof: Profile) -> None:
                  f"{prof.cpu_read_bytes_per_s / 1e9:.1f} GB/s")
     if prof.decode_factors:
         stdout.print(f"decode calibrated on {prof.calibration_model}: " + ", ".join(
-            f"{c} x{f:.2f}" for c, f in prof.decode_factors.items()), markup=False)
+            f"{c} x{f:.2f}" for c, f in prof.decode_factors.items()) +
+            (f", crossing {prof.decode_crossing_us:.1f} us" if prof.decode_crossing_us else ""), markup=False)
         for arm in prof.calibration:
             measured = statistics.median(arm.decode_us_per_token)
             stdout.print(f"  {arm.name}: measured {measured / 1e3:.2f} ms/token, isolated ops "
-                         f"{sum(arm.components_us.values()) / 1e3:.2f} ms", markup=False)
+                         f"{(sum(arm.components_us.values()) + arm.n_crossings * prof.crossing_us) / 1e3:.2f} ms, "
+                         f"{arm.n_crossings} crossings", markup=False)
     cost = CostModel(prof)
     table = Table(show_edge=False, box=None)
     for name in ("op", "type", "shape", "tokens", "CPU us", "GPU us", "GPU+upload us", "CPU/GPU"):

@@ -20,9 +20,9 @@ from .schema import ModelInventory, Prediction, Profile, Workload
 CPU = "CPU"
 # llama.cpp's CUDA backend takes an op with a host-resident weight to the GPU (copying the weight) from this batch size on.
 OP_OFFLOAD_MIN_TOKENS = 32
-# Classes of decode work that a profile's calibration scales separately (oatoplan/calibrate.py): every GPU unit; on
-# the CPU the FFN and output matrices, the attention block's matrices and norms, the KV cache and attention.
-DECODE_CLASSES = ("gpu", "cpu_ffn", "cpu_attn_weights", "cpu_attention")
+# Classes of decode work that a profile's calibration scales separately (oatoplan/calibrate.py): the GPU's units and
+# the CPU's units; a decode crossing gets its own calibrated cost.
+DECODE_CLASSES = ("gpu", "cpu")
 
 
 def _loglog(xs: list[float], ys: list[float], x: float) -> float:
@@ -124,7 +124,14 @@ class CostModel:
 
     @property
     def crossing_us(self) -> float:
+        """One CPU<->GPU crossing in a prefill graph (measured back to back)."""
         return self.profile.crossing_us
+
+    @property
+    def decode_crossing_us(self) -> float:
+        """One crossing in a decode graph: calibrated on real decodes where the profile has that (the CPU threads
+        go to sleep during each GPU phase and must be woken), else the measured back-to-back crossing."""
+        return self.profile.decode_crossing_us or self.profile.crossing_us
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,13 +195,7 @@ def model_units(inv: ModelInventory) -> list[Unit]:
 
 def decode_class(unit: Unit, device: str) -> str:
     """The DECODE_CLASSES entry of a unit's decode work on `device`."""
-    if device != CPU:
-        return "gpu"
-    if unit.is_attention:
-        return "cpu_attention"
-    role = unit.key.rsplit(".", 1)[-1]
-    return "cpu_attn_weights" if unit.layer is not None and not role.startswith(("ffn", "post_ffw", "layer_output")) \
-        else "cpu_ffn"
+    return "cpu" if device == CPU else "gpu"
 
 
 def _unit(key: str, layer: int | None, tensors: list, hp) -> Unit:
@@ -359,7 +360,7 @@ def predict(cost: CostModel, inv: ModelInventory, devices: dict[str, str], workl
     fixed_prefill, fixed_decode = fixed_time_us(cost, inv, workload, s, uses_gpu)
     n_ub = len(ubatches(workload.n_prompt, s.n_ubatch))
     prefill += fixed_prefill + n_ub * crossings * cost.crossing_us
-    decode += fixed_decode + crossings * cost.crossing_us
+    decode += fixed_decode + crossings * cost.decode_crossing_us
     gpu_bytes = gpu_memory(inv, units, devices, s) if uses_gpu else {}
     return Prediction(prefill_s=prefill * 1e-6, decode_s_per_token=decode * 1e-6,
                       prefill_tokens_per_s=workload.n_prompt / (prefill * 1e-6),

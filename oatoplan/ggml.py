@@ -89,23 +89,36 @@ def lib() -> ctypes.CDLL:
     return libggml
 
 
-def fusion_counts() -> tuple[int, ...] | None:
-    """Nodes run through each of oatoplan's fused CPU ops since load (gate+up+GLU, mat-vec+ADD, RMS_NORM+MUL+ADD;
-    native/ggml-cpu/oato-fused.h), or None when the loaded libggml-cpu is not our patched one."""
+def _oato_cpu(name: str):
+    """A function of oatoplan's fused CPU ops (native/ggml-cpu/oato-fused.h) in the libggml-cpu that libggml loaded,
+    or None for a stock build."""
     import os
     lib()   # libggml loads libggml-cpu.so.0; take that very copy by its soname (the wheel also holds other copies)
     try:
-        cpu = ctypes.CDLL("libggml-cpu.so.0", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-    except OSError:
+        return getattr(ctypes.CDLL("libggml-cpu.so.0", mode=os.RTLD_NOLOAD | os.RTLD_LAZY), name)
+    except (OSError, AttributeError):
         return None
-    try:
-        fn = cpu.oato_cpu_fusion_counts
-    except AttributeError:
+
+
+def fusion_counts() -> tuple[int, ...] | None:
+    """Nodes run through each of oatoplan's fused CPU ops since load (gate+up+GLU, mat-vec+ADD, RMS_NORM+MUL+ADD),
+    or None when the loaded libggml-cpu is not our patched one."""
+    fn = _oato_cpu("oato_cpu_fusion_counts")
+    if fn is None:
         return None
     counts = (_i64 * 3)()
     fn.restype, fn.argtypes = None, [ctypes.POINTER(_i64)]
     fn(counts)
     return tuple(counts)
+
+
+def set_fusion(enabled: bool) -> None:
+    """Turn oatoplan's fused CPU ops on or off for the following graph computations."""
+    fn = _oato_cpu("oato_cpu_fusion_set_enabled")
+    if fn is None:
+        raise BackendError("this libggml-cpu has no oatoplan fused ops; run `oatoplan build`")
+    fn.restype, fn.argtypes = None, [ctypes.c_int]
+    fn(int(enabled))
 
 
 def device_handle(name: str) -> int:

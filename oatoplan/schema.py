@@ -285,6 +285,7 @@ class CalibrationArm:
     flags: str                            # its llama.cpp flags
     decode_us_per_token: tuple[float, ...]   # measured, one sample per repetition
     components_us: dict[str, float]       # uncalibrated predicted decode time per class (cost.DECODE_CLASSES), "fixed"
+    n_crossings: int                      # CPU<->GPU crossings in its decode graph
 
 
 @dataclass(frozen=True)
@@ -303,8 +304,10 @@ class Profile:
     gpu_reserved_bytes: int       # VRAM in use before any buffer (CUDA context, other processes)
     duration_s: float = 0.0
     notes: tuple[str, ...] = ()
-    # decode time factors per class of work (cost.DECODE_CLASSES), fitted to real decodes of a model; {}: none
+    # decode time factors per class of work (cost.DECODE_CLASSES) and the cost of one crossing in a decode graph,
+    # fitted to real decodes of a model (oatoplan/calibrate.py); {} and 0: not calibrated
     decode_factors: dict[str, float] = field(default_factory=dict)
+    decode_crossing_us: float = 0.0
     calibration: tuple[CalibrationArm, ...] = ()
     calibration_model: str = ""           # file name and sha256 prefix of the model calibrated on
 

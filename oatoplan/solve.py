@@ -82,7 +82,7 @@ def instance(cost: CostModel, inv: ModelInventory, workload: Workload, s: Settin
         size.append((kv_unit_bytes(inv, u.layer, s) if u.is_attention else u.n_bytes) / BYTES_PER_MIB)
     n_ub = len(ubatches(workload.n_prompt, s.n_ubatch))
     output_stage, layer_stage = compute_stage_bytes(inv, s)
-    return _Instance(units, t_cpu, t_gpu, size, combine(n_ub * cost.crossing_us, cost.crossing_us, workload),
+    return _Instance(units, t_cpu, t_gpu, size, combine(n_ub * cost.crossing_us, cost.decode_crossing_us, workload),
                      combine(*fixed_time_us(cost, inv, workload, s, True), workload),
                      output_stage / BYTES_PER_MIB, layer_stage / BYTES_PER_MIB, pool_bytes(inv, s) / BYTES_PER_MIB,
                      s.op_offload and s.n_ubatch >= OP_OFFLOAD_MIN_TOKENS,

@@ -40,6 +40,9 @@ GGML_BACKEND_API void oato_cpu_fusion_counts(int64_t * counts);
 // 1 when the fused ops are on (the default), 0 when OATO_CPU_DISABLE_FUSION=1.
 GGML_BACKEND_API int oato_cpu_fusion_enabled(void);
 
+// Turn the fused ops on (1) or off (0) between graph computations (benchmarks compare both on one loaded model).
+GGML_BACKEND_API void oato_cpu_fusion_set_enabled(int enabled);
+
 #ifdef __cplusplus
 }
 #endif

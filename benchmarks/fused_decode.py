@@ -1,0 +1,103 @@
+"""Decode speed with oatoplan's fused CPU ops on and off (issue #8), on one loaded model, interleaved rep by rep
+(on, off, off, on, ...), so that both see the same memory placement, clocks and caches. Records raw samples, the
+fusion counters (proof that the fused paths ran), the command, machine and date.
+
+    python -m benchmarks.fused_decode MODEL --placement all-cpu [--no-repack] --out results.json
+    python -m benchmarks.fused_decode MODEL --placement ffn-cpu --profile P.json --out results.json   (GPU machine)
+
+Placements: all-cpu (llama.cpp's CPU defaults; --no-repack keeps weights in plain buffers, where the fused mat-vecs
+apply); ffn-cpu (every layer's attention and KV on the GPU, the FFN of the first half of the layers on the CPU);
+layer-offload (the first half of the layers on the CPU). GPU placements load through oatoplan.load with pinned host
+weights, ubatch 512, one logit row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+from dataclasses import replace
+
+import numpy as np
+
+from oatoplan import ggml
+from oatoplan.schema import Workload, to_jsonable
+
+WORKLOAD = Workload(n_prompt=32, n_gen=64)
+
+
+def _load(model: str, placement: str, repack: bool, profile_path: str | None):
+    from oatoplan.inventory import read_inventory
+    from oatoplan.plan import cpu_only_plan
+    inv = read_inventory(model)
+    if placement == "all-cpu":
+        from benchmarks.gpu_patched_check import _no_repack
+        import llama_cpp
+        plan = cpu_only_plan(inv, n_ctx=WORKLOAD.n_ctx, n_threads=os.cpu_count())
+        with _no_repack(not repack):
+            llm = llama_cpp.Llama(model, n_gpu_layers=0, n_ctx=plan.n_ctx, n_batch=plan.n_batch,
+                                  n_threads=plan.n_threads, verbose=False)
+        return llm, plan
+    from oatoplan.bench import plan_for
+    from oatoplan.calibrate import SETTINGS, placements
+    from oatoplan.load import load
+    from oatoplan.profile import find_profile
+    from pathlib import Path
+    profile = find_profile(Path(profile_path) if profile_path else None)
+    name = {"ffn-cpu": 1, "layer-offload": 3}[placement]
+    devices = placements(inv, profile.gpu_device)[name][1]
+    plan = replace(plan_for(inv, devices, replace(SETTINGS, n_ctx=WORKLOAD.n_ctx), profile, profile.gpu_device),
+                   workload=WORKLOAD)
+    return load(model, plan), plan
+
+
+def main(argv: list[str]) -> int:
+    from oatoplan.bench import measure_once, stats
+    from oatoplan.build import loaded_series
+    from oatoplan.profile import machine_identity
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--placement", choices=("all-cpu", "ffn-cpu", "layer-offload"), default="all-cpu")
+    ap.add_argument("--no-repack", action="store_true")
+    ap.add_argument("--profile")
+    ap.add_argument("--reps", type=int, default=6)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    llm, plan = _load(args.model, args.placement, not args.no_repack, args.profile)
+    rng = np.random.default_rng(0)
+    measure_once(llm, plan, replace(WORKLOAD, n_gen=8), rng)      # warm-up
+    samples = {True: [], False: []}
+    counts = {True: np.zeros(3, np.int64), False: np.zeros(3, np.int64)}
+    for rep in range(args.reps):
+        for fusion in ((True, False) if rep % 2 == 0 else (False, True)):
+            ggml.set_fusion(fusion)
+            before = np.array(ggml.fusion_counts())
+            _, decode_s = measure_once(llm, plan, WORKLOAD, rng)
+            counts[fusion] += np.array(ggml.fusion_counts()) - before
+            samples[fusion].append(round(WORKLOAD.n_gen / decode_s, 3))
+    ggml.set_fusion(True)
+    llm.close()
+    (on, on_sd), (off, off_sd) = stats(tuple(samples[True])), stats(tuple(samples[False]))
+    result = {
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+        "command": "python -m benchmarks.fused_decode " + " ".join(argv),
+        "machine": to_jsonable(machine_identity(plan.gpu_devices[0] if plan.gpu_devices else None)),
+        "llama_cpp_series": loaded_series(), "model": os.path.basename(args.model),
+        "placement": args.placement, "repack": not args.no_repack, "flags": plan.flags, "n_threads": plan.n_threads,
+        "workload": to_jsonable(WORKLOAD), "reps": args.reps,
+        "decode_tokens_per_s": {"fused": samples[True], "unfused": samples[False]},
+        "fused_nodes_per_token": {k: (counts[k] / (args.reps * WORKLOAD.n_gen)).round(2).tolist() for k in counts},
+        "summary": {"fused": f"{on:.2f} ± {on_sd:.2f}", "unfused": f"{off:.2f} ± {off_sd:.2f}",
+                    "speedup": round(statistics.median(samples[True]) / statistics.median(samples[False]), 4)},
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result["summary"]), json.dumps(result["fused_nodes_per_token"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
