@@ -11,7 +11,7 @@ set -uo pipefail
 W=/tmp/oato
 G="bash benchmarks/gpu_session.sh python3 -m oatoplan"
 MODEL=$W/qwen2-7b.gguf
-PROFILE=$W/h100.json
+PROFILE=${PROFILE:-$W/h100.json}   # PROFILE=profiles/h100-qwen2-7b.json: bench with the shipped profile
 VRAM=${VRAM:-2.5GiB}
 ensure_build() {
   if [ ! -d $W/site/llama_cpp ]; then
@@ -51,8 +51,9 @@ for step in "$@"; do
       > $OUT/gemma-gpu-vs-cpu.json 2> $OUT/gemma.log; echo "gemma rc=$?"; cut -c1-600 $OUT/gemma-gpu-vs-cpu.json ;;
   bench*)
     ensure_profile
-    n=${step#bench}
-    timeout 280 $G bench $MODEL --vram $VRAM --profile $PROFILE --prompt $n --gen 128 --reps 3 \
-      --out $OUT/bench-pp$n.json > $OUT/bench$n.log 2>&1; echo "bench $n rc=$?"; tail -11 $OUT/bench$n.log ;;
+    n=${step#bench}; n=${n%ttft}; objective=total; [ "$step" = "${step%ttft}" ] || objective=ttft
+    timeout 280 $G bench $MODEL --vram $VRAM --profile $PROFILE --prompt $n --gen 128 --reps 3 --objective $objective \
+      --out $OUT/bench-pp$n-$objective.json > $OUT/bench$n$objective.log 2>&1; echo "bench $n $objective rc=$?"
+    tail -11 $OUT/bench$n$objective.log ;;
   esac
 done

@@ -355,6 +355,8 @@ def bench(
     use: ProfileOpt = None,
     prompt: PromptOpt = 512, gen: GenOpt = 128, depth: DepthOpt = 0,
     reps: Annotated[int, typer.Option("--reps", help="Repetitions per arm (after a warm-up).")] = 3,
+    objective: Annotated[str, typer.Option("--objective", help="What the plan minimises: total, ttft or "
+                                                               "decode.")] = "total",
     out: Annotated[Path, typer.Option("--out", "-o", help="Results JSON; .md and .png are written beside it.")]
     = Path("bench.json"),
 ) -> None:
@@ -363,7 +365,7 @@ def bench(
     from .plan import plan_model
     prof = find_profile(use)
     inv = read_inventory(model)
-    workload = _workload(prompt, gen, depth, "total")
+    workload = _workload(prompt, gen, depth, objective)
     solved = plan_model(inv, prof, budget_bytes(vram, prof), workload)
     arms = arm_plans(inv, solved, prof)
     with _progress("bench") as update:

@@ -70,6 +70,16 @@ def test_plan_bad_input(qwen_header_model, cli, tmp_path, args, message):
     assert not (tmp_path / "p.json").exists()
 
 
+def test_bench_bad_objective(qwen_header_model, cli, tmp_path):
+    from oatoplan.schema import write_json
+    from profiles import synthetic_profile
+    profile = write_json(synthetic_profile(), tmp_path / "profile.json")
+    result = cli(["bench", qwen_header_model, "--vram", "3GiB", "--profile", profile, "--objective", "fast",
+                  "--out", tmp_path / "b.json"])
+    assert result.exit_code == 1 and "--objective 'fast'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "b.json").exists()
+
+
 def test_doctor_reports_this_installation(cli):
     import json
     result = cli(["doctor", "--json"])

@@ -81,3 +81,15 @@ def test_deeper_context_slows_attention_not_weights(qwen_header_model):
     deep = predict(cost, inv, devices, Workload(512, 64, 32768), s)
     assert deep.decode_s_per_token > shallow.decode_s_per_token and deep.prefill_s > shallow.prefill_s
     assert deep.gpu_bytes["weights"] == shallow.gpu_bytes["weights"]
+
+
+def test_one_logit_row_shrinks_the_output_stage(qwen_header_model):
+    """n_outputs_max=1 (what plans set): llama.cpp reserves logits for one token per ubatch instead of all of them,
+    and a host output matrix is no longer copied up for op offload (its batch is one row)."""
+    inv = read_inventory(qwen_header_model)
+    units = model_units(inv)
+    every, one = Settings(2048, True, True, 4096), Settings(2048, True, True, 4096, n_outputs_max=1)
+    assert compute_stage_bytes(inv, every)[0] - compute_stage_bytes(inv, one)[0] == 4 * 2047 * inv.hparams.n_vocab
+    assert compute_stage_bytes(inv, every)[1] == compute_stage_bytes(inv, one)[1]
+    output_on_cpu = {u.key: "CPU" if u.is_output else "CUDA0" for u in units}
+    assert gpu_memory(inv, units, output_on_cpu, one)["compute"] < gpu_memory(inv, units, output_on_cpu, every)["compute"] / 3

@@ -169,3 +169,26 @@ def test_package_entry_point(tiny_model):
     llm = oatoplan.load(tiny_model)
     assert llm.tokenize(b"hello")
     llm.close()
+
+
+def _compute_mib(llm) -> float:
+    return sum(a.n_bytes for a in llm.oatoplan_memory.allocations if a.kind == "compute") / 2**20
+
+
+def test_one_logit_row_per_ubatch_is_applied(gemma_model):
+    """A plan's n_outputs_max reaches llama.cpp (Gemma's 262k-entry vocabulary: 512 MiB of logits per 512-token
+    ubatch leave the compute buffer; generation unchanged), and logits for every token, which it rules out, are
+    refused up front."""
+    inv = read_inventory(gemma_model)
+    every = cpu_only_plan(inv, n_ctx=512, n_batch=512, n_ubatch=512)
+    one = dataclasses.replace(every, n_outputs_max=1)
+    texts, compute = [], []
+    for plan in (every, one):
+        llm = load(gemma_model, plan)
+        compute.append(_compute_mib(llm))
+        texts.append("".join(generate(llm, "the cat", 8)))
+        llm.close()
+    assert texts[0] == texts[1]
+    assert compute[0] - compute[1] >= 450          # MiB (514.5 -> 18.8 measured here)
+    with pytest.raises(LoadError, match="n_outputs_max"):
+        load(gemma_model, one, logits_all=True)
