@@ -132,7 +132,10 @@ def run_bench(model: str | Path, arms: list[tuple[str, Plan, Prediction | None]]
         llm = load(model, plan)
         measure_once(llm, plan, replace(workload, n_gen=min(workload.n_gen, 8)), rng)     # warm-up
         vram = (_gpu_used_bytes(gpu) - before) if gpu else 0
-        arm = BenchArm(name, plan.flags or llama_cpp_flags(plan), plan, prediction, vram, (), ())
+        allocated: dict[str, int] = {}
+        for a in llm.oatoplan_memory.allocations:
+            allocated[a.device] = allocated.get(a.device, 0) + a.n_bytes
+        arm = BenchArm(name, plan.flags or llama_cpp_flags(plan), plan, prediction, vram, (), (), allocated)
         return _Loaded(arm, llm, vram)
 
     def step(name: str) -> None:

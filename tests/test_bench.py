@@ -25,6 +25,7 @@ def test_bench_measures_every_arm(tiny_model, tmp_path):
     for arm in result.arms:
         assert len(arm.prefill_tokens_per_s) == 2 and len(arm.decode_tokens_per_s) == 2
         assert all(v > 0 for v in arm.prefill_tokens_per_s + arm.decode_tokens_per_s)
+        assert arm.allocated_bytes["CPU"] > 0 and set(arm.allocated_bytes) == {"CPU"}
     assert result.arms[1].plan.n_ubatch == 16 and seen[-1][1] == seen[-1][2]
     again = read_json(BenchResult, write_json(result, tmp_path / "b.json"))
     assert again == result
