@@ -34,10 +34,10 @@ def _load(model: str, placement: str, repack: bool, profile_path: str | None):
     from oatoplan.plan import cpu_only_plan
     inv = read_inventory(model)
     if placement == "all-cpu":
-        from benchmarks.gpu_patched_check import _no_repack
+        from benchmarks.gpu_patched_check import no_repack
         import llama_cpp
         plan = cpu_only_plan(inv, n_ctx=WORKLOAD.n_ctx, n_threads=os.cpu_count())
-        with _no_repack(not repack):
+        with no_repack(not repack):
             llm = llama_cpp.Llama(model, n_gpu_layers=0, n_ctx=plan.n_ctx, n_batch=plan.n_batch,
                                   n_threads=plan.n_threads, verbose=False)
         return llm, plan

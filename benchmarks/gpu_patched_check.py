@@ -19,7 +19,7 @@ PROMPT = "The three primary colors are"
 
 
 @contextlib.contextmanager
-def _no_repack(active: bool):
+def no_repack(active: bool):
     """llama-cpp-python does not expose llama_model_params.use_extra_bufts (llama.cpp's --no-repack)."""
     import llama_cpp.llama as llama_module
     original = llama_module.llama_cpp.llama_model_default_params
@@ -38,7 +38,7 @@ def _no_repack(active: bool):
 
 def _load(model: str, n_gpu_layers: int, repack: bool):
     import llama_cpp
-    with _no_repack(not repack):
+    with no_repack(not repack):
         return llama_cpp.Llama(model, n_gpu_layers=n_gpu_layers, n_ctx=256, seed=0, verbose=False)
 
 

@@ -1,8 +1,9 @@
 """Decode calibration (part of the profile stage): the profile times isolated operators, but inside llama.cpp's
-decode graph both sides run at another speed (on the H100 machine the GPU's kernels ran at 0.7x their isolated
-time, the CPU's mat-vecs at 0.74x, and every CPU<->GPU crossing cost ~100 us instead of the 14 us measured back to
-back: the CPU threads sleep during each GPU phase and must be woken). `oatoplan profile --model M` therefore
-decodes M for real in four placements and fits, by non-negative least squares on relative error (scipy),
+decode graph both sides run at another speed (the shipped H100 profile, profiles/h100-qwen2-7b.json: GPU kernels at
+0.92x their isolated time, CPU mat-vecs at 1.24x, and a CPU<->GPU crossing 37.9 us instead of the 17.9 us measured
+back to back; likely, not shown: the CPU threads sleep during each GPU phase and must be woken). So
+`oatoplan profile --model M` decodes M for real in four placements and fits, by non-negative least squares on
+relative error (scipy),
 
     measured decode time = k_gpu * GPU units + k_cpu * CPU units + n_crossings * crossing_us + fixed
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # Short prompt, enough decode steps for a stable mean; the KV depth is small, so attention is a minor term.
 WORKLOAD = Workload(n_prompt=32, n_gen=64)
-MIN_REPS = 5          # decode times of one placement spread by 10-15% between repetitions on the H100 machine
+MIN_REPS = 5          # on the H100 machine one placement's decode times spread by up to 18-40% (max/min) in 3-5 reps
 SETTINGS = Settings(n_ubatch=512, op_offload=True, pinned=True, n_ctx=WORKLOAD.n_ctx, n_outputs_max=1)
 
 

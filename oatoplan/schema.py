@@ -324,8 +324,8 @@ class BenchArm:
     vram_bytes: int               # GPU memory in use after loading and a warm-up, less what was in use before
     prefill_tokens_per_s: tuple[float, ...]   # one sample per repetition
     decode_tokens_per_s: tuple[float, ...]
-    # what llama.cpp reported allocating per device (weights, KV, compute, output buffers): unlike vram_bytes, free
-    # of one-time CUDA allocations that land on whichever arm loads first
+    # what llama.cpp reported allocating per device (weights, KV, compute, output buffers): unlike vram_bytes, no
+    # process-wide allocations (CUDA context, library workspaces) can land in it
     allocated_bytes: dict[str, int] = field(default_factory=dict)
 
 
