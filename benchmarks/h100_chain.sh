@@ -5,7 +5,8 @@
 #   bash benchmarks/h100_chain.sh build profile validate    # first call
 #   bash benchmarks/h100_chain.sh bench512 bench2048         # next call, at once (the machine stays 30 s)
 # Steps: build (oatoplan's patched CUDA build), profile (with decode calibration), validate / validate2048,
-# bench512 / bench2048, fused (fused CPU ops on/off, two placements), gemma (real Gemma 3 270M, GPU vs CPU: the file
+# bench512 / bench2048, fused (fused CPU ops on/off, two placements), hostmem / cpuhalf / cputrace (where the CPU
+# half of a decode loses time), gemma (real Gemma 3 270M, GPU vs CPU: the file
 # travels in parts, appended to $W/gemma.part by earlier calls, see benchmarks/results/README.md).
 set -uo pipefail
 W=/tmp/oato
@@ -43,6 +44,26 @@ for step in "$@"; do
       timeout 150 bash benchmarks/gpu_session.sh python3 -m benchmarks.fused_decode $MODEL --placement $placement \
         --profile $PROFILE --out $OUT/fused-$placement.json 2>&1 | tail -1
     done ;;
+  hostmem)
+    timeout 120 python3 -m benchmarks.host_memory_read --out $OUT/host-memory-read.json 2>&1 | tail -4 ;;
+  cpuhalf)
+    ensure_profile
+    for placement in ffn-cpu layer-offload; do
+      for memory in pinned pageable pageable-repack; do
+        timeout 100 bash benchmarks/gpu_session.sh python3 -m benchmarks.cpu_half_decode $MODEL --placement $placement \
+          --memory $memory --profile $PROFILE --out $OUT/cpu-half-decode.jsonl 2>&1 | tail -1
+      done
+      OMP_WAIT_POLICY=active timeout 100 bash benchmarks/gpu_session.sh python3 -m benchmarks.cpu_half_decode $MODEL \
+        --placement $placement --profile $PROFILE --out $OUT/cpu-half-decode.jsonl 2>&1 | tail -1
+    done ;;
+  cputrace)
+    ensure_profile
+    for placement in ffn-cpu layer-offload; do
+      timeout 100 bash benchmarks/gpu_session.sh python3 -m benchmarks.cpu_half_decode $MODEL --placement $placement \
+        --threads 16,8 --trace --profile $PROFILE --out $OUT/cpu-half-trace.jsonl 2>&1 | tail -1
+    done
+    OMP_PROC_BIND=close OMP_PLACES=cores timeout 100 bash benchmarks/gpu_session.sh python3 -m benchmarks.cpu_half_decode \
+      $MODEL --placement ffn-cpu --threads 16,8 --trace --profile $PROFILE --out $OUT/cpu-half-trace.jsonl 2>&1 | tail -1 ;;
   gemma)
     ensure_build
     echo "${GEMMA_SHA256:-none}  $W/gemma.part" | sha256sum -c - || exit 1

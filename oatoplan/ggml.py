@@ -16,6 +16,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import BackendError
+from .schema import CpuTrace
 
 p = ctypes.c_void_p
 _i64, _f32, _sz = ctypes.c_int64, ctypes.c_float, ctypes.c_size_t
@@ -117,6 +118,33 @@ def set_fusion(enabled: bool) -> None:
     fn = _oato_cpu("oato_cpu_fusion_set_enabled")
     if fn is None:
         raise BackendError("this libggml-cpu has no oatoplan fused ops; run `oatoplan build`")
+    fn.restype, fn.argtypes = None, [ctypes.c_int]
+    fn(int(enabled))
+
+
+def cpu_trace(reset: bool = False) -> CpuTrace | None:
+    """Read (then optionally reset) the CPU op timing; None when the loaded libggml-cpu has none."""
+    read, n_ops = _oato_cpu("oato_cpu_trace_read"), _oato_cpu("oato_cpu_trace_n_ops")
+    if read is None or n_ops is None:
+        return None
+    n = n_ops()
+    totals, arrays = (_i64 * 3)(), [(_i64 * n)() for _ in range(4)]
+    read.restype, read.argtypes = None, [ctypes.POINTER(_i64)] * 5
+    read(totals, *arrays)
+    g = lib()
+    g.ggml_op_name.restype, g.ggml_op_name.argtypes = ctypes.c_char_p, [ctypes.c_int]
+    used = [i for i in range(n) if arrays[1][i]]
+    ns, count, fused, weight = ({g.ggml_op_name(i).decode(): int(a[i]) for i in used} for a in arrays)
+    if reset:
+        _oato_cpu("oato_cpu_trace_reset")()
+    return CpuTrace(int(totals[0]), int(totals[1]), int(totals[2]), ns, count, fused, weight)
+
+
+def set_cpu_trace(enabled: bool) -> None:
+    """Turn the CPU op timing on or off for the following graph computations."""
+    fn = _oato_cpu("oato_cpu_trace_set_enabled")
+    if fn is None:
+        raise BackendError("this libggml-cpu has no oatoplan op timing; run `oatoplan build`")
     fn.restype, fn.argtypes = None, [ctypes.c_int]
     fn(int(enabled))
 

@@ -456,3 +456,17 @@ def write_json(obj: Any, path: str | Path) -> Path:
     except OSError as exc:
         raise ArtifactError(f"{path}: cannot write ({exc.strerror}); choose a writable path") from None
     return path
+
+
+@dataclass(frozen=True)
+class CpuTrace:
+    """What oatoplan's CPU op timing (native/ggml-cpu/oato-trace.h) saw since its last reset: graph totals and, per
+    ggml op name, thread 0's ns (node start to the end of the barrier after it), nodes (a fused span counts once,
+    under its first op), fused spans, and the MUL_MAT weight bytes read."""
+    n_graphs: int
+    graph_ns: int
+    start_ns: int                       # entry to the last thread's arrival, summed over graphs
+    op_ns: dict[str, int]
+    op_count: dict[str, int]
+    op_fused: dict[str, int]
+    op_weight_bytes: dict[str, int]
