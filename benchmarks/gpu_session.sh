@@ -46,7 +46,7 @@ start-patched)
   # like start, but the wheel is oatoplan's patched build: oatoplan build --cuda from the carried (trimmed) tree
   python3 -m pip install -q --no-index --no-deps --no-compile --target $W/site .device/whl/*.whl || exit 1
   (cd $W && tar xJf "$REPO/.device/lcpp.tar.xz")
-  setsid nohup bash -c "OATOPLAN_CACHE=$W/cache python3 -m oatoplan -v build --cuda --cuda-arch 90 \
+  setsid nohup bash -c "OATOPLAN_CACHE=$W/cache python3 -m oatoplan -v build --cuda --cuda-arch 90 ${OATO_BUILD_FLAGS:-} \
      --source $W/llama-cpp-python-0.3.36 --no-build-isolation --no-install > $W/build.log 2>&1; \
      rc=\$?; mkdir -p $W/dist; cp $W/cache/wheels/*/llama_cpp_python-*.whl $W/dist/ 2>/dev/null; \
      echo \$rc > $W/build.rc" > /dev/null 2>&1 &

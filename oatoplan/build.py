@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -79,13 +80,23 @@ def series_hash(patches: list[Path], native_dir: Path = NATIVE_DIR) -> str:
     return digest.hexdigest()[:16]
 
 
-def cmake_args(cuda: bool, cuda_arch: str | None) -> str:
+def cmake_args(cuda: bool, cuda_arch: str | None, native: bool = False) -> str:
     """CMake options: CUDA for the given architectures; CPU code for any x86-64 machine of the last decade
-    (GGML_CPU_ALL_VARIANTS would need GGML_BACKEND_DL, which llama-cpp-python's loader does not do)."""
-    args = ["-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON"]
+    (GGML_CPU_ALL_VARIANTS would need GGML_BACKEND_DL, which llama-cpp-python's loader does not do), or with
+    `native` for this machine's CPU only (the wheel's cache key then includes the CPU's feature flags)."""
+    args = ["-DGGML_NATIVE=ON"] if native else ["-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON"]
     if cuda:
         args += ["-DGGML_CUDA=ON"] + ([f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}"] if cuda_arch else [])
     return " ".join(args)
+
+
+def _cpu_flags() -> str:
+    """This CPU's feature flags (Linux), so that a -march=native wheel is never taken from a cache another CPU
+    filled."""
+    try:
+        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
 
 
 def check_sdist(path: Path) -> Path:
@@ -147,16 +158,17 @@ def apply_series(source: Path, patches: list[Path], digest: str, native_dir: Pat
 
 def build(*, cuda: bool, cuda_arch: str | None = None, sdist: Path | None = None, source: Path | None = None,
           install: bool = True, build_isolation: bool = True, cache_dir: Path = CACHE_DIR,
-          patches_dir: Path = PATCHES_DIR) -> BuildResult:
+          patches_dir: Path = PATCHES_DIR, native: bool = False) -> BuildResult:
     """Build (or take from the cache) and install the patched wheel. `source`: an unpacked (possibly trimmed)
     llama-cpp-python 0.3.36 tree instead of the sdist, copied before patching (not checksummed: the GPU machine
     gets a trimmed tree because the sdist is too big to carry)."""
     started = time.perf_counter()
     patches = series(patches_dir)
     digest = series_hash(patches)
-    options = cmake_args(cuda, cuda_arch)
+    options = cmake_args(cuda, cuda_arch, native)
     origin = SDIST_SHA256 if source is None else f"tree:{Path(source).resolve()}"
-    key = hashlib.sha256(f"{origin}|{digest}|{options}|{sys.version_info[:2]}".encode()).hexdigest()[:16]
+    cpu = f"|{_cpu_flags()}" if native else ""
+    key = hashlib.sha256(f"{origin}|{digest}|{options}|{sys.version_info[:2]}{cpu}".encode()).hexdigest()[:16]
     wheel_dir = cache_dir / "wheels" / key
     wheels = sorted(wheel_dir.glob("llama_cpp_python-*.whl")) if wheel_dir.exists() else []
     cached = bool(wheels)

@@ -396,11 +396,14 @@ def build(
                                                                                   "installed (offline).")] = False,
     no_install: Annotated[bool, typer.Option("--no-install", help="Build (or find) the wheel, do not install.")]
     = False,
+    native: Annotated[bool, typer.Option("--native/--portable", help="CPU code for this machine's instruction set "
+                                                                     "(-march=native), or for any AVX2 x86-64.")]
+    = False,
 ) -> None:
     """Build and install llama-cpp-python 0.3.36 with oatoplan's patch series (cached after the first build)."""
     from .build import build as build_wheel
     result = build_wheel(cuda=cuda, cuda_arch=cuda_arch, sdist=sdist, source=source, install=not no_install,
-                         build_isolation=not no_build_isolation)
+                         build_isolation=not no_build_isolation, native=native)
     stdout.print(f"{'cached' if result.cached else 'built'} {result.wheel} (series {result.series_hash}, "
                  f"CMAKE_ARGS {result.cmake_args}) in {result.seconds:.0f} s"
                  + ("" if no_install else "; installed"))

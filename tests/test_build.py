@@ -91,6 +91,9 @@ def test_sdist_checksum_is_checked(tmp_path):
 def test_cmake_args():
     assert "-DGGML_CUDA=ON" not in build.cmake_args(False, None)
     assert "-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90" in build.cmake_args(True, "90")
+    assert "-DGGML_NATIVE=OFF" in build.cmake_args(False, None)
+    assert "-DGGML_NATIVE=ON" in build.cmake_args(False, None, native=True)
+    assert "AVX2" not in build.cmake_args(False, None, native=True)
 
 
 def test_cached_wheel_is_reused_without_building(tmp_path, monkeypatch):
