@@ -44,8 +44,8 @@ def per_token(traces: list[CpuTrace], n_tokens: int) -> dict:
            "op_ms": {op: median(t.op_ns.get(op, 0) for t in traces) for op in sorted(ops)},
            "op_nodes": {op: round(statistics.median(t.op_count.get(op, 0) for t in traces) / n_tokens, 2)
                         for op in sorted(ops)}}
-    weight_ns = [(sum(t.op_weight_bytes.values()), sum(t.op_ns[op] for op in t.op_weight_bytes if t.op_weight_bytes[op]))
-                 for t in traces]
+    weight_ns = [(sum(t.op_weight_bytes.values()),
+                  sum(t.op_ns[op] for op in t.op_weight_bytes if t.op_weight_bytes[op])) for t in traces]
     out["mat_vec_gb_per_s"] = round(statistics.median(b / ns for b, ns in weight_ns if ns), 2)
     return out
 
@@ -77,7 +77,8 @@ def main(argv: list[str]) -> int:
 
     inv = read_inventory(args.model)
     profile = find_profile(Path(args.profile) if args.profile else None)
-    name, devices = placements(inv, profile.gpu_device or None)[{"all-cpu": 0, "ffn-cpu": 1, "layer-offload": 3}[args.placement]]
+    index = {"all-cpu": 0, "ffn-cpu": 1, "layer-offload": 3}[args.placement]      # calibrate.placements order
+    name, devices = placements(inv, profile.gpu_device or None)[index]
     if args.placement == "all-cpu":      # the CPU machine's defaults (mmap, repacked weights unless --memory pageable)
         plan = replace(cpu_only_plan(inv, n_ctx=WORKLOAD.n_ctx, n_threads=profile.n_threads), workload=WORKLOAD)
     else:

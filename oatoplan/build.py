@@ -84,7 +84,8 @@ def cmake_args(cuda: bool, cuda_arch: str | None, native: bool = False) -> str:
     """CMake options: CUDA for the given architectures; CPU code for any x86-64 machine of the last decade
     (GGML_CPU_ALL_VARIANTS would need GGML_BACKEND_DL, which llama-cpp-python's loader does not do), or with
     `native` for this machine's CPU only (the wheel's cache key then includes the CPU's feature flags)."""
-    args = ["-DGGML_NATIVE=ON"] if native else ["-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON"]
+    portable = ["-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON"]
+    args = ["-DGGML_NATIVE=ON"] if native else portable
     if cuda:
         args += ["-DGGML_CUDA=ON"] + ([f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}"] if cuda_arch else [])
     return " ".join(args)
