@@ -113,13 +113,17 @@ def fusion_counts() -> tuple[int, ...] | None:
     return tuple(counts)
 
 
-def set_fusion(enabled: bool) -> None:
-    """Turn oatoplan's fused CPU ops on or off for the following graph computations."""
-    fn = _oato_cpu("oato_cpu_fusion_set_enabled")
+def _set_enabled(symbol: str, what: str, enabled: bool) -> None:
+    fn = _oato_cpu(symbol)
     if fn is None:
-        raise BackendError("this libggml-cpu has no oatoplan fused ops; run `oatoplan build`")
+        raise BackendError(f"this libggml-cpu has no oatoplan {what}; run `oatoplan build`")
     fn.restype, fn.argtypes = None, [ctypes.c_int]
     fn(int(enabled))
+
+
+def set_fusion(enabled: bool) -> None:
+    """Turn oatoplan's fused CPU ops on or off for the following graph computations."""
+    _set_enabled("oato_cpu_fusion_set_enabled", "fused ops", enabled)
 
 
 def cpu_trace(reset: bool = False) -> CpuTrace | None:
@@ -142,11 +146,7 @@ def cpu_trace(reset: bool = False) -> CpuTrace | None:
 
 def set_cpu_trace(enabled: bool) -> None:
     """Turn the CPU op timing on or off for the following graph computations."""
-    fn = _oato_cpu("oato_cpu_trace_set_enabled")
-    if fn is None:
-        raise BackendError("this libggml-cpu has no oatoplan op timing; run `oatoplan build`")
-    fn.restype, fn.argtypes = None, [ctypes.c_int]
-    fn(int(enabled))
+    _set_enabled("oato_cpu_trace_set_enabled", "op timing", enabled)
 
 
 def device_handle(name: str) -> int:
