@@ -30,7 +30,7 @@ from oatoplan.schema import CpuTrace, Workload, to_jsonable
 
 WORKLOAD = Workload(n_prompt=32, n_gen=48)
 ENV_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_PROC_BIND", "OMP_PLACES", "GGML_CUDA_NO_PINNED",
-            "OATO_CPU_DISABLE_FUSION")
+            "OATO_CPU_DISABLE_FUSION", "OATO_CPU_MATVEC")
 
 
 def per_token(traces: list[CpuTrace], n_tokens: int) -> dict:

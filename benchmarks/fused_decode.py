@@ -1,6 +1,8 @@
-"""Decode speed with oatoplan's fused CPU ops on and off (issue #8), on one loaded model, interleaved rep by rep
-(on, off, off, on, ...), so that both see the same memory placement, clocks and caches. Records raw samples, the
-fusion counters (proof that the fused paths ran), the command, machine and date.
+"""Decode speed with oatoplan's CPU changes (issue #8) on and off, on one loaded model, interleaved rep by rep (the
+order of the arms rotates), so that all arms see the same memory placement, clocks and caches. Arms: stock (ggml's
+own nodes and kernels), fused (the fused ops of patches/0002), prefetch (the prefetching Q4_K/Q6_K dot products of
+patches/0004), fused+prefetch (both: the default of the patched build). Records raw samples, the fusion counters
+(proof that the fused paths ran), the command, machine and date.
 
     python -m benchmarks.fused_decode MODEL --placement all-cpu [--no-repack] --out results.json
     python -m benchmarks.fused_decode MODEL --placement ffn-cpu --profile P.json --out results.json   (GPU machine)
@@ -27,6 +29,8 @@ from oatoplan import ggml
 from oatoplan.schema import Workload, to_jsonable
 
 WORKLOAD = Workload(n_prompt=32, n_gen=64)
+# arm: (fused ops, prefetching dot products)
+ARMS = {"stock": (False, False), "fused": (True, False), "prefetch": (False, True), "fused+prefetch": (True, True)}
 
 
 def _load(model: str, placement: str, repack: bool, profile_path: str | None):
@@ -69,18 +73,24 @@ def main(argv: list[str]) -> int:
     llm, plan = _load(args.model, args.placement, not args.no_repack, args.profile)
     rng = np.random.default_rng(0)
     measure_once(llm, plan, replace(WORKLOAD, n_gen=8), rng)      # warm-up
-    samples = {True: [], False: []}
-    counts = {True: np.zeros(3, np.int64), False: np.zeros(3, np.int64)}
+    samples = {arm: [] for arm in ARMS}
+    counts = {arm: np.zeros(3, np.int64) for arm in ARMS}
     for rep in range(args.reps):
-        for fusion in ((True, False) if rep % 2 == 0 else (False, True)):
+        for i in range(len(ARMS)):
+            arm = list(ARMS)[(i + rep) % len(ARMS)]
+            fusion, prefetch = ARMS[arm]
             ggml.set_fusion(fusion)
+            ggml.set_matvec(prefetch)
             before = np.array(ggml.fusion_counts())
             _, decode_s = measure_once(llm, plan, WORKLOAD, rng)
-            counts[fusion] += np.array(ggml.fusion_counts()) - before
-            samples[fusion].append(round(WORKLOAD.n_gen / decode_s, 3))
+            counts[arm] += np.array(ggml.fusion_counts()) - before
+            samples[arm].append(round(WORKLOAD.n_gen / decode_s, 3))
     ggml.set_fusion(True)
+    ggml.set_matvec(True)
     llm.close()
-    (on, on_sd), (off, off_sd) = stats(tuple(samples[True])), stats(tuple(samples[False]))
+    stock = statistics.median(samples["stock"])
+    summary = {arm: "{:.2f} ± {:.2f}".format(*stats(tuple(samples[arm]))) for arm in ARMS}
+    summary["speedup_vs_stock"] = {arm: round(statistics.median(samples[arm]) / stock, 4) for arm in ARMS}
     result = {
         "created_utc": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
         "command": "python -m benchmarks.fused_decode " + " ".join(argv),
@@ -88,10 +98,10 @@ def main(argv: list[str]) -> int:
         "llama_cpp_series": loaded_series(), "model": os.path.basename(args.model),
         "placement": args.placement, "repack": not args.no_repack, "flags": plan.flags, "n_threads": plan.n_threads,
         "workload": to_jsonable(WORKLOAD), "reps": args.reps,
-        "decode_tokens_per_s": {"fused": samples[True], "unfused": samples[False]},
+        "arms": {arm: {"fusion": f, "prefetching_dot_products": p} for arm, (f, p) in ARMS.items()},
+        "decode_tokens_per_s": samples,
         "fused_nodes_per_token": {k: (counts[k] / (args.reps * WORKLOAD.n_gen)).round(2).tolist() for k in counts},
-        "summary": {"fused": f"{on:.2f} ± {on_sd:.2f}", "unfused": f"{off:.2f} ± {off_sd:.2f}",
-                    "speedup": round(statistics.median(samples[True]) / statistics.median(samples[False]), 4)},
+        "summary": summary,
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -5,8 +5,9 @@
 #   bash benchmarks/h100_chain.sh build profile validate    # first call
 #   bash benchmarks/h100_chain.sh bench512 bench2048         # next call, at once (the machine stays 30 s)
 # Steps: build (oatoplan's patched CUDA build), profile (with decode calibration), validate / validate2048,
-# bench512 / bench2048, fused (fused CPU ops on/off, two placements), hostmem / cpuhalf / cputrace (where the CPU
-# half of a decode loses time), gemma (real Gemma 3 270M, GPU vs CPU: the file
+# bench512 / bench2048, fused (fused CPU ops and prefetching dot products on/off, two placements), hostmem / cpuhalf /
+# cputrace (where the CPU half of a decode loses time), tests (the fused-ops and dot-product tests on this CPU),
+# matvec (benchmarks/matvec_kernel.sh against the built libggml-cpu), gemma (real Gemma 3 270M, GPU vs CPU: the file
 # travels in parts, appended to $W/gemma.part by earlier calls, see benchmarks/results/README.md).
 set -uo pipefail
 W=/tmp/oato
@@ -41,9 +42,22 @@ for step in "$@"; do
   fused)
     ensure_profile
     for placement in ffn-cpu layer-offload; do
-      timeout 150 bash benchmarks/gpu_session.sh python3 -m benchmarks.fused_decode $MODEL --placement $placement \
+      timeout 240 bash benchmarks/gpu_session.sh python3 -m benchmarks.fused_decode $MODEL --placement $placement \
         --profile $PROFILE --out $OUT/fused-$placement.json 2>&1 | tail -1
     done ;;
+  tests)
+    ensure_build
+    timeout 240 bash benchmarks/gpu_session.sh python3 -m pytest -q -p no:cacheprovider tests/test_fused.py \
+      tests/test_matvec.py tests/test_trace.py > $OUT/tests.log 2>&1; echo "tests rc=$?"; tail -3 $OUT/tests.log ;;
+  matvec)
+    ensure_build
+    LCPP_SRC=$W/llama-cpp-python-0.3.36/vendor/llama.cpp GGML_LIB=$W/site/llama_cpp/lib timeout 200 \
+      bash benchmarks/matvec_kernel.sh 1.5 1,8,16 5 > $OUT/matvec-kernel.jsonl; echo "matvec rc=$?"
+    python3 -c "import json, statistics, sys
+for line in open(sys.argv[1]):
+    d = json.loads(line)
+    print(d if 'gbps' not in d else (d['kernel'], d['type'], d['threads'], round(statistics.median(d['gbps']), 1)))" \
+      $OUT/matvec-kernel.jsonl ;;
   hostmem)
     timeout 120 python3 -m benchmarks.host_memory_read --out $OUT/host-memory-read.json 2>&1 | tail -4 ;;
   cpuhalf)
@@ -62,8 +76,9 @@ for step in "$@"; do
       timeout 100 bash benchmarks/gpu_session.sh python3 -m benchmarks.cpu_half_decode $MODEL --placement $placement \
         --threads 16,8 --trace --profile $PROFILE --out $OUT/cpu-half-trace.jsonl 2>&1 | tail -1
     done
-    OMP_PROC_BIND=close OMP_PLACES=cores timeout 100 bash benchmarks/gpu_session.sh python3 -m benchmarks.cpu_half_decode \
-      $MODEL --placement ffn-cpu --threads 16,8 --trace --profile $PROFILE --out $OUT/cpu-half-trace.jsonl 2>&1 | tail -1 ;;
+    OATO_CPU_MATVEC=ggml timeout 100 bash benchmarks/gpu_session.sh python3 -m benchmarks.cpu_half_decode \
+      $MODEL --placement ffn-cpu --threads 16,8 --trace --profile $PROFILE --out $OUT/cpu-half-trace.jsonl \
+      2>&1 | tail -1 ;;
   gemma)
     ensure_build
     echo "${GEMMA_SHA256:-none}  $W/gemma.part" | sha256sum -c - || exit 1

@@ -6,9 +6,11 @@
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 LCPP_SRC=${LCPP_SRC:-/tmp/oato/llama-cpp-python-0.3.36/vendor/llama.cpp}
-GGML_LIB=${GGML_LIB:-$(python3 -c 'import llama_cpp, os; print(os.path.join(os.path.dirname(llama_cpp.__file__), "lib"))')}
+LIB_OF_LLAMA_CPP='import llama_cpp, os; print(os.path.join(os.path.dirname(llama_cpp.__file__), "lib"))'
+GGML_LIB=${GGML_LIB:-$(python3 -c "$LIB_OF_LLAMA_CPP")}
 BIN=$(mktemp -d)/matvec_kernel
-gcc -O3 ${CFLAGS_EXTRA:-} -mavx2 -mfma -mf16c -fopenmp -ffp-contract=off -I"$LCPP_SRC/ggml/include" -I"$LCPP_SRC/ggml/src" \
+gcc -O3 ${CFLAGS_EXTRA:-} -mavx2 -mfma -mf16c -fopenmp -ffp-contract=off \
+    -I"$LCPP_SRC/ggml/include" -I"$LCPP_SRC/ggml/src" \
     -I"$REPO/native/ggml-cpu" "$REPO/benchmarks/matvec_kernel.c" "$REPO/native/ggml-cpu/oato-matvec.c" \
     -L"$GGML_LIB" -lggml-cpu -lggml-base -Wl,-rpath,"$GGML_LIB" -o "$BIN"
 printf '{"machine": "%s", "cpu": "%s", "cpus": %s, "date": "%s", "command": "%s"}\n' "$(hostname)" \

@@ -126,6 +126,22 @@ def set_fusion(enabled: bool) -> None:
     _set_enabled("oato_cpu_fusion_set_enabled", "fused ops", enabled)
 
 
+def set_matvec(enabled: bool) -> None:
+    """Turn oatoplan's prefetching Q4_K/Q6_K dot products (native/ggml-cpu/oato-matvec.c) on or off for the
+    following graph computations; off, ggml's own kernels run."""
+    _set_enabled("oato_cpu_matvec_set_enabled", "prefetching dot products", enabled)
+
+
+def matvec_enabled() -> bool | None:
+    """Whether the prefetching dot products are on (OATO_CPU_MATVEC=ggml turns them off), None for a build
+    without them."""
+    fn = _oato_cpu("oato_cpu_matvec_enabled")
+    if fn is None:
+        return None
+    fn.restype, fn.argtypes = ctypes.c_int, []
+    return bool(fn())
+
+
 def cpu_trace(reset: bool = False) -> CpuTrace | None:
     """Read (then optionally reset) the CPU op timing; None when the loaded libggml-cpu has none."""
     read, n_ops = _oato_cpu("oato_cpu_trace_read"), _oato_cpu("oato_cpu_trace_n_ops")

@@ -1,11 +1,12 @@
 """The decode-time node chains that oatoplan's fused CPU ops replace (native/ggml-cpu/oato-fused.c), built with ggml's
-graph API on the CPU backend and computed on random inputs. Run as a script in a fresh process (the fusion switch,
-OATO_CPU_DISABLE_FUSION, is read once per process):
+graph API on the CPU backend and computed on random inputs, plus lone mat-vecs (ggml's MUL_MAT with oatoplan's
+prefetching dot products, native/ggml-cpu/oato-matvec.c). Run as a script in a fresh process (the switches,
+OATO_CPU_DISABLE_FUSION and OATO_CPU_MATVEC, are read once per process):
 
     python tests/fused_graphs.py OUT.npz
 
-writes every case's output and the library's fusion counters; tests/test_fused.py compares a run with fusion on
-against one with it off, and benchmarks/fused_ops.py times them."""
+writes every case's output and the library's fusion counters; tests/test_fused.py compares a run with both on
+against one with both off (stock ggml), and benchmarks/fused_ops.py times them."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def build(graph: ggml.Graph, case: str, weight_type: str, n_tokens: int) -> int:
         up = graph.op("ggml_mul_mat", graph.tensor(weight_type, N_EMBD, N_ROWS), x)
         gate = graph.op("ggml_mul_mat", graph.tensor(weight_type, N_EMBD, N_ROWS), x)
         return graph.op(f"ggml_{case}_split", gate, up)
+    if case == "matvec":
+        return graph.op("ggml_mul_mat", graph.tensor(weight_type, N_EMBD, N_ROWS), x)
     if case == "matvec_add":
         mm = graph.op("ggml_mul_mat", graph.tensor(weight_type, N_EMBD, N_ROWS), x)
         return graph.op("ggml_add", mm, graph.tensor("F32", N_ROWS, n_tokens))
@@ -41,8 +44,9 @@ def build(graph: ggml.Graph, case: str, weight_type: str, n_tokens: int) -> int:
 
 CASES = [(case, t, 1) for case in ("swiglu", "geglu", "matvec_add") for t in TYPES]
 CASES += [("rms_norm_mul_add", "F32", 1)]
-# not fused: two tokens (prefill), f32 weights
+# not fused: two tokens (prefill), f32 weights, a lone mat-vec (its dot products are oatoplan's for Q4_K and Q6_K)
 CASES += [("swiglu", "Q4_K", 2), ("matvec_add", "Q8_0", 2), ("rms_norm_mul_add", "F32", 2), ("matvec_add", "F32", 1)]
+CASES += [("matvec", t, n) for t in ("Q4_K", "Q6_K", "Q8_0") for n in (1, 3)]
 
 
 def run(case: str, weight_type: str, n_tokens: int, backend: ggml.Backend, seed: int = 0) -> np.ndarray:

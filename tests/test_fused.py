@@ -1,7 +1,8 @@
-"""Differential tests of oatoplan's fused CPU ops (patches/0002, native/ggml-cpu/oato-fused.c): fused and unfused
-nodes give bit-identical results (stricter than test-backend-ops' NMSE bound: the fused code reuses the unfused
-kernels and rounding), the fused paths really run, and OATO_CPU_DISABLE_FUSION=1 turns them off. Each run is a fresh
-process because ggml reads the switch once."""
+"""Differential tests of oatoplan's fused CPU ops (patches/0002, native/ggml-cpu/oato-fused.c) and prefetching dot
+products (patches/0004, oato-matvec.c): with both on, results are bit-identical to stock ggml's with both off
+(stricter than test-backend-ops' NMSE bound: the fused code reuses the unfused kernels and rounding, the dot products
+are ggml's plus prefetches), the fused paths really run, and OATO_CPU_DISABLE_FUSION=1 turns them off. Each run is
+a fresh process because ggml reads the switches once."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ pytestmark = pytest.mark.skipif(fusion_counts() is None, reason="libggml-cpu wit
 def _in_fresh_process(args: list[str], tmp_path: Path, fusion: bool, name: str) -> Path:
     out = tmp_path / f"{name}-{'on' if fusion else 'off'}.npz"
     env = {**os.environ, "OATO_CPU_DISABLE_FUSION": "0" if fusion else "1",
-           "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
+           "OATO_CPU_MATVEC": "oato" if fusion else "ggml",
+           "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, *args, str(out)], env=env, check=True, cwd=HERE.parent)
     return out
 

@@ -7,6 +7,7 @@
 //   RMS_NORM + MUL + ADD   : 3 barriers -> 1,
 // saves per layer what costs most when a fast GPU waits on a many-threaded CPU.
 #include "oato-fused.h"
+#include "oato-matvec.h"
 
 #include "ggml-backend-impl.h"
 #include "ggml-cpu-impl.h"
@@ -104,7 +105,7 @@ static const void * oato_quantize_activation(const struct ggml_compute_params * 
 
 // y[r0..r1) = w[r0..r1) . xq
 static void oato_matvec_rows(const struct ggml_tensor * w, const void * xq, float * y, int64_t r0, int64_t r1) {
-    const ggml_vec_dot_t vec_dot = ggml_get_type_traits_cpu(w->type)->vec_dot;
+    const ggml_vec_dot_t vec_dot = oato_cpu_vec_dot(w->type);   // ggml's, or the same with prefetch (oato-matvec.h)
     const int n = (int) w->ne[0];
     for (int64_t r = r0; r < r1; r++) {
         vec_dot(n, &y[r], 0, (const char *) w->data + r * w->nb[1], 0, xq, 0, 1);
