@@ -66,8 +66,9 @@ np.savez(sys.argv[3], tokens=np.array(tokens), counts=np.array(fusion_counts()))
 
 @pytest.mark.parametrize("repack", [True, False], ids=["repacked", "plain-weights"])
 def test_gemma_greedy_identical_with_and_without_fusion(gemma_model, tmp_path, repack):
-    """Issue #8: Gemma 3 270M's greedy 64 tokens on the CPU are the same with the fused ops on and off (with
-    llama.cpp's weight repacking, only RMS_NORM+MUL+ADD and mat-vecs of types it does not repack fuse)."""
+    """Issue #8: Gemma 3 270M's greedy 64 tokens on the CPU are the same with the fused ops and prefetching dot
+    products on and with both off (with llama.cpp's weight repacking, only RMS_NORM+MUL+ADD and mat-vecs of types
+    it does not repack fuse)."""
     runs = {}
     for fusion in (True, False):
         path = _in_fresh_process(["-c", GREEDY, str(gemma_model), "1" if repack else "0"], tmp_path, fusion,
