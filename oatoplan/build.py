@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import OatoError
+from .errors import BuildError
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,6 @@ PATCHES_DIR = Path(__file__).resolve().parent.parent / "patches"
 NATIVE_DIR = Path(__file__).resolve().parent.parent / "native"
 NATIVE_DEST = Path("vendor") / "llama.cpp" / "ggml" / "src"
 CACHE_DIR = Path(os.environ.get("OATOPLAN_CACHE", Path.home() / ".cache" / "oatoplan"))
-
-
-class BuildError(OatoError):
-    """The patched library could not be built."""
 
 
 @dataclass(frozen=True)
