@@ -22,11 +22,24 @@ import statistics
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
+import llama_cpp
 import numpy as np
 
 from oatoplan import ggml
+from oatoplan.baselines import calibration_arms
+from oatoplan.calibrate import SETTINGS
+from oatoplan.cost import CostModel, decode_bound_tokens_per_s
+from oatoplan.graph import CPU, model_units
+from oatoplan.inventory import read_inventory
+from oatoplan.load import load
+from oatoplan.machine import loaded_series, machine_identity
+from oatoplan.measure import decode, measure_once, stats
+from oatoplan.plan import cpu_only_plan, plan_for
+from oatoplan.profile import find_profile
 from oatoplan.schema import CpuTrace, Workload, to_jsonable
+from oatoplan.testing import no_repack
 
 WORKLOAD = Workload(n_prompt=32, n_gen=48)
 ENV_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_PROC_BIND", "OMP_PLACES", "GGML_CUDA_NO_PINNED",
@@ -63,22 +76,12 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     if args.memory != "pinned" and args.placement != "all-cpu":
         os.environ["GGML_CUDA_NO_PINNED"] = "1"       # read by ggml-cuda when it allocates host buffers
-    import llama_cpp
-    from benchmarks.gpu_patched_check import no_repack
-    from oatoplan.bench import _decode, measure_once, plan_for, stats
-    from oatoplan.build import loaded_series
-    from oatoplan.calibrate import SETTINGS, placements
-    from oatoplan.cost import CPU, CostModel, decode_bound_tokens_per_s, model_units
-    from oatoplan.inventory import read_inventory
-    from oatoplan.load import load
-    from oatoplan.plan import cpu_only_plan
-    from oatoplan.profile import find_profile, machine_identity
-    from pathlib import Path
 
     inv = read_inventory(args.model)
     profile = find_profile(Path(args.profile) if args.profile else None)
-    index = {"all-cpu": 0, "ffn-cpu": 1, "layer-offload": 3}[args.placement]      # calibrate.placements order
-    name, devices = placements(inv, profile.gpu_device or None)[index]
+    index = {"all-cpu": 0, "ffn-cpu": 1, "layer-offload": 3}[args.placement]      # calibration_arms' order
+    arm = calibration_arms(inv, profile.gpu_device or None, SETTINGS)[index]
+    name, devices = arm.name, arm.placement
     if args.placement == "all-cpu":      # the CPU machine's defaults (mmap, repacked weights unless --memory pageable)
         plan = replace(cpu_only_plan(inv, n_ctx=WORKLOAD.n_ctx, n_threads=profile.n_threads), workload=WORKLOAD)
     else:
@@ -105,7 +108,7 @@ def main(argv: list[str]) -> int:
             token = int(rng.integers(0, llm.n_vocab()))
             t0 = time.perf_counter()
             for _ in range(WORKLOAD.n_gen):
-                _decode(llm, [token])
+                decode(llm, [token])
             samples[n].append(round(WORKLOAD.n_gen / (time.perf_counter() - t0), 3))
             if tracing:
                 traces[n].append(ggml.cpu_trace(reset=True))

@@ -22,11 +22,22 @@ import os
 import statistics
 import sys
 from dataclasses import replace
+from pathlib import Path
 
+import llama_cpp
 import numpy as np
 
 from oatoplan import ggml
+from oatoplan.baselines import calibration_arms
+from oatoplan.calibrate import SETTINGS
+from oatoplan.inventory import read_inventory
+from oatoplan.load import load
+from oatoplan.machine import loaded_series, machine_identity
+from oatoplan.measure import measure_once, stats
+from oatoplan.plan import cpu_only_plan, plan_for
+from oatoplan.profile import find_profile
 from oatoplan.schema import Workload, to_jsonable
+from oatoplan.testing import no_repack
 
 WORKLOAD = Workload(n_prompt=32, n_gen=64)
 # arm: (fused ops, prefetching dot products)
@@ -34,34 +45,22 @@ ARMS = {"stock": (False, False), "fused": (True, False), "prefetch": (False, Tru
 
 
 def _load(model: str, placement: str, repack: bool, profile_path: str | None):
-    from oatoplan.inventory import read_inventory
-    from oatoplan.plan import cpu_only_plan
     inv = read_inventory(model)
     if placement == "all-cpu":
-        from benchmarks.gpu_patched_check import no_repack
-        import llama_cpp
         plan = cpu_only_plan(inv, n_ctx=WORKLOAD.n_ctx, n_threads=os.cpu_count())
         with no_repack(not repack):
             llm = llama_cpp.Llama(model, n_gpu_layers=0, n_ctx=plan.n_ctx, n_batch=plan.n_batch,
                                   n_threads=plan.n_threads, verbose=False)
         return llm, plan
-    from oatoplan.bench import plan_for
-    from oatoplan.calibrate import SETTINGS, placements
-    from oatoplan.load import load
-    from oatoplan.profile import find_profile
-    from pathlib import Path
     profile = find_profile(Path(profile_path) if profile_path else None)
-    name = {"ffn-cpu": 1, "layer-offload": 3}[placement]
-    devices = placements(inv, profile.gpu_device)[name][1]
+    index = {"ffn-cpu": 1, "layer-offload": 3}[placement]      # calibration_arms' order
+    devices = calibration_arms(inv, profile.gpu_device, SETTINGS)[index].placement
     plan = replace(plan_for(inv, devices, replace(SETTINGS, n_ctx=WORKLOAD.n_ctx), profile, profile.gpu_device),
                    workload=WORKLOAD)
     return load(model, plan), plan
 
 
 def main(argv: list[str]) -> int:
-    from oatoplan.bench import measure_once, stats
-    from oatoplan.build import loaded_series
-    from oatoplan.profile import machine_identity
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("--placement", choices=("all-cpu", "ffn-cpu", "layer-offload"), default="all-cpu")

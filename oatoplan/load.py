@@ -14,16 +14,24 @@ import logging
 import re
 import threading
 from contextlib import contextmanager
-from typing import Iterator
 from pathlib import Path
+from typing import Iterator
 
-from . import ggml
+from gguf import GGMLQuantizationType
+
 from .errors import BackendError, LoadError, PlanMismatchError
+from .graph import CPU
 from .inventory import read_inventory
-from .plan import ALIGNMENT_SLACK_BYTES, CPU, check_plan, cpu_only_plan, predict_memory
-from .schema import (SCHEMA_VERSION, BufferAllocation, Device, MemoryCheck, MemoryReport, Plan, RunStats,
-                     read_json)
+from .machine import buffer_device, buffer_type, gpu_devices, llama_cpp_build
+from .plan import ALIGNMENT_SLACK_BYTES, check_plan, cpu_only_plan, predict_memory
+from .schema import SCHEMA_VERSION, BufferAllocation, MemoryCheck, MemoryReport, Plan, RunStats, read_json
 from .units import BYTES_PER_MIB
+
+try:
+    import llama_cpp
+    from llama_cpp import _logger
+except ImportError:     # only `oatoplan build` runs before llama-cpp-python is installed (it installs it)
+    llama_cpp = _logger = None
 
 log = logging.getLogger(__name__)
 
@@ -33,53 +41,8 @@ PLAN_KEYS = ("n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "use_mmap", "op_off
 # Memory checks: a difference up to this share of the prediction (or ALIGNMENT_SLACK_BYTES a tensor) is alignment.
 RELATIVE_TOLERANCE = 0.01
 COMPUTE_TOLERANCE = 0.10
-_GGML_DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL", 4: "META"}
 _BUFFER_LINE = re.compile(r"(\S+)\s+(model|KV|compute|output) buffer size =\s*([0-9.]+) MiB")
 _load_lock = threading.Lock()
-
-
-def devices() -> list[Device]:
-    """The devices of the llama.cpp build that llama-cpp-python loaded, with free and total memory."""
-    lib = ggml.lib()
-    found = []
-    for i in range(lib.ggml_backend_dev_count()):
-        dev = lib.ggml_backend_dev_get(i)
-        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-        found.append(Device(lib.ggml_backend_dev_name(dev).decode(), lib.ggml_backend_dev_description(dev).decode(),
-                            _GGML_DEVICE_TYPES.get(lib.ggml_backend_dev_type(dev), "?"), free.value, total.value))
-    return found
-
-
-def gpu_devices() -> list[Device]:
-    return [d for d in devices() if d.type in ("GPU", "IGPU")]
-
-
-def llama_cpp_build() -> str:
-    """Identity of the llama.cpp build at hand; a plan solved for one build is refused by another."""
-    import llama_cpp
-    lib = ggml.lib()
-    from .build import loaded_series
-    carried = loaded_series()
-    return (f"llama-cpp-python {llama_cpp.__version__}, ggml {lib.ggml_version().decode()} ({lib.ggml_commit().decode()})"
-            + (f", oatoplan patches {carried}" if carried else ""))
-
-
-def _buffer_type(device_name: str) -> int:
-    lib = ggml.lib()
-    for i in range(lib.ggml_backend_dev_count()):
-        dev = lib.ggml_backend_dev_get(i)
-        if lib.ggml_backend_dev_name(dev).decode() == device_name:
-            return lib.ggml_backend_dev_buffer_type(dev)
-    raise BackendError(f"device {device_name!r} is not in this llama.cpp build (it has "
-                       f"{', '.join(d.name for d in devices())})")
-
-
-def buffer_device(buffer_type: str) -> str:
-    """Device a llama.cpp buffer type lives on: host buffer types (CPU, CPU_Mapped, CPU_REPACK, CUDA_Host) -> CPU."""
-    if buffer_type.startswith("CPU") or buffer_type.endswith("_Host"):
-        return CPU
-    return buffer_type
 
 
 class _Overrides(ctypes.Structure):
@@ -95,8 +58,6 @@ def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_o
     """Load `model_path` with `plan`'s placement and return a `llama_cpp.Llama` (plus `.oatoplan_memory`, a
     MemoryReport). `plan` may be a Plan or a plan.json path; None means everything on the CPU. `cpu_only` runs a
     GPU plan all on the CPU (explicitly, never by surprise). Other keyword arguments go to `llama_cpp.Llama`."""
-    import llama_cpp
-
     model_path = Path(model_path)
     source = str(plan) if isinstance(plan, (str, Path)) else "plan"
     inventory = read_inventory(model_path)
@@ -130,7 +91,7 @@ def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_o
         overrides[i].pattern = pattern
         # the plain CPU buffer type means "host memory" to llama.cpp: pinned CUDA_Host when mmap is off and a GPU is
         # present (or a repacked CPU buffer on a CPU-only build)
-        overrides[i].buft = _buffer_type(override.device)
+        overrides[i].buft = buffer_type(override.device)
     kwargs = dict(n_gpu_layers=plan.n_gpu_layers if plan.gpu_devices else 0, n_ctx=plan.n_ctx,
                   n_batch=plan.n_batch, n_ubatch=plan.n_ubatch, use_mmap=plan.use_mmap, op_offload=plan.op_offload,
                   flash_attn=plan.flash_attn, type_k=_ggml_type(plan.type_k), type_v=_ggml_type(plan.type_v),
@@ -163,7 +124,6 @@ def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_o
 
 
 def _ggml_type(name: str) -> int:
-    from gguf import GGMLQuantizationType
     return int(GGMLQuantizationType[name.upper()])
 
 
@@ -171,8 +131,7 @@ def _ggml_type(name: str) -> int:
 def _default_params_with(overrides, n_outputs_max: int):
     """Llama.__init__ starts from llama_model_default_params() / llama_context_default_params() and never sets
     tensor_buft_overrides or n_outputs_max: hand it params that already carry ours, for the duration of one load."""
-    import llama_cpp.llama as llama_module
-    bindings = llama_module.llama_cpp
+    bindings = llama_cpp.llama.llama_cpp
     model_defaults, context_defaults = bindings.llama_model_default_params, bindings.llama_context_default_params
 
     def model_params():
@@ -196,8 +155,6 @@ def _default_params_with(overrides, n_outputs_max: int):
 def _capture_log(lines: list[str]):
     """Collect llama.cpp's log lines during a load (forwarded to our debug log), then give the log back to
     llama-cpp-python."""
-    import llama_cpp
-    from llama_cpp import _logger
     pending = [""]
 
     @llama_cpp.llama_log_callback
@@ -253,6 +210,5 @@ def generate(llm, prompt: str, max_tokens: int, temperature: float = 0.0, seed: 
 
 def run_stats(llm) -> RunStats:
     """Prefill and decode counters of the last completion, from llama.cpp itself."""
-    import llama_cpp
     data = llama_cpp.llama_perf_context(llm._ctx.ctx)
     return RunStats(int(data.n_p_eval), float(data.t_p_eval_ms), int(data.n_eval), float(data.t_eval_ms))

@@ -4,7 +4,8 @@ A Plan says where every tensor, KV cache and compute buffer goes, in the two lev
 (the last n-1 blocks and `output` go to the GPU, with their KV cache and attention) and tensor buffer-type overrides
 (`-ot PATTERN=DEVICE`, first match wins) for the tensors that differ from that rule. This module turns a per-tensor
 placement into those levers (`make_plan`), predicts what llama.cpp will allocate (`predict_memory`), and writes the
-equivalent llama.cpp flags and llama-cpp-python arguments.
+equivalent llama.cpp flags and llama-cpp-python arguments. `plan_model` solves a model's placement and predicts the
+baselines beside it; `plan_for` turns any per-unit placement (an Arm's) into a Plan the loader applies.
 """
 
 from __future__ import annotations
@@ -13,20 +14,21 @@ import dataclasses
 import re
 from collections import defaultdict
 
-from .errors import OatoError, PlanMismatchError
-from .inventory import BLOCK_NAME, kv_bytes_per_token, kv_cells
-from .schema import SCHEMA_VERSION, MemoryPrediction, ModelInventory, Plan, TensorOverride
+from .baselines import baseline_arms, greedy_arm
+from .cost import CostModel, predict
+from .errors import PlanError, PlanMismatchError
+from .graph import CPU, model_units
+from .inventory import BLOCK_NAME
+from .memory import Settings, gpu_memory, kv_layer_bytes
+from .schema import (SCHEMA_VERSION, BaselinePrediction, MemoryPrediction, ModelInventory, Plan, Profile,
+                     TensorOverride, Workload)
+from .solve import explain, solve
 
-CPU = "CPU"
 # Key of the second copy of token_embd.weight that llama.cpp makes as the output matrix of a tied-embedding model.
 TIED_OUTPUT = "token_embd.weight (output copy)"
 
 # llama.cpp (and the GGML CUDA backend's buffers) align tensors; allow this much per tensor when checking bytes.
 ALIGNMENT_SLACK_BYTES = 1024
-
-
-class PlanError(OatoError):
-    """A plan that cannot be applied as written."""
 
 
 def default_device(inv: ModelInventory, group: str, layer: int | None, n_gpu_layers: int, gpu: str | None) -> str:
@@ -80,8 +82,8 @@ def predict_memory(inv: ModelInventory, plan: Plan, compute_bytes: dict[str, int
             optional_bytes[CPU] = embd_bytes
     kv_bytes: dict[str, int] = defaultdict(int)
     for il, device in enumerate(layer_devices(inv, plan)):
-        cells = kv_cells(inv.hparams, il, plan.n_ctx, plan.n_ubatch, plan.swa_full)
-        kv_bytes[device] += cells * kv_bytes_per_token(inv.hparams, il, plan.type_k, plan.type_v)
+        kv_bytes[device] += kv_layer_bytes(inv.hparams, il, plan.n_ctx, plan.n_ubatch, plan.type_k, plan.type_v,
+                                           plan.swa_full)
     return MemoryPrediction(model_bytes=dict(model_bytes), kv_bytes=dict(kv_bytes), compute_bytes=compute_bytes or {},
                             model_optional_bytes=optional_bytes)
 
@@ -200,7 +202,6 @@ def llama_cpp_flags(plan: Plan) -> str:
 def tensor_placement(inv: ModelInventory, unit_devices: dict[str, str]) -> tuple[dict[str, str], int]:
     """Per-tensor devices and n_gpu_layers for a per-unit placement (solve's units): KV/attention on the GPU for
     the last k layers means n_gpu_layers = k + 1 (`output` counts as a layer); tensors follow their unit."""
-    from .cost import model_units
     devices: dict[str, str] = {}
     n_kv_gpu = 0
     for unit in model_units(inv):
@@ -215,22 +216,35 @@ def tensor_placement(inv: ModelInventory, unit_devices: dict[str, str]) -> tuple
     return devices, (n_kv_gpu + 1 if uses_gpu else 0)
 
 
-def plan_model(inv: ModelInventory, profile, budget_bytes: int, workload, write_lp=None) -> Plan:
+def plan_for(inv: ModelInventory, unit_devices: dict[str, str], s: Settings, profile: Profile,
+             gpu: str | None) -> Plan:
+    """A loader Plan for a per-unit placement and settings (mmap on when `s.pinned` is off)."""
+    devices, n_gpu_layers = tensor_placement(inv, unit_devices)
+    compute = {gpu: gpu_memory(inv, model_units(inv), unit_devices, s)["compute"]} if gpu else {}
+    plan = make_plan(inv, devices, n_gpu_layers=n_gpu_layers, gpu_devices=(gpu,) if gpu else (), n_ctx=s.n_ctx,
+                     n_batch=s.n_ubatch, n_ubatch=s.n_ubatch, use_mmap=not s.pinned, op_offload=s.op_offload,
+                     type_k=s.type_k, type_v=s.type_v, n_outputs_max=s.n_outputs_max, n_threads=profile.n_threads,
+                     llama_cpp_build=profile.machine.llama_cpp_build, profile_id=profile.profile_id,
+                     compute_bytes=compute)
+    return dataclasses.replace(plan, placement=dict(unit_devices), flags=llama_cpp_flags(plan))
+
+
+def plan_settings(plan: Plan) -> Settings:
+    """The non-placement decisions a plan made (the inverse of plan_for's)."""
+    return Settings(plan.n_ubatch, plan.op_offload, not plan.use_mmap, plan.n_ctx, plan.type_k, plan.type_v,
+                    plan.n_outputs_max)
+
+
+def plan_model(inv: ModelInventory, profile: Profile, budget_bytes: int, workload: Workload,
+               write_lp=None) -> Plan:
     """Solve the placement for `workload` within `budget_bytes` of VRAM with `profile`'s costs, and return the
     Plan with its prediction, the baselines' predictions at the same budget and an explanation."""
-    from .cost import CostModel, predict
-    from .schema import BaselinePrediction
-    from .solve import baseline_arms, explain, greedy, solve
     cost = CostModel(profile)
     solution = solve(inv, cost, budget_bytes, workload, write_lp)
     s = solution.settings
-    baselines = []
-    for name, unit_devices, settings, flags in baseline_arms(inv, cost.gpu, budget_bytes, workload):
-        prediction = predict(cost, inv, unit_devices, workload, settings) if unit_devices else None
-        baselines.append(BaselinePrediction(name, flags, prediction))
-    greedy_devices = greedy(inv, cost, budget_bytes, workload, s)
-    baselines.append(BaselinePrediction("greedy (time saved per byte, same settings)", "",
-                                        predict(cost, inv, greedy_devices, workload, s)))
+    arms = baseline_arms(inv, cost.gpu, budget_bytes, workload) + [greedy_arm(inv, cost, budget_bytes, workload, s)]
+    baselines = [BaselinePrediction(a.name, a.flags, predict(cost, inv, a.placement, workload, a.settings)
+                                    if a.placement else None) for a in arms]
     devices, n_gpu_layers = tensor_placement(inv, solution.devices)
     gpu_bytes = solution.prediction.gpu_bytes
     notes = tuple(explain(inv, cost, solution, workload)) + (

@@ -14,12 +14,8 @@ import datetime
 import hashlib
 import logging
 import math
-import os
-import platform
 import re
-import shutil
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +24,9 @@ from typing import Callable
 import numpy as np
 
 from . import ggml
-from .errors import BackendError, OatoError
-from .schema import (SCHEMA_VERSION, MachineIdentity, ModelInventory, OpTiming, Profile, TransferTiming,
-                     read_json)
-from .units import parse_size_bytes
+from .errors import BackendError, ProfileError
+from .machine import default_threads, gpu_devices, machine_identity
+from .schema import SCHEMA_VERSION, ModelInventory, OpTiming, Profile, TransferTiming, read_json
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +42,14 @@ ATTN_TOKENS_GPU = (1, 512, 2048)
 ATTN_TOKENS_CPU = (1, 512)
 CPU_MAX_ATTN_WORK = 512 * 4096               # n_tokens x n_kv beyond this is extrapolated on the CPU
 ELEMENTWISE_TOKENS = (1, 32, 512, 2048)
-# Independent copies per graph: enough weight bytes to defeat caches (H100 L2 is 50 MB; server LLCs ~100 MB).
-# 16 copies at most leaves a 1 MB attn_k partly in the CPU's cache (decode of placements with many small host
-# matrices came out ~20% slower than predicted); 1024 copies overshot the other way (decode predicted 2x too slow,
-# each of 1024 graph nodes paying a 16-thread barrier): benchmarks/results/README.md, 2026-11-22.
+# Independent copies per graph: enough weight bytes to defeat caches (an H100's L2 is 50 MB; server LLCs ~100 MB),
+# but few enough that per-node overhead (a thread barrier each) does not dominate a small matrix's time. Too few
+# copies leave small matrices partly in cache, too many charge them the barriers; both were tried:
+# benchmarks/results/2026-11-22-h100-validate-qwen2-7b-pp512-1024copies.json and the README beside it.
 COPY_BYTES = 256 << 20
 MAX_COPIES = 16
 TRANSFER_BIG_BYTES = 256 << 20
 TRANSFER_SMALL_BYTES = 16 << 10              # one token's activations of a large model, rounded up
-
-
-class ProfileError(OatoError):
-    """The profile could not be measured."""
 
 
 @dataclass(frozen=True)
@@ -263,42 +254,6 @@ def _time_crossing(gpu: ggml.Backend, cpu: ggml.Backend, s: ModelShapes, timer: 
     return max(both - alone, 0.0) / 2
 
 
-def default_threads() -> int:
-    """All logical CPUs, as llama-bench's runs in baselines.md: on the H100 machine decode with 16 threads on 16
-    vCPUs was 25 tokens/s against 18 with 8 (benchmarks/results/2026-11-22-h100-bench-*.json)."""
-    return os.cpu_count() or 1
-
-
-def machine_identity(gpu_device: str | None) -> MachineIdentity:
-    from .load import devices, llama_cpp_build
-    cpu_model = platform.processor() or platform.machine()
-    try:
-        match = re.search(r"^model name\s*:\s*(.+)$", open("/proc/cpuinfo").read(), re.M)
-        cpu_model = match.group(1).strip() if match else cpu_model
-        ram_kib = int(re.search(r"^MemTotal:\s*(\d+)", open("/proc/meminfo").read(), re.M).group(1))
-    except (OSError, AttributeError):
-        ram_kib = 0
-    gpu_name, gpu_total, driver, pcie = "", 0, "", ""
-    if gpu_device:
-        info = {d.name: d for d in devices()}[gpu_device]
-        gpu_name, gpu_total = info.description, info.total_bytes
-        driver, pcie = _nvidia_smi()
-    return MachineIdentity(cpu_model, os.cpu_count() or 1, ram_kib * 1024, gpu_name, gpu_total, driver, pcie,
-                           llama_cpp_build())
-
-
-def _nvidia_smi() -> tuple[str, str]:
-    if not shutil.which("nvidia-smi"):
-        return "", ""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,pcie.link.gen.max,pcie.link.width.max",
-                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout
-        driver, gen, width = [x.strip() for x in out.splitlines()[0].split(",")]
-        return driver, f"gen{gen} x{width}"
-    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
-        return "", ""
-
-
 def measure_profile(inventory: ModelInventory | None = None, *, gpu_device: str | None = None,
                     n_threads: int | None = None, budget_s: float = 0.25,
                     progress: Callable[[str, int, int], None] | None = None) -> Profile:
@@ -367,23 +322,11 @@ def find_profile(path: Path | None = None) -> Profile:
     """`path`, or the newest profile in ./profiles measured with this machine's GPU (or without one)."""
     if path:
         return read_json(Profile, path)
-    from .load import gpu_devices
     names = {d.description for d in gpu_devices()}
     candidates = sorted(Path("profiles").glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     for candidate in candidates:
         found = read_json(Profile, candidate)
         if found.machine.gpu_name in names or (not names and not found.machine.gpu_name):
             return found
-    raise ProfileError("no profile for this machine in profiles/; run 'oatoplan profile' or pass --profile FILE")
+    raise ProfileError("no profile for this machine in profiles/; run 'oatoplan profile run' or pass --profile FILE")
 
-
-def budget_bytes(vram: str, profile: Profile) -> int:
-    """A VRAM budget: a size ("6GiB", "4500MiB"), or "auto": the profiled GPU's free memory less 5%."""
-    if vram != "auto":
-        return parse_size_bytes(vram)
-    from .load import devices
-    found = [d for d in devices() if d.name == profile.gpu_device]
-    if not found:
-        raise ProfileError(f"--vram auto needs {profile.gpu_device or 'a GPU'} in this llama.cpp build; give a size, "
-                           f"e.g. --vram 6GiB")
-    return int(found[0].free_bytes * 0.95)     # 5% for the CUDA context's growth and other processes

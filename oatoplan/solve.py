@@ -7,12 +7,12 @@ units (a matrix with its bias/norm, or a layer's KV cache and attention) live on
     subject to z[i] >= |x[i-1] - x[i]|        for consecutive units in graph order (CPU<->GPU crossings)
                x[attn l] <= x[attn l+1]       (n_gpu_layers: the layers with KV on the GPU are the last ones)
                x[role l] <= x[role l+1]       (each role's GPU layers are the last ones: no symmetric solutions)
-               weights + KV + compute + pool <= budget - 3%   (compute buffer: logits and activations for the
-                                                          ubatch, plus the largest weight op offload copies in)
+               weights + KV + compute + pool <= usable_bytes(budget)   (memory.py's terms and budget rule; compute
+                                                          buffer: logits and activations for the ubatch, plus the
+                                                          largest weight op offload copies in)
 
-with t = prefill + n_gen x decode (or one of them, by the workload's objective). The best candidate wins. A greedy
-placement (best time saved per byte first) ships beside it as a baseline, and the usual llama.cpp choices (layer
-offload, --n-cpu-ffn, llama-cpp-python's defaults) are predicted with the same cost model.
+with t = prefill + n_gen x decode (or one of them, by the workload's objective). The best candidate wins. `greedy`
+(best time saved per byte first) is CBC's starting point and one of the baselines (baselines.py).
 """
 
 from __future__ import annotations
@@ -25,26 +25,16 @@ from pathlib import Path
 
 import pulp
 
-from .cost import (CPU, OP_OFFLOAD_MIN_TOKENS, CostModel, Settings, Unit, combine, compute_stage_bytes, fixed_time_us,
-                   gpu_memory, kv_unit_bytes, model_units, n_outputs, pool_bytes, predict, ubatches, unit_time_us)
-from .errors import OatoError
+from .cost import CostModel, combine, fixed_time_us, predict, ubatches, unit_time_us
+from .errors import OatoError, PlanInfeasibleError, SolverError
+from .graph import CPU, Unit, crossings, model_units, role
+from .memory import Settings, VramTerms, budget_for, usable_bytes, vram_terms
 from .schema import ModelInventory, Prediction, Workload
 from .units import BYTES_PER_MIB, format_bytes
 
 log = logging.getLogger(__name__)
 
 UBATCH_CANDIDATES = (512, 1024, 2048, 4096)
-# Share of the budget kept free: plans measured on the H100 machine used 60-74 MiB (2.3-2.9%) more VRAM than the
-# memory model predicted, the baselines -90..+10 MiB (benchmarks/results/README.md)
-VRAM_MARGIN = 0.03
-
-
-class PlanInfeasibleError(OatoError):
-    """The budget cannot hold any GPU placement."""
-
-
-class SolverError(OatoError):
-    """CBC did not return an optimal solution."""
 
 
 @dataclass(frozen=True)
@@ -62,37 +52,31 @@ class _Instance:
     units: list[Unit]
     t_cpu: list[float]             # objective contribution of each unit on the CPU, us
     t_gpu: list[float]
-    size_mib: list[float]          # VRAM of each unit on the GPU (weights, or KV for an attn unit)
     cross_us: float                # objective cost of one crossing
     fixed_us: float
-    output_stage_mib: float
-    layer_stage_mib: float
-    pool_mib: float
-    offload: bool
-    copy_output: bool              # op offload copies a host output matrix up (its logit rows reach 32)
+    terms: VramTerms               # VRAM terms (bytes)
+    size_mib: list[float]          # the terms' VRAM of each unit on the GPU, in the MiB the program works in
 
 
 def instance(cost: CostModel, inv: ModelInventory, workload: Workload, s: Settings) -> _Instance:
     """The numbers of one integer program."""
     units = model_units(inv)
-    t_cpu, t_gpu, size = [], [], []
-    for u in units:
-        t_cpu.append(combine(*unit_time_us(cost, inv, u, CPU, workload, s), workload))
-        t_gpu.append(combine(*unit_time_us(cost, inv, u, cost.gpu, workload, s), workload))
-        size.append((kv_unit_bytes(inv, u.layer, s) if u.is_attention else u.n_bytes) / BYTES_PER_MIB)
+    t_cpu = [combine(*unit_time_us(cost, inv, u, CPU, workload, s), workload) for u in units]
+    t_gpu = [combine(*unit_time_us(cost, inv, u, cost.gpu, workload, s), workload) for u in units]
     n_ub = len(ubatches(workload.n_prompt, s.n_ubatch))
-    output_stage, layer_stage = compute_stage_bytes(inv, s)
-    return _Instance(units, t_cpu, t_gpu, size, combine(n_ub * cost.crossing_us, cost.decode_crossing_us, workload),
-                     combine(*fixed_time_us(cost, inv, workload, s, True), workload),
-                     output_stage / BYTES_PER_MIB, layer_stage / BYTES_PER_MIB, pool_bytes(inv, s) / BYTES_PER_MIB,
-                     s.op_offload and s.n_ubatch >= OP_OFFLOAD_MIN_TOKENS,
-                     s.op_offload and n_outputs(s) >= OP_OFFLOAD_MIN_TOKENS)
+    terms = vram_terms(inv, units, s)
+    return _Instance(units, t_cpu, t_gpu, combine(n_ub * cost.crossing_us, cost.decode_crossing_us, workload),
+                     combine(*fixed_time_us(cost, inv, workload, s, True), workload), terms,
+                     [b / BYTES_PER_MIB for b in terms.unit_bytes])
 
 
 def build_problem(inst: _Instance, budget_mib: float) -> tuple[pulp.LpProblem, dict]:
     """The integer program of one settings candidate, written like PuLP's examples."""
     prob = pulp.LpProblem("oatoplan_placement", pulp.LpMinimize)
     n = len(inst.units)
+    terms, size_mib = inst.terms, inst.size_mib
+    output_stage_mib = terms.output_stage_bytes / BYTES_PER_MIB
+    layer_stage_mib = terms.layer_stage_bytes / BYTES_PER_MIB
     # Variables: x[i] = 1 puts unit i on the GPU; z[i] = 1 when units i-1 and i (or the CPU input and unit 0) sit on
     # different devices; compute and copy are VRAM (MiB) of the compute buffer and of its largest weight copy
     x = pulp.LpVariable.dicts("gpu", range(n), cat=pulp.LpBinary)
@@ -128,37 +112,35 @@ def build_problem(inst: _Instance, budget_mib: float) -> tuple[pulp.LpProblem, d
     by_role: dict[str, list[int]] = defaultdict(list)
     for i, u in enumerate(inst.units):
         if u.layer is not None and not u.is_attention:
-            by_role[_role(u)].append(i)
-    for role, idx in by_role.items():
+            by_role[role(u)].append(i)
+    for name, idx in by_role.items():
         for a, b in zip(idx, idx[1:]):
-            prob += x[a] <= x[b], f"suffix_{role}_{inst.units[a].layer}"
+            prob += x[a] <= x[b], f"suffix_{name}_{inst.units[a].layer}"
 
     # Compute buffer: the output stage (logits) where the output matmul runs on the GPU, the layer stage with the
     # largest host weight that op offload copies in
-    out = next(i for i, u in enumerate(inst.units) if u.is_output)
-    copied = [i for i, u in enumerate(inst.units) if inst.offload and u.matrices and not u.is_output]
-    largest_copy = max((inst.size_mib[i] for i in copied), default=0.0)
-    if inst.offload:
-        prob += compute >= inst.output_stage_mib + inst.copy_output * inst.size_mib[out] * (1 - x[out]), \
-            "compute_output_stage"
+    out, copied = terms.output, terms.copied()
+    largest_copy = max((size_mib[i] for i in copied), default=0.0)
+    if terms.offload:
+        prob += compute >= output_stage_mib + terms.copy_output * size_mib[out] * (1 - x[out]), "compute_output_stage"
         # (the copy terms only matter when the layer stage can outgrow the output stage; they are left out otherwise,
         # which keeps the relaxation tight)
-        if inst.layer_stage_mib + largest_copy > inst.output_stage_mib:
+        if layer_stage_mib + largest_copy > output_stage_mib:
             for i in copied:
-                prob += copy >= inst.size_mib[i] * (1 - x[i]), f"copy_{i}"
+                prob += copy >= size_mib[i] * (1 - x[i]), f"copy_{i}"
     else:
-        prob += compute >= inst.output_stage_mib * x[out], "compute_output_stage"
-    prob += compute >= inst.layer_stage_mib + copy, "compute_layer_stage"
+        prob += compute >= output_stage_mib * x[out], "compute_output_stage"
+    prob += compute >= layer_stage_mib + copy, "compute_layer_stage"
 
     # VRAM: weights + KV + compute buffer + pool within the budget
-    prob += (pulp.lpSum(inst.size_mib[i] * x[i] for i in range(n)) + compute + inst.pool_mib <= budget_mib,
-             "vram_budget")
+    prob += (pulp.lpSum(size_mib[i] * x[i] for i in range(n)) + compute + terms.pool_bytes / BYTES_PER_MIB
+             <= budget_mib, "vram_budget")
     return prob, x
 
 
-# CBC's proven gap: a placement within 0.2% of the optimum time is accepted. The cost model's own error is ~10x that,
-# and a tighter gap costs seconds more on large models (at 0.2%, 2.0-2.1 s for Qwen2-7B and 4.2-7.5 s for 80 layers
-# on the 2-core developer machine: benchmarks/results/2026-11-22-devbox-solve-speed.json).
+# CBC's proven gap: a placement within 0.2% of the optimum time is accepted. The cost model's own error is larger
+# (the validate-* files in benchmarks/results/), and a tighter gap costs seconds on large models (solve times:
+# benchmarks/results/2026-11-22-devbox-solve-speed.json).
 GAP_REL = 2e-3
 
 
@@ -171,7 +153,7 @@ def _crossing_terms(inst: _Instance) -> tuple[list[tuple[int, int]], list[tuple[
     for b, unit in enumerate(inst.units):
         a = b - 1
         if a >= 0 and unit.layer is not None and inst.units[a].layer == unit.layer:
-            by_roles[(_role(inst.units[a]), _role(unit))].append((a, b))
+            by_roles[(role(inst.units[a]), role(unit))].append((a, b))
         else:
             pairs.append((a, b))
     spans = []
@@ -181,10 +163,6 @@ def _crossing_terms(inst: _Instance) -> tuple[list[tuple[int, int]], list[tuple[
         else:
             pairs += found
     return pairs, spans
-
-
-def _role(unit: Unit) -> str:
-    return unit.key.split(".", 2)[2]
 
 
 def _solver(relax: bool = False, gap: float = GAP_REL, warm: bool = False) -> pulp.LpSolver:
@@ -223,19 +201,12 @@ def solve_instance(inst: _Instance, budget_mib: float, write_lp: Path | None = N
 def objective(inst: _Instance, chosen: list[int]) -> float:
     """The integer program's objective for a placement (the same terms, evaluated directly)."""
     t = inst.fixed_us + sum(inst.t_gpu[i] if c else inst.t_cpu[i] for i, c in enumerate(chosen))
-    return t + inst.cross_us * sum(1 for a, b in zip([0] + chosen, chosen) if a != b)
+    return t + inst.cross_us * crossings(chosen, start=0)
 
 
 def vram_mib(inst: _Instance, chosen: list[int]) -> float:
-    """VRAM of a placement under the integer program's memory terms."""
-    out = next(i for i, u in enumerate(inst.units) if u.is_output)
-    copy = max((inst.size_mib[i] for i, u in enumerate(inst.units)
-                if inst.offload and u.matrices and not u.is_output and not chosen[i]), default=0.0)
-    output_stage = (inst.output_stage_mib + (0 if chosen[out] or not inst.copy_output else inst.size_mib[out])) \
-        if inst.offload else \
-        inst.output_stage_mib * chosen[out]
-    compute = max(output_stage, inst.layer_stage_mib + copy)
-    return sum(s for s, c in zip(inst.size_mib, chosen) if c) + compute + inst.pool_mib
+    """VRAM of a placement (MiB) under the integer program's memory terms."""
+    return sum(inst.terms.of(chosen).values()) / BYTES_PER_MIB
 
 
 def candidate_settings(workload: Workload) -> list[Settings]:
@@ -251,7 +222,7 @@ def smallest_gpu_mib(cost: CostModel, inv: ModelInventory, workload: Workload) -
     for s in candidate_settings(workload):
         inst = instance(cost, inv, workload, s)
         chosen = [0] * len(inst.units)
-        if not inst.offload:
+        if not inst.terms.offload:
             chosen[max(i for i, u in enumerate(inst.units) if u.is_attention)] = 1
         best = min(best, vram_mib(inst, chosen))
     return best
@@ -262,9 +233,9 @@ def solve(inv: ModelInventory, cost: CostModel, budget_bytes: int, workload: Wor
     """The fastest placement within `budget_bytes` of VRAM for `workload` (every candidate settings' ILP)."""
     if not cost.gpu:
         raise OatoError(f"profile {cost.profile.profile_id} has no GPU; profile on the machine with the GPU "
-                        f"(oatoplan profile) to plan a GPU placement")
+                        f"(oatoplan profile run) to plan a GPU placement")
     started = time.perf_counter()
-    budget_mib = budget_bytes * (1 - VRAM_MARGIN) / BYTES_PER_MIB
+    budget_mib = usable_bytes(budget_bytes) / BYTES_PER_MIB
     # Candidates in the order of their LP bounds; a candidate whose bound is no better than the best placement
     # found so far cannot win and is not solved
     bounded = []
@@ -286,7 +257,7 @@ def solve(inv: ModelInventory, cost: CostModel, budget_bytes: int, workload: Wor
             results.append((found[1], s, inst, found[0]))
             log.debug("ubatch %d op_offload %s: %.1f ms", s.n_ubatch, s.op_offload, found[1] / 1e3)
     if not results:
-        need = smallest_gpu_mib(cost, inv, workload) * BYTES_PER_MIB / (1 - VRAM_MARGIN)
+        need = budget_for(smallest_gpu_mib(cost, inv, workload) * BYTES_PER_MIB)
         raise PlanInfeasibleError(f"a VRAM budget of {format_bytes(budget_bytes)} holds no GPU placement of "
                                   f"{inv.identity.file_name}; the smallest needs {format_bytes(need)} (use --vram "
                                   f"{-(-int(need) // BYTES_PER_MIB)}MiB or more), or run it all on the CPU")
@@ -299,9 +270,9 @@ def solve(inv: ModelInventory, cost: CostModel, budget_bytes: int, workload: Wor
 
 
 def greedy(inv: ModelInventory, cost: CostModel, budget_bytes: int, workload: Workload, s: Settings) -> dict[str, str]:
-    """Baseline: units by time saved per MiB, best first, while they fit (KV layers from the last one back)."""
+    """Units by time saved per MiB, best first, while they fit the budget rule (KV layers from the last one back)."""
     inst = instance(cost, inv, workload, s)
-    chosen = _greedy_start(inst, budget_bytes / BYTES_PER_MIB)
+    chosen = _greedy_start(inst, usable_bytes(budget_bytes) / BYTES_PER_MIB)
     return {u.key: (cost.gpu if c else CPU) for u, c in zip(inst.units, chosen)}
 
 
@@ -326,78 +297,20 @@ def _greedy_start(inst: _Instance, budget_mib: float) -> list[int]:
     return chosen
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# llama.cpp's own choices, predicted with the same model
-
-def layer_offload(inv: ModelInventory, gpu: str, n_gpu_layers: int) -> dict[str, str]:
-    """-ngl N: output and the last N-1 blocks (weights, KV and attention) on the GPU."""
-    first = inv.hparams.n_layer + 1 - n_gpu_layers
-    return {u.key: gpu if (u.layer if u.layer is not None else inv.hparams.n_layer) >= first else CPU
-            for u in model_units(inv)}
-
-
-def n_cpu_ffn(inv: ModelInventory, gpu: str, n: int) -> dict[str, str]:
-    """All layers on the GPU, the FFN of the first n blocks on the CPU (llama.cpp's --n-cpu-moe idea for dense
-    models: -ot 'blk\\.(0|..|n-1)\\.ffn_.*=CPU')."""
-    return {u.key: CPU if u.layer is not None and u.layer < n and u.key.split(".", 2)[2].startswith("ffn_")
-            and "norm" not in u.key else gpu for u in model_units(inv)}
-
-
-def _ffn_flag(n: int) -> str:
-    """--n-cpu-ffn N as llama.cpp spells it for a dense model (-ot; --n-cpu-moe only moves experts)."""
-    return f"-ot 'blk\\.({'|'.join(map(str, range(n)))})\\.ffn_(gate|up|down)=CPU'" if n else ""
-
-
-def fits(inv: ModelInventory, devices: dict[str, str], s: Settings, budget_bytes: int) -> bool:
-    return sum(gpu_memory(inv, model_units(inv), devices, s).values()) <= budget_bytes
-
-
-def baseline_arms(inv: ModelInventory, gpu: str, budget_bytes: int, workload: Workload
-                  ) -> list[tuple[str, dict[str, str] | None, Settings, str]]:
-    """(name, placement or None if nothing fits, settings, llama.cpp flags) of the baselines at this budget:
-    1. llama-cpp-python defaults (mmap on, ubatch 512) with the largest -ngl that fits; 2. llama.cpp's --fit for a
-    dense model (whole layers, back to front); 3. --n-cpu-ffn with the smallest N that fits; 4. the best of those
-    with pinned memory and ubatch 2048, as a well-read user would write it."""
-    n_layer = inv.hparams.n_layer
-    default = Settings(512, True, False, workload.n_ctx)
-    arms = []
-    ngl = next((n for n in range(n_layer + 1, -1, -1) if fits(inv, layer_offload(inv, gpu, n), default,
-                                                              budget_bytes)), None)
-    arms.append(("llama-cpp-python defaults", layer_offload(inv, gpu, ngl) if ngl is not None else None, default,
-                 f"-ngl {ngl} -ub 512 -b 512" if ngl is not None else "does not fit"))
-    arms.append(("llama.cpp --fit (layer offload)", arms[0][1], default,
-                 f"-ngl {ngl} -ub 512 -b 2048" if ngl is not None else "does not fit"))
-    n_ffn = next((n for n in range(n_layer + 1) if fits(inv, n_cpu_ffn(inv, gpu, n), default, budget_bytes)), None)
-    arms.append(("--n-cpu-ffn", n_cpu_ffn(inv, gpu, n_ffn) if n_ffn is not None else None, default,
-                 f"-ngl 99 {_ffn_flag(n_ffn)} -ub 512" if n_ffn is not None else "does not fit"))
-    strong = Settings(2048, True, True, workload.n_ctx)
-    ngl_strong = next((n for n in range(n_layer + 1, -1, -1)
-                       if fits(inv, layer_offload(inv, gpu, n), strong, budget_bytes)), None)
-    ffn_strong = next((n for n in range(n_layer + 1) if fits(inv, n_cpu_ffn(inv, gpu, n), strong, budget_bytes)),
-                      None)
-    if ngl_strong is not None:
-        arms.append(("-ngl, pinned, ubatch 2048", layer_offload(inv, gpu, ngl_strong), strong,
-                     f"-ngl {ngl_strong} --no-mmap -ub 2048 -b 2048"))
-    if ffn_strong is not None:
-        arms.append(("--n-cpu-ffn, pinned, ubatch 2048", n_cpu_ffn(inv, gpu, ffn_strong), strong,
-                     f"-ngl 99 {_ffn_flag(ffn_strong)} --no-mmap -ub 2048 -b 2048"))
-    return arms
-
-
 def explain(inv: ModelInventory, cost: CostModel, solution: Solution, workload: Workload) -> list[str]:
     """Why each group of units is where it is: per role, which layers are on the GPU and the time each MiB there
     saves (the solver fills the budget with the largest savings per MiB, corrected for crossings)."""
     inst = instance(cost, inv, workload, solution.settings)
     groups: dict[str, list[int]] = defaultdict(list)
     for i, u in enumerate(inst.units):
-        groups[u.key.split(".", 2)[2] if u.layer is not None else u.key].append(i)
+        groups[role(u)].append(i)
     lines = []
-    for role, idx in groups.items():
+    for name, idx in groups.items():
         on_gpu = [inst.units[i].layer for i in idx if solution.devices[inst.units[i].key] != CPU]
         saving = sum(inst.t_cpu[i] - inst.t_gpu[i] for i in idx) / max(sum(inst.size_mib[i] for i in idx), 1e-3)
         where = ("GPU" if len(on_gpu) == len(idx) else "CPU" if not on_gpu else
                  f"GPU for layers {_ranges([x for x in on_gpu if x is not None])}, CPU otherwise")
-        what = "KV cache + attention" if role == "attn" else role
+        what = "KV cache + attention" if name == "attn" else name
         lines.append(f"{what}: {where}; the GPU saves {saving / 1e3:.3f} ms of {workload.objective} time per MiB")
     return lines
 

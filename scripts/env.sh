@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[test]"
-if ! .venv/bin/python -c 'import sys; from oatoplan.build import loaded_series, series, series_hash
+if ! .venv/bin/python -c 'import sys; from oatoplan.build import series, series_hash; from oatoplan.machine import loaded_series
 sys.exit(0 if (loaded_series() or "").startswith(series_hash(series()) + ":") else 1)' 2>/dev/null; then
   .venv/bin/oatoplan build --cpu
 fi

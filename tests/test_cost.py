@@ -4,7 +4,9 @@ import math
 
 import pytest
 
-from oatoplan.cost import CostModel, Settings, _loglog, compute_stage_bytes, gpu_memory, model_units, predict
+from oatoplan.cost import CostModel, _loglog, predict
+from oatoplan.graph import model_units
+from oatoplan.memory import Settings, compute_stage_bytes, gpu_memory
 from oatoplan.inventory import read_inventory
 from oatoplan.schema import Workload
 from oatoplan.units import BYTES_PER_MIB

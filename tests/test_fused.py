@@ -58,7 +58,7 @@ def test_fused_paths_ran_only_when_on(graph_runs):
 GREEDY = """
 import sys, numpy as np
 from oatoplan.ggml import fusion_counts
-from benchmarks.gpu_patched_check import greedy
+from oatoplan.testing import greedy
 tokens = greedy(sys.argv[1], repack=sys.argv[2] == "1", n_tokens=64)
 np.savez(sys.argv[3], tokens=np.array(tokens), counts=np.array(fusion_counts()))
 """

@@ -5,10 +5,12 @@ import json
 
 import pytest
 
-from oatoplan.errors import ArtifactError, BackendError, LoadError, PlanMismatchError
+from oatoplan.errors import ArtifactError, BackendError, LoadError, PlanError, PlanMismatchError
+from oatoplan.graph import CPU
 from oatoplan.inventory import read_inventory
-from oatoplan.load import devices, generate, gpu_devices, load, run_stats
-from oatoplan.plan import CPU, PlanError, cpu_only_plan, make_plan
+from oatoplan.load import generate, load, run_stats
+from oatoplan.machine import devices, gpu_devices
+from oatoplan.plan import cpu_only_plan, make_plan, merge_pattern
 from oatoplan.schema import TensorOverride, write_json
 
 needs_cpu_only_build = pytest.mark.skipif(bool(gpu_devices()), reason="needs a CPU-only llama.cpp build")
@@ -26,7 +28,6 @@ def _ffn_plan(inv, **settings):
     (plain/repacked CPU buffers instead of the mapped file), reached through tensor_buft_overrides."""
     plan = make_plan(inv, {}, n_gpu_layers=0, use_mmap=False, **settings)
     ffn = [t.name for t in inv.tensors if t.role in ("ffn_up", "ffn_gate", "ffn_down")]
-    from oatoplan.plan import merge_pattern
     return dataclasses.replace(plan, tensor_overrides=(TensorOverride(merge_pattern(ffn), CPU),))
 
 

@@ -1,8 +1,8 @@
 """The running llama.cpp is the patched build that `oatoplan build` makes from patches/series (README's set-up
 commands install it)."""
 
-from oatoplan.build import loaded_series, series, series_hash
-from oatoplan.load import llama_cpp_build
+from oatoplan.build import series, series_hash
+from oatoplan.machine import llama_cpp_build, loaded_series
 
 
 def test_running_library_carries_our_series():

@@ -4,9 +4,11 @@ import re
 
 import pytest
 
+from oatoplan.errors import PlanError
+from oatoplan.graph import CPU
 from oatoplan.inventory import read_inventory
-from oatoplan.plan import (CPU, TIED_OUTPUT, PlanError, check_plan, default_device, layer_devices, llama_cpp_flags,
-                           make_plan, merge_pattern, predict_memory, tensor_devices)
+from oatoplan.plan import (TIED_OUTPUT, check_plan, default_device, layer_devices, llama_cpp_flags, make_plan,
+                           merge_pattern, predict_memory, tensor_devices)
 from oatoplan.schema import Plan, dumps, from_jsonable
 
 

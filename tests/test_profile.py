@@ -37,7 +37,7 @@ def test_cpu_profile_measures_every_op(small_grid, tmp_path):
 
 
 def test_profile_show(cli):
-    result = cli(["profile", "--show", "profiles/cpu-devbox-2core.json"])
+    result = cli(["profile", "show", "profiles/cpu-devbox-2core.json"])
     assert result.exit_code == 0, result.stderr
     assert "MUL_MAT" in result.stdout and "Q4_K" in result.stdout
 
@@ -50,7 +50,7 @@ def test_profile_show(cli):
 def test_bad_profile_files(cli, tmp_path, content, message):
     path = tmp_path / "bad.json"
     path.write_text(content)
-    result = cli(["profile", "--show", path])
+    result = cli(["profile", "show", path])
     assert result.exit_code == 1 and message in result.stderr and "Traceback" not in result.stderr
 
 
@@ -58,6 +58,6 @@ def test_unwritable_output(small_grid, cli, tmp_path, monkeypatch):
     monkeypatch.setattr(profiler, "WEIGHT_TYPES", ("Q4_K",))
     blocker = tmp_path / "file"
     blocker.write_text("")
-    result = cli(["profile", "--cpu", "--out", blocker / "p.json"])
+    result = cli(["profile", "run", "--cpu", "--out", blocker / "p.json"])
     assert result.exit_code == 1 and "cannot write" in result.stderr
     assert "profiling" not in result.stderr     # refused before measuring

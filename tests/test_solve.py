@@ -5,7 +5,9 @@ import itertools
 
 import pytest
 
-from oatoplan.cost import CostModel, Settings, model_units, predict
+from oatoplan.cost import CostModel, predict
+from oatoplan.graph import model_units
+from oatoplan.memory import Settings
 from oatoplan.inventory import read_inventory
 from oatoplan.schema import Workload
 from oatoplan.solve import (GAP_REL, PlanInfeasibleError, greedy, instance, objective, solve, solve_instance, vram_mib)

@@ -3,8 +3,10 @@
 import pytest
 
 from oatoplan.inventory import read_inventory
-from oatoplan.load import generate, gpu_devices, load
-from oatoplan.plan import CPU, TIED_OUTPUT, make_plan
+from oatoplan.graph import CPU
+from oatoplan.load import generate, load
+from oatoplan.machine import gpu_devices
+from oatoplan.plan import TIED_OUTPUT, make_plan
 
 pytestmark = pytest.mark.gpu
 

@@ -4,9 +4,8 @@ benchmarks/results/2026-11-23-h100-gemma3-270m-gpu-vs-cpu.json); as a pytest it 
 
 import pytest
 
-from benchmarks.gpu_patched_check import greedy, top1_agreement
-from oatoplan.build import loaded_series
-from oatoplan.load import gpu_devices
+from oatoplan.machine import gpu_devices, loaded_series
+from oatoplan.testing import greedy, top1_agreement
 
 pytestmark = pytest.mark.gpu
 

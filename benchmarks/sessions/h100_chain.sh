@@ -1,33 +1,36 @@
 #!/usr/bin/env bash
 # The H100 runs behind benchmarks/results/, as steps that can be split over device calls on one machine (each call
 # starts a step only if the previous ones left their output on this machine, else it redoes them). Run from the
-# repository root with `.device/` carried (see gpu_session.sh); results go to $OUT.
-#   bash benchmarks/h100_chain.sh build profile validate    # first call
-#   bash benchmarks/h100_chain.sh bench512 bench2048         # next call, at once (the machine stays 30 s)
+# repository root with `.device/` carried (see gpu_session.sh beside it); results go to $OUT; the work directory on
+# the GPU machine is $OATO_WORK (default /tmp/oato), as in gpu_session.sh.
+#   bash benchmarks/sessions/h100_chain.sh build profile validate    # first call
+#   bash benchmarks/sessions/h100_chain.sh bench512 bench2048         # next call, at once (the machine stays 30 s)
 # Steps: build (oatoplan's patched CUDA build), profile (with decode calibration), validate / validate2048,
 # bench512 / bench2048, fused (fused CPU ops and prefetching dot products on/off, two placements), hostmem / cpuhalf /
 # cputrace (where the CPU half of a decode loses time), tests (the fused-ops and dot-product tests on this CPU),
 # matvec (benchmarks/matvec_kernel.sh against the built libggml-cpu), gemma (real Gemma 3 270M, GPU vs CPU: the file
 # travels in parts, appended to $W/gemma.part by earlier calls, see benchmarks/results/README.md).
 set -uo pipefail
-W=/tmp/oato
-G="bash benchmarks/gpu_session.sh python3 -m oatoplan"
+W=${OATO_WORK:-/tmp/oato}
+export OATO_WORK=$W
+S="bash benchmarks/sessions/gpu_session.sh"
+G="$S python3 -m oatoplan"
 MODEL=$W/qwen2-7b.gguf
 PROFILE=${PROFILE:-$W/h100.json}   # PROFILE=profiles/h100-qwen2-7b.json: bench with the shipped profile
 VRAM=${VRAM:-2.5GiB}
 ensure_build() {
   if [ ! -d $W/site/llama_cpp ]; then
-    bash benchmarks/gpu_session.sh start-patched > $OUT/start.log 2>&1
-    WAIT_S=420 bash benchmarks/gpu_session.sh wait > $OUT/wait.log 2>&1 || { tail -5 $OUT/wait.log; exit 1; }
+    $S start-patched > $OUT/start.log 2>&1
+    WAIT_S=420 $S wait > $OUT/wait.log 2>&1 || { tail -5 $OUT/wait.log; exit 1; }
     tail -1 $OUT/wait.log
   fi
 }
 ensure_profile() {
   ensure_build
   if [ ! -f $PROFILE ]; then
-    timeout 300 $G profile --model $MODEL --out $PROFILE > $OUT/profile.log 2>&1; echo "profile rc=$?"
+    timeout 300 $G profile run --model $MODEL --out $PROFILE > $OUT/profile.log 2>&1; echo "profile rc=$?"
     tail -2 $OUT/profile.log; cp $PROFILE $OUT/h100.json
-    $G profile --show $PROFILE 2>&1 | head -8
+    $G profile show $PROFILE 2>&1 | head -8
   fi
 }
 for step in "$@"; do
@@ -37,17 +40,17 @@ for step in "$@"; do
   validate|validate2048)
     ensure_profile
     n=${step#validate}; n=${n:-512}
-    timeout 150 $G profile --validate $MODEL --profile $PROFILE --reps 3 --prompt $n --gen 64 \
+    timeout 150 $G profile validate $MODEL --profile $PROFILE --reps 3 --prompt $n --gen 64 \
       --out $OUT/validate-pp$n.json > $OUT/validate$n.log 2>&1; echo "validate $n rc=$?"; tail -7 $OUT/validate$n.log ;;
   fused)
     ensure_profile
     for placement in ffn-cpu layer-offload; do
-      timeout 240 bash benchmarks/gpu_session.sh python3 -m benchmarks.fused_decode $MODEL --placement $placement \
+      timeout 240 $S python3 -m benchmarks.fused_decode $MODEL --placement $placement \
         --profile $PROFILE --out $OUT/fused-$placement.json 2>&1 | tail -1
     done ;;
   tests)
     ensure_build
-    timeout 240 bash benchmarks/gpu_session.sh python3 -m pytest -q -p no:cacheprovider tests/test_fused.py \
+    timeout 240 $S python3 -m pytest -q -p no:cacheprovider tests/test_fused.py \
       tests/test_matvec.py tests/test_trace.py > $OUT/tests.log 2>&1; echo "tests rc=$?"; tail -3 $OUT/tests.log ;;
   matvec)
     ensure_build
@@ -64,26 +67,26 @@ for line in open(sys.argv[1]):
     ensure_profile
     for placement in ffn-cpu layer-offload; do
       for memory in pinned pageable pageable-repack; do
-        timeout 100 bash benchmarks/gpu_session.sh python3 -m benchmarks.cpu_half_decode $MODEL --placement $placement \
+        timeout 100 $S python3 -m benchmarks.cpu_half_decode $MODEL --placement $placement \
           --memory $memory --profile $PROFILE --out $OUT/cpu-half-decode.jsonl 2>&1 | tail -1
       done
-      OMP_WAIT_POLICY=active timeout 100 bash benchmarks/gpu_session.sh python3 -m benchmarks.cpu_half_decode $MODEL \
+      OMP_WAIT_POLICY=active timeout 100 $S python3 -m benchmarks.cpu_half_decode $MODEL \
         --placement $placement --profile $PROFILE --out $OUT/cpu-half-decode.jsonl 2>&1 | tail -1
     done ;;
   cputrace)
     ensure_profile
     for placement in ffn-cpu layer-offload; do
-      timeout 100 bash benchmarks/gpu_session.sh python3 -m benchmarks.cpu_half_decode $MODEL --placement $placement \
+      timeout 100 $S python3 -m benchmarks.cpu_half_decode $MODEL --placement $placement \
         --threads 16,8 --trace --profile $PROFILE --out $OUT/cpu-half-trace.jsonl 2>&1 | tail -1
     done
-    OATO_CPU_MATVEC=ggml timeout 100 bash benchmarks/gpu_session.sh python3 -m benchmarks.cpu_half_decode \
+    OATO_CPU_MATVEC=ggml timeout 100 $S python3 -m benchmarks.cpu_half_decode \
       $MODEL --placement ffn-cpu --threads 16,8 --trace --profile $PROFILE --out $OUT/cpu-half-trace.jsonl \
       2>&1 | tail -1 ;;
   gemma)
     ensure_build
     echo "${GEMMA_SHA256:-none}  $W/gemma.part" | sha256sum -c - || exit 1
     mv $W/gemma.part $W/gemma3-270m-q4_k_m.gguf
-    timeout 120 bash benchmarks/gpu_session.sh python3 -m benchmarks.gpu_patched_check $W/gemma3-270m-q4_k_m.gguf 32 \
+    timeout 120 $S python3 -m benchmarks.gpu_patched_check $W/gemma3-270m-q4_k_m.gguf 32 \
       > $OUT/gemma-gpu-vs-cpu.json 2> $OUT/gemma.log; echo "gemma rc=$?"; cut -c1-600 $OUT/gemma-gpu-vs-cpu.json ;;
   bench*)
     ensure_profile

@@ -2,13 +2,16 @@
 # Stages of a GPU-machine session (device tool), each short enough for one call. Run from the repository root with
 # `.device/` carried: lcpp.tar.xz (the trimmed llama-cpp-python 0.3.36 sdist, see gpu-workflow.md), whl/ (pure-Python
 # wheels the machine lacks: gguf, diskcache, pytest...), *.header (model headers saved by benchmarks.make_model).
-#   bash benchmarks/gpu_session.sh prepare # HERE (developer machine, venv active): fill .device/ (ignored by git)
-#   bash benchmarks/gpu_session.sh start   # install wheels, start the CUDA build in the background, make the models
-#   bash benchmarks/gpu_session.sh wait    # wait for the build (up to WAIT_S seconds), install the wheel
-#   bash benchmarks/gpu_session.sh SCRIPT  # any command afterwards, with the environment below
+#   bash benchmarks/sessions/gpu_session.sh prepare # HERE (developer machine, venv active): fill .device/ (ignored)
+#   bash benchmarks/sessions/gpu_session.sh start   # install wheels, start the CUDA build in the background, make
+#                                                   # the models
+#   bash benchmarks/sessions/gpu_session.sh wait    # wait for the build (up to WAIT_S seconds), install the wheel
+#   bash benchmarks/sessions/gpu_session.sh SCRIPT  # any command afterwards, with the environment below
+# OATO_WORK: the work directory on the GPU machine (default /tmp/oato): site-packages, the build, the models.
+# `oatoplan build` runs there before llama-cpp-python is installed; oatoplan imports without it for that.
 set -uo pipefail
 REPO=$(pwd)
-W=/tmp/oato
+W=${OATO_WORK:-/tmp/oato}
 export PYTHONPATH=$W/site:$REPO PYTHONUNBUFFERED=1
 mkdir -p $W
 case "${1:-}" in
@@ -64,7 +67,7 @@ wait)
   tail -3 $W/build.log
   [ "$(cat $W/build.rc)" = 0 ] || exit 1
   python3 -m pip install -q --no-index --no-deps --no-compile --target $W/site $W/dist/llama_cpp_python-*.whl || exit 1
-  python3 -c "import llama_cpp; from oatoplan.load import devices; print(llama_cpp.__file__, devices())"
+  python3 -c "import llama_cpp; from oatoplan.machine import devices; print(llama_cpp.__file__, devices())"
   ;;
 *)
   # The CUDA build of llama-cpp-python 0.3.36 made this way segfaults in llama_model::print_info() on every model

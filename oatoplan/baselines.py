@@ -1,0 +1,117 @@
+"""Named placements: llama.cpp's own choices at a VRAM budget (what a user would run instead of a plan), the greedy
+placement, and the placements that validation and decode calibration measure. Each is an `Arm`; the plan stage
+predicts them, the bench and calibration stages turn them into loader plans (plan.plan_for) and measure them.
+
+Every arm that has a budget is held to the same rule as the plan: memory.usable_bytes(budget).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .cost import CostModel
+from .graph import ATTENTION, CPU, MATRIX, is_ffn, model_units, role, role_info
+from .memory import Settings, fits
+from .schema import ModelInventory, Plan, Prediction, Workload
+from .solve import greedy
+
+GREEDY = "greedy (time saved per byte, same settings)"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way to run a model that is compared with others."""
+    name: str
+    placement: dict[str, str] | None = None   # unit key -> "CPU" or the GPU; None: it does not fit the budget
+    settings: Settings | None = None
+    flags: str = ""                # llama.cpp flags a user would write for it ("does not fit" without a placement)
+    plan: Plan | None = None       # the Plan the loader applies (bench and calibration arms)
+    prediction: Prediction | None = None
+
+
+def all_on(inv: ModelInventory, device: str) -> dict[str, str]:
+    return {u.key: device for u in model_units(inv)}
+
+
+def layer_offload(inv: ModelInventory, gpu: str, n_gpu_layers: int) -> dict[str, str]:
+    """-ngl N: output and the last N-1 blocks (weights, KV and attention) on the GPU."""
+    first = inv.hparams.n_layer + 1 - n_gpu_layers
+    return {u.key: gpu if (u.layer if u.layer is not None else inv.hparams.n_layer) >= first else CPU
+            for u in model_units(inv)}
+
+
+def n_cpu_ffn(inv: ModelInventory, gpu: str, n: int) -> dict[str, str]:
+    """All layers on the GPU, the FFN weights of the first n blocks on the CPU (llama.cpp's --n-cpu-moe idea for
+    dense models: -ot 'blk\\.(0|..|n-1)\\.ffn_(gate|up|down)=CPU')."""
+    return {u.key: CPU if is_ffn(u) and u.layer < n else gpu for u in model_units(inv)}
+
+
+def _ffn_flag(n: int) -> str:
+    """--n-cpu-ffn N as llama.cpp spells it for a dense model (-ot; --n-cpu-moe only moves experts)."""
+    return f"-ot 'blk\\.({'|'.join(map(str, range(n)))})\\.ffn_(gate|up|down)=CPU'" if n else ""
+
+
+def baseline_arms(inv: ModelInventory, gpu: str, budget_bytes: int, workload: Workload) -> list[Arm]:
+    """The baselines at this budget: 1. llama-cpp-python defaults (mmap on, ubatch 512) with the largest -ngl that
+    fits; 2. llama.cpp's --fit for a dense model (whole layers, back to front); 3. --n-cpu-ffn with the smallest N that
+    fits; 4. those two with pinned memory and ubatch 2048, as a well-read user would write them (left out when they do
+    not fit). An arm that does not fit at all has no placement."""
+    n_layer, units = inv.hparams.n_layer, model_units(inv)
+
+    def largest_ngl(s: Settings) -> int | None:
+        return next((n for n in range(n_layer + 1, -1, -1)
+                     if fits(inv, units, layer_offload(inv, gpu, n), s, budget_bytes)), None)
+
+    def fewest_cpu_ffn(s: Settings) -> int | None:
+        return next((n for n in range(n_layer + 1) if fits(inv, units, n_cpu_ffn(inv, gpu, n), s, budget_bytes)), None)
+
+    default = Settings(512, True, False, workload.n_ctx)
+    ngl, n_ffn = largest_ngl(default), fewest_cpu_ffn(default)
+    offload = layer_offload(inv, gpu, ngl) if ngl is not None else None
+    arms = [Arm("llama-cpp-python defaults", offload, default,
+                f"-ngl {ngl} -ub 512 -b 512" if ngl is not None else "does not fit"),
+            Arm("llama.cpp --fit (layer offload)", offload, default,
+                f"-ngl {ngl} -ub 512 -b 2048" if ngl is not None else "does not fit"),
+            Arm("--n-cpu-ffn", n_cpu_ffn(inv, gpu, n_ffn) if n_ffn is not None else None, default,
+                f"-ngl 99 {_ffn_flag(n_ffn)} -ub 512" if n_ffn is not None else "does not fit")]
+    strong = Settings(2048, True, True, workload.n_ctx)
+    ngl, n_ffn = largest_ngl(strong), fewest_cpu_ffn(strong)
+    if ngl is not None:
+        arms.append(Arm("-ngl, pinned, ubatch 2048", layer_offload(inv, gpu, ngl), strong,
+                        f"-ngl {ngl} --no-mmap -ub 2048 -b 2048"))
+    if n_ffn is not None:
+        arms.append(Arm("--n-cpu-ffn, pinned, ubatch 2048", n_cpu_ffn(inv, gpu, n_ffn), strong,
+                        f"-ngl 99 {_ffn_flag(n_ffn)} --no-mmap -ub 2048 -b 2048"))
+    return arms
+
+
+def greedy_arm(inv: ModelInventory, cost: CostModel, budget_bytes: int, workload: Workload, s: Settings) -> Arm:
+    """Units by time saved per byte, best first, while they fit: the plan's settings, no integer program."""
+    return Arm(GREEDY, greedy(inv, cost, budget_bytes, workload, s), s)
+
+
+def validation_arms(inv: ModelInventory, gpu: str, workload: Workload) -> list[Arm]:
+    """Three placements that stress different parts of the cost model (`oatoplan profile validate`): all on the
+    GPU; layer offload of half the layers; every layer's attention on the GPU with the first half's FFN on the CPU.
+    Pinned host memory, op offload, ubatch 512 (2048 for longer prompts)."""
+    half = inv.hparams.n_layer // 2
+    s = Settings(512 if workload.n_prompt <= 512 else 2048, True, True, workload.n_ctx)
+    return [Arm("all on GPU", all_on(inv, gpu), s),
+            Arm(f"layer offload -ngl {half + 1}", layer_offload(inv, gpu, half + 1), s),
+            Arm(f"attention on GPU, FFN of layers 0-{half - 1} on CPU", n_cpu_ffn(inv, gpu, half), s)]
+
+
+def calibration_arms(inv: ModelInventory, gpu: str | None, s: Settings) -> list[Arm]:
+    """The placements decode calibration measures (calibrate.py says what each exercises). Without a GPU: all on
+    the CPU, with llama.cpp's defaults (mmap on)."""
+    if gpu is None:
+        return [Arm("all on CPU", all_on(inv, CPU), replace(s, pinned=False))]
+    half = inv.hparams.n_layer // 2
+
+    def cpu_where(test) -> dict[str, str]:
+        return {u.key: CPU if u.layer is not None and u.layer < half and test(u) else gpu for u in model_units(inv)}
+    return [Arm("all on GPU", all_on(inv, gpu), s),
+            Arm(f"FFN of layers 0-{half - 1} on CPU", cpu_where(is_ffn), s),
+            Arm(f"attention weights of layers 0-{half - 1} on CPU",
+                cpu_where(lambda u: role_info(role(u)) == (ATTENTION, MATRIX)), s),
+            Arm(f"layers 0-{half - 1} on CPU (layer offload)", cpu_where(lambda u: True), s)]

@@ -1,0 +1,114 @@
+"""The machine and the llama.cpp build at hand: ggml's device registry (devices, their memory and buffer types) in the
+very libggml that llama-cpp-python loaded, the identity of the machine and of the build (with oatoplan's patch
+series, if it carries one), and the default thread count. Both the profiler and the loader ask here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import re
+import shutil
+import subprocess
+
+from . import ggml
+from .errors import BackendError
+from .graph import CPU
+from .schema import Device, MachineIdentity
+
+try:
+    import llama_cpp
+except ImportError:     # only `oatoplan build` runs before llama-cpp-python is installed (it installs it)
+    llama_cpp = None
+
+_GGML_DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL", 4: "META"}
+
+
+def devices() -> list[Device]:
+    """The devices of the llama.cpp build that llama-cpp-python loaded, with free and total memory."""
+    lib = ggml.lib()
+    found = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        found.append(Device(lib.ggml_backend_dev_name(dev).decode(), lib.ggml_backend_dev_description(dev).decode(),
+                            _GGML_DEVICE_TYPES.get(lib.ggml_backend_dev_type(dev), "?"), free.value, total.value))
+    return found
+
+
+def gpu_devices() -> list[Device]:
+    return [d for d in devices() if d.type in ("GPU", "IGPU")]
+
+
+def buffer_type(device_name: str) -> int:
+    """The default buffer type of a device (a ggml_backend_buffer_type_t), for tensor buffer-type overrides."""
+    lib = ggml.lib()
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        if lib.ggml_backend_dev_name(dev).decode() == device_name:
+            return lib.ggml_backend_dev_buffer_type(dev)
+    raise BackendError(f"device {device_name!r} is not in this llama.cpp build (it has "
+                       f"{', '.join(d.name for d in devices())})")
+
+
+def buffer_device(buffer_type_name: str) -> str:
+    """Device a llama.cpp buffer type lives on: host buffer types (CPU, CPU_Mapped, CPU_REPACK, CUDA_Host) -> CPU."""
+    if buffer_type_name.startswith("CPU") or buffer_type_name.endswith("_Host"):
+        return CPU
+    return buffer_type_name
+
+
+def loaded_series() -> str | None:
+    """The patch series of the llama.cpp that llama-cpp-python loaded ("hash:names"), None for a stock build."""
+    try:
+        fn = llama_cpp.llama_cpp._lib.oato_patch_series
+    except AttributeError:
+        return None
+    fn.restype, fn.argtypes = ctypes.c_char_p, []
+    return fn().decode()
+
+
+def llama_cpp_build() -> str:
+    """Identity of the llama.cpp build at hand; a plan solved for one build is refused by another."""
+    lib = ggml.lib()
+    carried = loaded_series()
+    return (f"llama-cpp-python {llama_cpp.__version__}, ggml {lib.ggml_version().decode()} ({lib.ggml_commit().decode()})"
+            + (f", oatoplan patches {carried}" if carried else ""))
+
+
+def default_threads() -> int:
+    """All logical CPUs, as llama-bench runs by default (thread counts against decode speed: the cpu-half-decode
+    files in benchmarks/results/)."""
+    return os.cpu_count() or 1
+
+
+def machine_identity(gpu_device: str | None) -> MachineIdentity:
+    """CPU, RAM, the GPU `gpu_device` names (driver and PCIe link from nvidia-smi where there is one) and the build."""
+    cpu_model = platform.processor() or platform.machine()
+    try:
+        match = re.search(r"^model name\s*:\s*(.+)$", open("/proc/cpuinfo").read(), re.M)
+        cpu_model = match.group(1).strip() if match else cpu_model
+        ram_kib = int(re.search(r"^MemTotal:\s*(\d+)", open("/proc/meminfo").read(), re.M).group(1))
+    except (OSError, AttributeError):
+        ram_kib = 0
+    gpu_name, gpu_total, driver, pcie = "", 0, "", ""
+    if gpu_device:
+        info = {d.name: d for d in devices()}[gpu_device]
+        gpu_name, gpu_total = info.description, info.total_bytes
+        driver, pcie = _nvidia_smi()
+    return MachineIdentity(cpu_model, os.cpu_count() or 1, ram_kib * 1024, gpu_name, gpu_total, driver, pcie,
+                           llama_cpp_build())
+
+
+def _nvidia_smi() -> tuple[str, str]:
+    if not shutil.which("nvidia-smi"):
+        return "", ""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,pcie.link.gen.max,pcie.link.width.max",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout
+        driver, gen, width = [x.strip() for x in out.splitlines()[0].split(",")]
+        return driver, f"gen{gen} x{width}"
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return "", ""

@@ -1,0 +1,158 @@
+"""VRAM: what a placement costs on the GPU, term by term, and the one budget rule every arm is held to.
+
+`vram_terms` is the only place the terms are written: each unit's bytes on the GPU (its weights, or its KV cache),
+llama.cpp's compute buffer (the output stage and the layer stage, plus the host weight that op offload copies in) and
+the CUDA backend's pool. The integer program takes its coefficients from it, `gpu_memory` evaluates a placement with
+it (`fits`, `cost.predict`), and the plan's memory prediction takes its KV bytes from `kv_layer_bytes`.
+
+The budget rule: every arm (the plan, the greedy placement, every baseline) must fit `usable_bytes(budget_bytes)`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from .errors import ProfileError
+from .graph import CPU, Unit
+from .inventory import kv_bytes_per_token, kv_cells
+from .machine import devices
+from .schema import Hyperparameters, ModelInventory, Profile
+from .units import parse_size_bytes
+
+# llama.cpp's CUDA backend takes an op with a host-resident weight to the GPU (copying the weight) from this batch
+# size on.
+OP_OFFLOAD_MIN_TOKENS = 32
+# Share of every budget kept free for what the terms below do not count (allocator rounding, CUDA context growth).
+# How far allocations came from predictions: the validate-* and bench-* files in benchmarks/results/.
+VRAM_MARGIN = 0.03
+# `--vram auto`: the free VRAM less this share (the CUDA context grows, other processes allocate).
+AUTO_BUDGET_SHARE = 0.95
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The non-placement decisions a plan makes."""
+    n_ubatch: int
+    op_offload: bool
+    pinned: bool                   # mmap off: host weights in pinned memory
+    n_ctx: int
+    type_k: str = "f16"
+    type_v: str = "f16"
+    # llama.cpp's n_outputs_max: logits rows reserved per ubatch (0 = every token of it, llama.cpp's default).
+    # Generation needs one (the last prompt token's); llama-server sets it, llama-cpp-python and llama-cli cannot.
+    n_outputs_max: int = 0
+
+
+def usable_bytes(budget_bytes: int) -> int:
+    """The VRAM an arm may use of a budget: the budget less VRAM_MARGIN. The same for every arm."""
+    return int(budget_bytes * (1 - VRAM_MARGIN))
+
+
+def budget_for(needed_bytes: float) -> int:
+    """The smallest budget whose usable share holds `needed_bytes` (the inverse of usable_bytes)."""
+    return math.ceil(needed_bytes / (1 - VRAM_MARGIN))
+
+
+def budget_bytes(vram: str, profile: Profile) -> int:
+    """A VRAM budget: a size ("6GiB", "4500MiB"), or "auto": the profiled GPU's free memory less 5%."""
+    if vram != "auto":
+        return parse_size_bytes(vram)
+    found = [d for d in devices() if d.name == profile.gpu_device]
+    if not found:
+        raise ProfileError(f"--vram auto needs {profile.gpu_device or 'a GPU'} in this llama.cpp build; give a size, "
+                           f"e.g. --vram 6GiB")
+    return int(found[0].free_bytes * AUTO_BUDGET_SHARE)
+
+
+def effective_ubatch(s: Settings) -> int:
+    """llama.cpp caps n_batch (and so n_ubatch) at n_ctx: a 2048-token ubatch in a 640-token context is 640."""
+    return min(s.n_ubatch, s.n_ctx)
+
+
+def n_outputs(s: Settings) -> int:
+    """Logit rows llama.cpp reserves (and computes at most) per ubatch."""
+    u = effective_ubatch(s)
+    return min(s.n_outputs_max, u) if s.n_outputs_max else u
+
+
+def kv_layer_bytes(hp: Hyperparameters, layer: int, n_ctx: int, n_ubatch: int, type_k: str = "f16",
+                   type_v: str = "f16", swa_full: bool = True) -> int:
+    """KV cache bytes of one layer: the cells llama.cpp allocates times the K and V row bytes of a token."""
+    return kv_cells(hp, layer, n_ctx, n_ubatch, swa_full) * kv_bytes_per_token(hp, layer, type_k, type_v)
+
+
+def compute_stage_bytes(inv: ModelInventory, s: Settings) -> tuple[int, int]:
+    """(output stage, layer stage) bytes of llama.cpp's GPU compute buffer, which it reserves for the worst case
+    (n_outputs_max tokens of a ubatch produce logits; by default all). Output stage: logits (n_outputs x n_vocab f32)
+    + the normed input; layer stage: gate/up/residual activations and the attention mask. Weight copies for op
+    offload come on top. tests/test_cost.py checks both against llama.cpp's allocations."""
+    hp, u = inv.hparams, effective_ubatch(s)
+    n_ctx = -(-s.n_ctx // 256) * 256
+    output_stage = 4 * n_outputs(s) * hp.n_vocab + 4 * u * hp.n_embd
+    layer_stage = 4 * u * (2 * hp.n_ff + 2 * hp.n_embd) + 2 * u * n_ctx
+    return output_stage, layer_stage
+
+
+def pool_bytes(inv: ModelInventory, s: Settings) -> int:
+    """The CUDA backend's working pool beside llama.cpp's buffers (quantized activations, cuBLAS conversions):
+    estimated as one f32 activation row block of the widest matrix input."""
+    widest = max((t.shape[0] for t in inv.tensors if t.op == "MUL_MAT"), default=inv.hparams.n_embd)
+    return 4 * effective_ubatch(s) * widest
+
+
+@dataclass(frozen=True)
+class VramTerms:
+    """The VRAM terms of one model and settings, for any placement of its units (in graph order)."""
+    units: tuple[Unit, ...]
+    unit_bytes: tuple[int, ...]    # each unit on the GPU: its weights, or the KV cache of an attn unit
+    output_stage_bytes: int        # compute buffer while the output matrix's op runs on the GPU
+    layer_stage_bytes: int         # compute buffer of a block
+    pool_bytes: int
+    offload: bool                  # op offload at this ubatch: a host matrix's op runs on the GPU, its weight copied in
+    copy_output: bool              # ... the output matrix's too (its logit rows reach OP_OFFLOAD_MIN_TOKENS)
+
+    @property
+    def output(self) -> int:
+        """Index of the output unit."""
+        return next(i for i, u in enumerate(self.units) if u.is_output)
+
+    def copied(self) -> list[int]:
+        """Units whose weight op offload copies into the layer stage when they stay on the host."""
+        return [i for i, u in enumerate(self.units) if self.offload and u.matrices and not u.is_output]
+
+    def of(self, on_gpu: Sequence) -> dict[str, int]:
+        """VRAM by category of the placement that puts unit i on the GPU when on_gpu[i] (bool or 0/1)."""
+        weights = sum(b for u, b, g in zip(self.units, self.unit_bytes, on_gpu) if g and not u.is_attention)
+        kv = sum(b for u, b, g in zip(self.units, self.unit_bytes, on_gpu) if g and u.is_attention)
+        out = self.output
+        copy_layer = max((self.unit_bytes[i] for i in self.copied() if not on_gpu[i]), default=0)
+        output_stage = 0
+        if on_gpu[out] or self.offload:
+            copy_output = self.unit_bytes[out] if self.copy_output and not on_gpu[out] else 0
+            output_stage = self.output_stage_bytes + copy_output
+        compute = max(output_stage, self.layer_stage_bytes + copy_layer)
+        return {"weights": weights, "kv": kv, "compute": compute, "pool": self.pool_bytes}
+
+
+def vram_terms(inv: ModelInventory, units: Sequence[Unit], s: Settings) -> VramTerms:
+    """The VRAM terms of `units` (model_units(inv)) under settings `s`."""
+    unit_bytes = tuple(kv_layer_bytes(inv.hparams, u.layer, s.n_ctx, s.n_ubatch, s.type_k, s.type_v)
+                       if u.is_attention else u.n_bytes for u in units)
+    output_stage, layer_stage = compute_stage_bytes(inv, s)
+    offload = s.op_offload and s.n_ubatch >= OP_OFFLOAD_MIN_TOKENS
+    return VramTerms(tuple(units), unit_bytes, output_stage, layer_stage, pool_bytes(inv, s), offload,
+                     offload and n_outputs(s) >= OP_OFFLOAD_MIN_TOKENS)
+
+
+def gpu_memory(inv: ModelInventory, units: Sequence[Unit], devices_of: dict[str, str], s: Settings
+               ) -> dict[str, int]:
+    """VRAM by category (weights, kv, compute, pool) of a placement: unit key -> "CPU" or the GPU."""
+    return vram_terms(inv, units, s).of([devices_of[u.key] != CPU for u in units])
+
+
+def fits(inv: ModelInventory, units: Sequence[Unit], devices_of: dict[str, str], s: Settings,
+         budget_bytes: int) -> bool:
+    """Whether a placement keeps to the budget rule."""
+    return sum(gpu_memory(inv, units, devices_of, s).values()) <= usable_bytes(budget_bytes)

@@ -1,0 +1,102 @@
+"""The house in pipeline order (docs: house.md): read from the source with ast, every oatoplan module imports only
+modules listed before it in ORDER, imports oatoplan modules at its top (never inside a function), defers a
+third-party import into a function only where ALLOWED_IN_FUNCTIONS says why, and stays small."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "oatoplan"
+
+# Bottom to top: a module may import only modules before it.
+ORDER = [
+    "errors", "units", "schema",            # every OatoError; unit conversion; artifact dataclasses + strict JSON
+    "ggml",                                 # ctypes bindings to the libggml that llama-cpp-python loaded
+    "inventory",                            # what is in a GGUF
+    "graph",                                # placement units, roles, crossings
+    "machine",                              # device registry, machine and build identity
+    "build",                                # tool beside the pipeline: builds the patched llama-cpp-python
+    "memory",                               # VRAM terms and the budget rule
+    "cost",                                 # the time model
+    "solve", "baselines",                   # the integer program; named placements (Arm)
+    "plan",                                 # plan semantics and flags
+    "load",                                 # loading with a plan
+    "serve",                                # the OpenAI-compatible server, on top of load
+    "measure",                              # the timing harness
+    "profile", "calibrate", "bench",        # the stages that measure
+    "report",                               # tables and charts
+    "doctor",                               # tool beside the pipeline: what this installation can do
+    "testing",                              # helpers for tests and benchmarks/
+    "__init__",                             # the public API: oatoplan.load
+    "cli", "__main__",
+]
+# Third-party imports that may wait inside a function, and why.
+ALLOWED_IN_FUNCTIONS = {
+    ("report", "matplotlib"): "optional for the PNG, and slow to import",
+    ("report", "matplotlib.pyplot"): "the same",
+    ("build", "json"): "only the sdist download needs it (build.py is owned by the packaging work)",
+    ("build", "urllib.request"): "the same",
+}
+# At most this many lines of a module are neither blank nor comment-only.
+MAX_LINES = 400
+
+
+def _modules() -> list[Path]:
+    return sorted(PACKAGE.glob("*.py"))
+
+
+def _imports(path: Path) -> list[tuple[str, bool, bool]]:
+    """(module, is oatoplan's, inside a function?) for every import of `path`; oatoplan's modules by short name."""
+    found: list[tuple[str, bool, bool]] = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.ImportFrom):
+                module = child.module or ""
+                if child.level == 0 and not module.startswith("oatoplan"):
+                    found.append((module, False, inside))
+                elif module.removeprefix("oatoplan").lstrip("."):
+                    found.append((module.removeprefix("oatoplan").lstrip("."), True, inside))
+                else:    # from . import x: a module, or a name the package's __init__ defines
+                    found.extend((a.name if (PACKAGE / f"{a.name}.py").exists() else "__init__", True, inside)
+                                 for a in child.names)
+            elif isinstance(child, ast.Import):
+                found.extend((a.name.removeprefix("oatoplan."), a.name.startswith("oatoplan"), inside)
+                             for a in child.names)
+            visit(child, inside)
+    visit(ast.parse(path.read_text()), False)
+    return found
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: p.stem)
+def test_module_imports_only_modules_below_it(path):
+    assert path.stem in ORDER, f"{path.name} is not placed in ORDER"
+    below = ORDER[:ORDER.index(path.stem)]
+    for name, own, _ in _imports(path):
+        if own:
+            assert name in below, f"{path.name} imports {name}, which is not below it in ORDER"
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: p.stem)
+def test_imports_are_at_the_top(path):
+    for name, own, inside in _imports(path):
+        if inside:
+            assert not own, f"{path.name} imports oatoplan's {name} inside a function"
+            assert (path.stem, name) in ALLOWED_IN_FUNCTIONS, f"{path.name} imports {name} inside a function"
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: p.stem)
+def test_module_is_small(path):
+    lines = [line for line in path.read_text().splitlines() if line.strip() and not line.strip().startswith("#")]
+    assert len(lines) <= MAX_LINES, f"{path.name} has {len(lines)} lines that are neither blank nor comments"
+
+
+def test_the_checks_see_imports():
+    """The parser finds what the rules are about (a check that finds nothing would pass anything)."""
+    cli = {name for name, own, _ in _imports(PACKAGE / "cli.py") if own}
+    assert {"load", "plan", "profile", "report", "__init__"} <= cli
+    assert ("matplotlib", False, True) in _imports(PACKAGE / "report.py")
+    assert ("graph", True, False) in _imports(PACKAGE / "memory.py")
+    assert ("ggml", True, False) in _imports(PACKAGE / "machine.py")
