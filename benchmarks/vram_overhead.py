@@ -35,15 +35,15 @@ CONFIGS = {
 
 
 def _used(gpu: str) -> int:
-    from oatoplan.load import devices
+    from oatoplan.machine import devices
     d = next(d for d in devices() if d.name == gpu)
     return d.total_bytes - d.free_bytes
 
 
 def _plan(inv, placement: str, n_ubatch: int, op_offload: bool, use_mmap: bool, gpu: str):
-    from oatoplan.cost import model_units
+    from oatoplan.baselines import layer_offload, n_cpu_ffn
+    from oatoplan.graph import model_units
     from oatoplan.plan import make_plan, tensor_placement
-    from oatoplan.solve import layer_offload, n_cpu_ffn
     half = inv.hparams.n_layer // 2
     units = model_units(inv)
     unit_devices = {"all-gpu": {u.key: gpu for u in units}, "all-cpu": {u.key: "CPU" for u in units},
@@ -54,9 +54,10 @@ def _plan(inv, placement: str, n_ubatch: int, op_offload: bool, use_mmap: bool, 
 
 
 def one(model: str, name: str, second: str | None) -> list[dict]:
-    from oatoplan.bench import measure_once
     from oatoplan.inventory import read_inventory
-    from oatoplan.load import gpu_devices, load
+    from oatoplan.load import load
+    from oatoplan.machine import gpu_devices
+    from oatoplan.measure import measure_once
     from oatoplan.schema import Workload
     gpu = gpu_devices()[0].name
     inv = read_inventory(model)

@@ -51,19 +51,21 @@ def _ffn_flag(n: int) -> str:
     return f"-ot 'blk\\.({'|'.join(map(str, range(n)))})\\.ffn_(gate|up|down)=CPU'" if n else ""
 
 
-def baseline_arms(inv: ModelInventory, gpu: str, budget_bytes: int, workload: Workload) -> list[Arm]:
+def baseline_arms(inv: ModelInventory, gpu: str, budget_bytes: int, workload: Workload, overhead_bytes: int
+                  ) -> list[Arm]:
     """The baselines at this budget: 1. llama-cpp-python defaults (mmap on, ubatch 512) with the largest -ngl that
     fits; 2. llama.cpp's --fit for a dense model (whole layers, back to front); 3. --n-cpu-ffn with the smallest N that
     fits; 4. those two with pinned memory and ubatch 2048, as a well-read user would write them (left out when they do
-    not fit). An arm that does not fit at all has no placement."""
+    not fit). An arm that does not fit at all has no placement. `overhead_bytes`: memory.gpu_overhead_bytes(profile)."""
     n_layer, units = inv.hparams.n_layer, model_units(inv)
 
     def largest_ngl(s: Settings) -> int | None:
         return next((n for n in range(n_layer + 1, -1, -1)
-                     if fits(inv, units, layer_offload(inv, gpu, n), s, budget_bytes)), None)
+                     if fits(inv, units, layer_offload(inv, gpu, n), s, budget_bytes, overhead_bytes)), None)
 
     def fewest_cpu_ffn(s: Settings) -> int | None:
-        return next((n for n in range(n_layer + 1) if fits(inv, units, n_cpu_ffn(inv, gpu, n), s, budget_bytes)), None)
+        return next((n for n in range(n_layer + 1)
+                     if fits(inv, units, n_cpu_ffn(inv, gpu, n), s, budget_bytes, overhead_bytes)), None)
 
     default = Settings(512, True, False, workload.n_ctx)
     ngl, n_ffn = largest_ngl(default), fewest_cpu_ffn(default)

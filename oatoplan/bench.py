@@ -14,6 +14,7 @@ from .baselines import Arm, baseline_arms, validation_arms
 from .cost import CostModel, decode_bound_tokens_per_s, predict
 from .inventory import read_inventory
 from .measure import run_bench
+from .memory import gpu_overhead_bytes
 from .plan import plan_for, plan_model, plan_settings
 from .schema import BenchResult, ModelInventory, Plan, Profile, Workload
 
@@ -34,7 +35,7 @@ def arm_plans(inv: ModelInventory, plan: Plan, profile: Profile) -> list[Arm]:
     cost = CostModel(profile)
     workload = plan.workload or Workload()
     arms = [Arm(PLAN_ARM, dict(plan.placement), plan_settings(plan), plan.flags, plan, plan.prediction)]
-    for arm in baseline_arms(inv, cost.gpu, plan.budget_bytes or 0, workload):
+    for arm in baseline_arms(inv, cost.gpu, plan.budget_bytes or 0, workload, gpu_overhead_bytes(profile)):
         if arm.placement is None:
             log.warning("baseline %r does not fit the budget; left out", arm.name)
             continue

@@ -15,7 +15,7 @@ from collections import defaultdict
 from .ggml import row_bytes
 from .graph import CPU, Unit, crossings, model_units
 from .inventory import kv_bytes_per_token
-from .memory import OP_OFFLOAD_MIN_TOKENS, Settings, gpu_memory
+from .memory import OP_OFFLOAD_MIN_TOKENS, Settings, gpu_memory, gpu_overhead_bytes
 from .schema import ModelInventory, Prediction, Profile, Workload
 
 # Classes of decode work that a profile's calibration scales separately (oatoplan/calibrate.py): the GPU's units and
@@ -161,8 +161,8 @@ def unit_time_us(cost: CostModel, inv: ModelInventory, unit: Unit, device: str, 
             # causal mask: the ubatch sees what came before and, on average, half of itself (assumed: the
             # flash-attention kernels skip masked blocks; not measured on its own). With op offload, a host layer's
             # attention in a large batch follows its offloaded Q/K/V to the GPU: the cache is copied up, attention
-            # runs there (layer offload against all-GPU attention: benchmarks/results/2026-11-22-h100-bench-qwen2-7b-
-            # pp512.json)
+            # runs there (layer offload against all-GPU attention: benchmarks/results/archive/
+            # 2026-11-22-h100-bench-qwen2-7b-pp512.json)
             offload = device == CPU and gpu and s.op_offload and n >= OP_OFFLOAD_MIN_TOKENS
             run_on = gpu if offload else device
             if offload:
@@ -225,7 +225,7 @@ def predict(cost: CostModel, inv: ModelInventory, devices: dict[str, str], workl
     n_ub = len(ubatches(workload.n_prompt, s.n_ubatch))
     prefill += fixed_prefill + n_ub * n_crossings * cost.crossing_us
     decode += fixed_decode + n_crossings * cost.decode_crossing_us
-    gpu_bytes = gpu_memory(inv, units, devices, s) if uses_gpu else {}
+    gpu_bytes = gpu_memory(inv, units, devices, s, gpu_overhead_bytes(cost.profile)) if uses_gpu else {}
     return Prediction(prefill_s=prefill * 1e-6, decode_s_per_token=decode * 1e-6,
                       prefill_tokens_per_s=workload.n_prompt / (prefill * 1e-6),
                       decode_tokens_per_s=1e6 / decode, total_s=(prefill + workload.n_gen * decode) * 1e-6,

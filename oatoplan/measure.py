@@ -88,10 +88,10 @@ def run_bench(model: str | Path, arms: list[Arm], workload: Workload, reps: int 
     done, total = 0, len(arms) * (reps + 1)
 
     def open_arm(arm: Arm) -> _Loaded:
-        before = _gpu_used_bytes(gpu) if gpu else 0
+        before = gpu_used_bytes(gpu) if gpu else 0
         llm = load(model, arm.plan)
         measure_once(llm, arm.plan, replace(workload, n_gen=min(workload.n_gen, 8)), rng)     # warm-up
-        vram = (_gpu_used_bytes(gpu) - before) if gpu else 0
+        vram = (gpu_used_bytes(gpu) - before) if gpu else 0
         allocated: dict[str, int] = {}
         for a in llm.oatoplan_memory.allocations:
             allocated[a.device] = allocated.get(a.device, 0) + a.n_bytes
@@ -134,7 +134,7 @@ def run_bench(model: str | Path, arms: list[Arm], workload: Workload, reps: int 
                        arms[0].plan.budget_bytes, reps, "interleaved" if together else "sequential", tuple(results))
 
 
-def _gpu_used_bytes(device: str) -> int:
+def gpu_used_bytes(device: str) -> int:
     d = next(d for d in devices() if d.name == device)
     return d.total_bytes - d.free_bytes
 

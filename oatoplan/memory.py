@@ -27,6 +27,9 @@ OP_OFFLOAD_MIN_TOKENS = 32
 # Share of every budget kept free for what the terms below do not count (allocator rounding, CUDA context growth).
 # How far allocations came from predictions: the validate-* and bench-* files in benchmarks/results/.
 VRAM_MARGIN = 0.03
+# The per-process GPU overhead assumed for a profile that did not measure it: above the 80-90 MiB measured beyond the
+# pool on the H200 machine (benchmarks/results/2026-12-01-h200-vram-overhead-qwen2-7b.jsonl).
+UNMEASURED_OVERHEAD_BYTES = 128 * 1024 * 1024
 # `--vram auto`: the free VRAM less this share (the CUDA context grows, other processes allocate).
 AUTO_BUDGET_SHARE = 0.95
 
@@ -96,10 +99,27 @@ def compute_stage_bytes(inv: ModelInventory, s: Settings) -> tuple[int, int]:
 
 
 def pool_bytes(inv: ModelInventory, s: Settings) -> int:
-    """The CUDA backend's working pool beside llama.cpp's buffers (quantized activations, cuBLAS conversions):
-    estimated as one f32 activation row block of the widest matrix input."""
-    widest = max((t.shape[0] for t in inv.tensors if t.op == "MUL_MAT"), default=inv.hparams.n_embd)
-    return 4 * effective_ubatch(s) * widest
+    """The CUDA backend's working pool beside llama.cpp's buffers: a ubatch of activations converted for the widest
+    matrix input (quantized weights: q8_1 activations for the integer kernels, 36 bytes per 32 values; f16/bf16
+    weights: f16 activations for cuBLAS). It grows to its high-water mark and stays allocated; the slope per ubatch
+    token matches the q8_1 row of the widest input (benchmarks/results/2026-12-01-h200-vram-overhead-qwen2-7b.jsonl)."""
+    per_token = max((_q8_1_bytes(t.shape[0]) if t.ggml_type not in ("F16", "BF16", "F32") else 2 * t.shape[0]
+                     for t in inv.tensors if t.op in ("MUL_MAT", "MUL_MAT_ID") and len(t.shape) >= 2),
+                    default=_q8_1_bytes(inv.hparams.n_embd))
+    return effective_ubatch(s) * per_token
+
+
+def _q8_1_bytes(n_values: int) -> int:
+    """ggml's CUDA block_q8_1: 32 int8 values and two f16 (scale, sum), 36 bytes (gguf-py's table says 40: the CPU's
+    reference layout with f32 scales)."""
+    return -(-n_values // 32) * 36
+
+
+def gpu_overhead_bytes(profile: Profile) -> int:
+    """What a llama.cpp process uses on the GPU beyond llama.cpp's own buffers and the pool: kernel code loaded on first
+    use, cuBLAS handles and workspace, streams. Measured by the profile's calibration in a fresh process
+    (`oatoplan profile run --model`); a profile without that measurement gets UNMEASURED_OVERHEAD_BYTES."""
+    return profile.gpu_overhead_bytes or UNMEASURED_OVERHEAD_BYTES
 
 
 @dataclass(frozen=True)
@@ -110,6 +130,7 @@ class VramTerms:
     output_stage_bytes: int        # compute buffer while the output matrix's op runs on the GPU
     layer_stage_bytes: int         # compute buffer of a block
     pool_bytes: int
+    overhead_bytes: int            # per process beyond llama.cpp's buffers and the pool (gpu_overhead_bytes)
     offload: bool                  # op offload at this ubatch: a host matrix's op runs on the GPU, its weight copied in
     copy_output: bool              # ... the output matrix's too (its logit rows reach OP_OFFLOAD_MIN_TOKENS)
 
@@ -133,26 +154,28 @@ class VramTerms:
             copy_output = self.unit_bytes[out] if self.copy_output and not on_gpu[out] else 0
             output_stage = self.output_stage_bytes + copy_output
         compute = max(output_stage, self.layer_stage_bytes + copy_layer)
-        return {"weights": weights, "kv": kv, "compute": compute, "pool": self.pool_bytes}
+        return {"weights": weights, "kv": kv, "compute": compute, "pool": self.pool_bytes,
+                "overhead": self.overhead_bytes}
 
 
-def vram_terms(inv: ModelInventory, units: Sequence[Unit], s: Settings) -> VramTerms:
-    """The VRAM terms of `units` (model_units(inv)) under settings `s`."""
+def vram_terms(inv: ModelInventory, units: Sequence[Unit], s: Settings, overhead_bytes: int) -> VramTerms:
+    """The VRAM terms of `units` (model_units(inv)) under settings `s`, with a process overhead of `overhead_bytes`
+    (gpu_overhead_bytes(profile))."""
     unit_bytes = tuple(kv_layer_bytes(inv.hparams, u.layer, s.n_ctx, s.n_ubatch, s.type_k, s.type_v)
                        if u.is_attention else u.n_bytes for u in units)
     output_stage, layer_stage = compute_stage_bytes(inv, s)
     offload = s.op_offload and s.n_ubatch >= OP_OFFLOAD_MIN_TOKENS
-    return VramTerms(tuple(units), unit_bytes, output_stage, layer_stage, pool_bytes(inv, s), offload,
+    return VramTerms(tuple(units), unit_bytes, output_stage, layer_stage, pool_bytes(inv, s), overhead_bytes, offload,
                      offload and n_outputs(s) >= OP_OFFLOAD_MIN_TOKENS)
 
 
-def gpu_memory(inv: ModelInventory, units: Sequence[Unit], devices_of: dict[str, str], s: Settings
-               ) -> dict[str, int]:
-    """VRAM by category (weights, kv, compute, pool) of a placement: unit key -> "CPU" or the GPU."""
-    return vram_terms(inv, units, s).of([devices_of[u.key] != CPU for u in units])
+def gpu_memory(inv: ModelInventory, units: Sequence[Unit], devices_of: dict[str, str], s: Settings,
+               overhead_bytes: int) -> dict[str, int]:
+    """VRAM by category (weights, kv, compute, pool, overhead) of a placement: unit key -> "CPU" or the GPU."""
+    return vram_terms(inv, units, s, overhead_bytes).of([devices_of[u.key] != CPU for u in units])
 
 
 def fits(inv: ModelInventory, units: Sequence[Unit], devices_of: dict[str, str], s: Settings,
-         budget_bytes: int) -> bool:
+         budget_bytes: int, overhead_bytes: int) -> bool:
     """Whether a placement keeps to the budget rule."""
-    return sum(gpu_memory(inv, units, devices_of, s).values()) <= usable_bytes(budget_bytes)
+    return sum(gpu_memory(inv, units, devices_of, s, overhead_bytes).values()) <= usable_bytes(budget_bytes)

@@ -19,7 +19,7 @@ from .cost import CostModel, predict
 from .errors import PlanError, PlanMismatchError
 from .graph import CPU, model_units
 from .inventory import BLOCK_NAME
-from .memory import Settings, gpu_memory, kv_layer_bytes
+from .memory import Settings, gpu_memory, gpu_overhead_bytes, kv_layer_bytes
 from .schema import (SCHEMA_VERSION, BaselinePrediction, MemoryPrediction, ModelInventory, Plan, Profile,
                      TensorOverride, Workload)
 from .solve import explain, solve
@@ -220,7 +220,8 @@ def plan_for(inv: ModelInventory, unit_devices: dict[str, str], s: Settings, pro
              gpu: str | None) -> Plan:
     """A loader Plan for a per-unit placement and settings (mmap on when `s.pinned` is off)."""
     devices, n_gpu_layers = tensor_placement(inv, unit_devices)
-    compute = {gpu: gpu_memory(inv, model_units(inv), unit_devices, s)["compute"]} if gpu else {}
+    compute = {gpu: gpu_memory(inv, model_units(inv), unit_devices, s, gpu_overhead_bytes(profile))["compute"]} \
+        if gpu else {}
     plan = make_plan(inv, devices, n_gpu_layers=n_gpu_layers, gpu_devices=(gpu,) if gpu else (), n_ctx=s.n_ctx,
                      n_batch=s.n_ubatch, n_ubatch=s.n_ubatch, use_mmap=not s.pinned, op_offload=s.op_offload,
                      type_k=s.type_k, type_v=s.type_v, n_outputs_max=s.n_outputs_max, n_threads=profile.n_threads,
@@ -242,7 +243,8 @@ def plan_model(inv: ModelInventory, profile: Profile, budget_bytes: int, workloa
     cost = CostModel(profile)
     solution = solve(inv, cost, budget_bytes, workload, write_lp)
     s = solution.settings
-    arms = baseline_arms(inv, cost.gpu, budget_bytes, workload) + [greedy_arm(inv, cost, budget_bytes, workload, s)]
+    arms = baseline_arms(inv, cost.gpu, budget_bytes, workload, gpu_overhead_bytes(profile)) + \
+        [greedy_arm(inv, cost, budget_bytes, workload, s)]
     baselines = [BaselinePrediction(a.name, a.flags, predict(cost, inv, a.placement, workload, a.settings)
                                     if a.placement else None) for a in arms]
     devices, n_gpu_layers = tensor_placement(inv, solution.devices)

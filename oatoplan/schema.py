@@ -289,6 +289,15 @@ class CalibrationArm:
 
 
 @dataclass(frozen=True)
+class GpuOverheadSample:
+    """One fresh process: the model loaded with every weight on the CPU and op offload at `n_ubatch`, one ubatch of
+    prefill and a few decode steps; device memory in use then, less before the load, less llama.cpp's GPU buffers."""
+    n_ubatch: int
+    beyond_buffers_bytes: int     # measured
+    pool_bytes: int               # what memory.pool_bytes counts of it
+
+
+@dataclass(frozen=True)
 class Profile:
     schema_version: int
     profile_id: str
@@ -310,6 +319,10 @@ class Profile:
     decode_crossing_us: float = 0.0
     calibration: tuple[CalibrationArm, ...] = ()
     calibration_model: str = ""           # file name and sha256 prefix of the model calibrated on
+    # GPU memory a llama.cpp process uses beyond llama.cpp's buffers and the pool (memory.pool_bytes), measured in
+    # fresh processes by the calibration; 0: not measured (memory.gpu_overhead_bytes then assumes a value)
+    gpu_overhead_bytes: int = 0
+    gpu_overhead: tuple[GpuOverheadSample, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------------------------

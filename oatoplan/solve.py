@@ -7,7 +7,7 @@ units (a matrix with its bias/norm, or a layer's KV cache and attention) live on
     subject to z[i] >= |x[i-1] - x[i]|        for consecutive units in graph order (CPU<->GPU crossings)
                x[attn l] <= x[attn l+1]       (n_gpu_layers: the layers with KV on the GPU are the last ones)
                x[role l] <= x[role l+1]       (each role's GPU layers are the last ones: no symmetric solutions)
-               weights + KV + compute + pool <= usable_bytes(budget)   (memory.py's terms and budget rule; compute
+               weights + KV + compute + pool + overhead <= usable_bytes(budget)   (memory.py's terms and budget rule; compute
                                                           buffer: logits and activations for the ubatch, plus the
                                                           largest weight op offload copies in)
 
@@ -28,7 +28,7 @@ import pulp
 from .cost import CostModel, combine, fixed_time_us, predict, ubatches, unit_time_us
 from .errors import OatoError, PlanInfeasibleError, SolverError
 from .graph import CPU, Unit, crossings, model_units, role
-from .memory import Settings, VramTerms, budget_for, usable_bytes, vram_terms
+from .memory import Settings, VramTerms, budget_for, gpu_overhead_bytes, usable_bytes, vram_terms
 from .schema import ModelInventory, Prediction, Workload
 from .units import BYTES_PER_MIB, format_bytes
 
@@ -64,7 +64,7 @@ def instance(cost: CostModel, inv: ModelInventory, workload: Workload, s: Settin
     t_cpu = [combine(*unit_time_us(cost, inv, u, CPU, workload, s), workload) for u in units]
     t_gpu = [combine(*unit_time_us(cost, inv, u, cost.gpu, workload, s), workload) for u in units]
     n_ub = len(ubatches(workload.n_prompt, s.n_ubatch))
-    terms = vram_terms(inv, units, s)
+    terms = vram_terms(inv, units, s, gpu_overhead_bytes(cost.profile))
     return _Instance(units, t_cpu, t_gpu, combine(n_ub * cost.crossing_us, cost.decode_crossing_us, workload),
                      combine(*fixed_time_us(cost, inv, workload, s, True), workload), terms,
                      [b / BYTES_PER_MIB for b in terms.unit_bytes])
@@ -132,9 +132,9 @@ def build_problem(inst: _Instance, budget_mib: float) -> tuple[pulp.LpProblem, d
         prob += compute >= output_stage_mib * x[out], "compute_output_stage"
     prob += compute >= layer_stage_mib + copy, "compute_layer_stage"
 
-    # VRAM: weights + KV + compute buffer + pool within the budget
-    prob += (pulp.lpSum(size_mib[i] * x[i] for i in range(n)) + compute + terms.pool_bytes / BYTES_PER_MIB
-             <= budget_mib, "vram_budget")
+    # VRAM: weights + KV + compute buffer + pool + the process's overhead within the budget
+    prob += (pulp.lpSum(size_mib[i] * x[i] for i in range(n)) + compute
+             + (terms.pool_bytes + terms.overhead_bytes) / BYTES_PER_MIB <= budget_mib, "vram_budget")
     return prob, x
 
 

@@ -67,8 +67,8 @@ def test_compute_buffer_matches_llama_cpp_allocations(qwen_header_model):
     ffn_cpu = {u.key: "CPU" if u.key == "output" or (u.layer is not None and u.layer < 14 and
                                                      u.key.split(".")[2] in ("ffn_gate", "ffn_up", "ffn_down"))
                else "CUDA0" for u in units}
-    assert gpu_memory(inv, units, ngl15, s)["compute"] / BYTES_PER_MIB == pytest.approx(1216, rel=0.03)
-    assert gpu_memory(inv, units, ffn_cpu, s)["compute"] / BYTES_PER_MIB == pytest.approx(1642, rel=0.03)
+    assert gpu_memory(inv, units, ngl15, s, 0)["compute"] / BYTES_PER_MIB == pytest.approx(1216, rel=0.03)
+    assert gpu_memory(inv, units, ffn_cpu, s, 0)["compute"] / BYTES_PER_MIB == pytest.approx(1642, rel=0.03)
     output_stage, layer_stage = compute_stage_bytes(inv, s)
     assert output_stage > layer_stage
 
@@ -94,4 +94,4 @@ def test_one_logit_row_shrinks_the_output_stage(qwen_header_model):
     assert compute_stage_bytes(inv, every)[0] - compute_stage_bytes(inv, one)[0] == 4 * 2047 * inv.hparams.n_vocab
     assert compute_stage_bytes(inv, every)[1] == compute_stage_bytes(inv, one)[1]
     output_on_cpu = {u.key: "CPU" if u.is_output else "CUDA0" for u in units}
-    assert gpu_memory(inv, units, output_on_cpu, one)["compute"] < gpu_memory(inv, units, output_on_cpu, every)["compute"] / 3
+    assert gpu_memory(inv, units, output_on_cpu, one, 0)["compute"] < gpu_memory(inv, units, output_on_cpu, every, 0)["compute"] / 3

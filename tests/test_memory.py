@@ -1,18 +1,22 @@
 """VRAM: one budget rule for every arm, and one set of terms behind the solver, `fits`, `predict` and the plan's
 memory prediction."""
 
+import dataclasses
+
 import pytest
 
 from oatoplan.baselines import baseline_arms, greedy_arm, layer_offload
 from oatoplan.cost import CostModel, predict
 from oatoplan.graph import model_units
 from oatoplan.inventory import read_inventory
-from oatoplan.memory import (VRAM_MARGIN, Settings, budget_for, fits, gpu_memory, usable_bytes, vram_terms)
+from oatoplan.memory import (UNMEASURED_OVERHEAD_BYTES, VRAM_MARGIN, Settings, budget_for, fits, gpu_memory,
+                             gpu_overhead_bytes, pool_bytes, usable_bytes, vram_terms)
 from oatoplan.plan import plan_for, plan_model
 from oatoplan.schema import Workload
 from profiles import synthetic_profile
 
 BUDGET = 3 << 30
+OVERHEAD = 90 << 20
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +41,12 @@ def test_plan_greedy_and_baselines_keep_the_same_margin(qwen):
 
 def test_layer_offload_baseline_is_the_largest_that_fits_the_usable_share(qwen):
     units, w = model_units(qwen), Workload(512, 128)
-    arm = baseline_arms(qwen, "CUDA0", BUDGET, w)[0]
+    arm = baseline_arms(qwen, "CUDA0", BUDGET, w, OVERHEAD)[0]
     ngl = int(arm.flags.split()[1])
     one_more = layer_offload(qwen, "CUDA0", ngl + 1)
     assert arm.placement == layer_offload(qwen, "CUDA0", ngl)
-    assert not fits(qwen, units, one_more, arm.settings, BUDGET)
-    assert sum(gpu_memory(qwen, units, arm.placement, arm.settings).values()) <= usable_bytes(BUDGET)
+    assert not fits(qwen, units, one_more, arm.settings, BUDGET, OVERHEAD)
+    assert sum(gpu_memory(qwen, units, arm.placement, arm.settings, OVERHEAD).values()) <= usable_bytes(BUDGET)
 
 
 def test_greedy_arm_fits_the_usable_share(qwen):
@@ -57,8 +61,34 @@ def test_plan_memory_prediction_uses_the_same_terms(qwen):
     units, s = model_units(qwen), Settings(1024, True, True, 1536, n_outputs_max=1)
     placement = layer_offload(qwen, "CUDA0", 15)
     plan = plan_for(qwen, placement, s, synthetic_profile(), "CUDA0")
-    terms = vram_terms(qwen, units, s)
+    terms = vram_terms(qwen, units, s, OVERHEAD)
     on_gpu = [placement[u.key] != "CPU" for u in units]
     assert plan.memory.kv_bytes["CUDA0"] == terms.of(on_gpu)["kv"]
     assert plan.memory.compute_bytes["CUDA0"] == terms.of(on_gpu)["compute"]
     assert plan.memory.model_bytes["CUDA0"] == terms.of(on_gpu)["weights"]
+
+
+def test_overhead_is_a_term_of_every_placement_and_moves_the_baselines(qwen):
+    """The process's GPU overhead counts once per placement, and a larger one leaves room for fewer layers."""
+    units, w = model_units(qwen), Workload(512, 128)
+    s = Settings(512, True, True, 640, n_outputs_max=1)
+    placement = layer_offload(qwen, "CUDA0", 10)
+    without, with_overhead = (sum(gpu_memory(qwen, units, placement, s, o).values()) for o in (0, OVERHEAD))
+    assert with_overhead - without == OVERHEAD
+    small = int(baseline_arms(qwen, "CUDA0", BUDGET, w, 0)[0].flags.split()[1])
+    large = int(baseline_arms(qwen, "CUDA0", BUDGET, w, 600 << 20)[0].flags.split()[1])
+    assert large < small
+
+
+def test_measured_overhead_is_used_and_an_unmeasured_one_is_assumed():
+    measured = dataclasses.replace(synthetic_profile(), gpu_overhead_bytes=77 << 20)
+    assert gpu_overhead_bytes(measured) == 77 << 20
+    assert gpu_overhead_bytes(dataclasses.replace(measured, gpu_overhead_bytes=0)) == UNMEASURED_OVERHEAD_BYTES
+
+
+def test_pool_is_q8_1_activations_of_the_widest_matrix_input(qwen):
+    """Qwen2-7B's widest matrix input is ffn_down's 18944 values: a q8_1 row of 21312 bytes per ubatch token, the
+    slope measured on the H200 (benchmarks/results/2026-12-01-h200-vram-overhead-qwen2-7b.jsonl: about 21 KiB per
+    token between ubatch 512 and 2048)."""
+    assert pool_bytes(qwen, Settings(512, True, True, 4096)) == 512 * 18944 // 32 * 36
+    assert pool_bytes(qwen, Settings(2048, True, True, 1024)) == 1024 * 18944 // 32 * 36   # capped at n_ctx
