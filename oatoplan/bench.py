@@ -10,6 +10,7 @@ machine (clocks, page cache) hits every arm alike.
 from __future__ import annotations
 
 import datetime
+import io
 import logging
 import statistics
 import time
@@ -20,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from .cost import CostModel, Settings, model_units, predict
+from .files import Output, write_file
 from .inventory import read_inventory
 from .plan import llama_cpp_flags, make_plan, tensor_placement
 from .schema import (SCHEMA_VERSION, BenchArm, BenchResult, ModelInventory, Plan, Prediction, Profile, Workload)
@@ -225,7 +227,7 @@ def markdown(result: BenchResult, bounds: dict[str, float] | None = None) -> str
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[BenchResult], out: Path) -> Path:
+def plot(results: list[BenchResult], out: Output | Path) -> Path:
     """Bars of measured prefill and decode tokens/s per arm (error bars: stdev), one panel per workload."""
     import matplotlib
     matplotlib.use("Agg")
@@ -242,6 +244,7 @@ def plot(results: list[BenchResult], out: Path) -> Path:
             ax.set_title(f"{label}, VRAM budget {(result.budget_bytes or 0) / 2**30:.2f} GiB", fontsize=9)
             ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    return out
+    return write_file(out, png.getvalue(), "png")

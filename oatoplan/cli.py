@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import statistics
 import sys
 from collections import defaultdict
@@ -26,6 +25,7 @@ from .bench import decode_bounds, markdown
 from .profile import budget_bytes, find_profile
 from .cost import CostModel
 from .errors import OatoError
+from .files import Output, check_output, companion, write_file
 from .ggml import row_bytes
 from .inventory import kv_bytes_per_token, read_inventory
 from .schema import OBJECTIVES, ModelInventory, Plan, Profile, Workload, dumps, read_json, write_json
@@ -204,6 +204,8 @@ GenOpt = Annotated[int, typer.Option("--gen", help="Generated tokens of the work
 DepthOpt = Annotated[int, typer.Option("--depth", help="Tokens already in the KV cache.")]
 ProfileOpt = Annotated[Optional[Path], typer.Option("--profile", help="Profile JSON; default: the newest one in "
                                                                       "profiles/ for this machine's GPU.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an output path that holds another kind of file, or "
+                                                        "the file a symlink there points to.")]
 
 
 @app.command()
@@ -225,7 +227,7 @@ def profile(
                                                                         "this model with the profile.")] = None,
     use: ProfileOpt = None,
     reps: Annotated[int, typer.Option("--reps", help="Repetitions per placement (--validate, calibration).")] = 3,
-    prompt: PromptOpt = 512, gen: GenOpt = 128,
+    prompt: PromptOpt = 512, gen: GenOpt = 128, force: ForceOpt = False,
 ) -> None:
     """Measure per-operator CPU and GPU costs and transfer costs on this machine."""
     from .profile import measure_profile
@@ -236,15 +238,17 @@ def profile(
         from .bench import run_bench, validation_arms
         prof = find_profile(use)
         arms = validation_arms(read_inventory(validate), prof, _workload(prompt, gen, 0, "total"))
+        target = Output(out or Path(f"validate-{prof.profile_id}.json"), (validate, use), force, "-o")
+        check_output(target, "bench")
         with _progress("validating") as update:
             result = run_bench(validate, arms, arms[0][1].workload, reps, update)
-        path = write_json(result, out or Path(f"validate-{prof.profile_id}.json"))
+        path = write_json(result, target)
         stdout.print(markdown(result, decode_bounds(read_inventory(validate), prof, result)), markup=False)
         stdout.print(f"wrote {path}")
         return
     inv = read_inventory(model) if model else None
     from .load import gpu_devices
-    _writable(out or Path("profiles") / "x.json")     # before minutes of measuring, not after
+    check_output(Output(out or Path("profiles") / "x.json", (model,), force, "-o"), "profile")   # before measuring
     gpus = [] if cpu else gpu_devices()
     with _progress("profiling") as update:
         result = measure_profile(inv, gpu_device=gpus[0].name if gpus else None, n_threads=threads,
@@ -253,19 +257,10 @@ def profile(
         from .calibrate import calibrate as calibrate_decode
         with _progress("calibrating decode") as update:
             result = calibrate_decode(model, result, reps, update)
-    path = write_json(result, out or Path("profiles") / f"{result.profile_id}.json")
+    path = write_json(result, Output(out or Path("profiles") / f"{result.profile_id}.json", (model,), force, "-o"))
     for note in result.notes:
         stderr.print(f"oatoplan: note: {note}", markup=False)
     stdout.print(f"wrote {path} ({len(result.ops)} operator points, {result.duration_s:.0f} s)")
-
-
-def _writable(path: Path) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OatoError(f"{path}: cannot write ({exc.strerror}); choose a writable path") from None
-    if not os.access(path.parent, os.W_OK):
-        raise OatoError(f"{path}: cannot write (directory not writable); choose a writable path")
 
 
 def _print_affinity(prof: Profile) -> None:
@@ -310,13 +305,19 @@ def plan(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the plan.")] = Path("plan.json"),
     write_lp: Annotated[Optional[Path], typer.Option("--write-lp", help="Also write the integer program (LP).")]
     = None,
+    force: ForceOpt = False,
 ) -> None:
     """Solve for the fastest placement of MODEL under a VRAM budget, for a workload."""
     from .plan import plan_model
     prof = find_profile(use)
     inv = read_inventory(model)
-    result = plan_model(inv, prof, budget_bytes(vram, prof), _workload(prompt, gen, depth, objective), write_lp)
-    path = write_json(result, out)
+    target = Output(out, (model, use, write_lp), force, "-o")
+    lp = Output(write_lp, (model, use, out), force, "--write-lp") if write_lp else None
+    check_output(target, "plan")
+    if lp:
+        check_output(lp, "lp")
+    result = plan_model(inv, prof, budget_bytes(vram, prof), _workload(prompt, gen, depth, objective), lp)
+    path = write_json(result, target)
     _print_plan(result, path)
     stdout.print(f"wrote {path}" + (f" and {write_lp}" if write_lp else ""))
 
@@ -359,6 +360,7 @@ def bench(
                                                                "decode.")] = "total",
     out: Annotated[Path, typer.Option("--out", "-o", help="Results JSON; .md and .png are written beside it.")]
     = Path("bench.json"),
+    force: ForceOpt = False,
 ) -> None:
     """Measure a plan against llama.cpp's own choices at the same VRAM, side by side (interleaved)."""
     from .bench import arm_plans, plot, run_bench
@@ -368,18 +370,21 @@ def bench(
     workload = _workload(prompt, gen, depth, objective)
     solved = plan_model(inv, prof, budget_bytes(vram, prof), workload)
     arms = arm_plans(inv, solved, prof)
+    targets = [Output(name, (model, use), force, "-o") for name in (out, companion(out, ".md"), companion(out, ".png"))]
+    for target, kind in zip(targets, ("bench", "markdown", "png")):     # before minutes of measuring
+        check_output(target, kind)
     with _progress("bench") as update:
         result = run_bench(model, arms, workload, reps, update)
     result = dataclasses.replace(result, command=" ".join(["oatoplan"] + sys.argv[1:]))
-    path = write_json(result, out)
+    path = write_json(result, targets[0])
     table = markdown(result, decode_bounds(inv, prof, result))
-    path.with_suffix(".md").write_text(table)
+    write_file(targets[1], table, "markdown")
     stdout.print(table, markup=False)
     try:
-        plot([result], path.with_suffix(".png"))
+        plot([result], targets[2])
     except ImportError:
         stderr.print("oatoplan: note: matplotlib is missing; no PNG written", markup=False)
-    stdout.print(f"wrote {path} (+ .md, .png)")
+    stdout.print(f"wrote {path}, {targets[1].path}, {targets[2].path}")
 
 
 @app.command()

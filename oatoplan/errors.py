@@ -26,3 +26,8 @@ class LoadError(OatoError):
 
 class BackendError(OatoError):
     """The llama.cpp build at hand lacks a device or feature that was asked for."""
+
+
+class OutputError(OatoError):
+    """An output path oatoplan will not write (an input of the command, not a regular file, a link, a file of
+    another kind) or could not write (no space, no permission); the file there is left as it was."""
