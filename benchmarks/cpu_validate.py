@@ -17,7 +17,8 @@ from oatoplan.measure import run_bench
 from oatoplan.memory import Settings
 from oatoplan.plan import cpu_only_plan
 from oatoplan.report import markdown
-from oatoplan.schema import Profile, Workload, read_json, write_json
+from oatoplan.artifacts import read_json, write_json
+from oatoplan.schema import Profile, Workload
 
 
 def main(argv: list[str]) -> int:

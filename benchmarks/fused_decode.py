@@ -36,7 +36,8 @@ from oatoplan.machine import loaded_series, machine_identity
 from oatoplan.measure import measure_once, stats
 from oatoplan.plan import cpu_only_plan, plan_for
 from oatoplan.profile import find_profile
-from oatoplan.schema import Workload, to_jsonable
+from oatoplan.artifacts import to_jsonable
+from oatoplan.schema import Workload
 from oatoplan.testing import no_repack
 
 WORKLOAD = Workload(n_prompt=32, n_gen=64)

@@ -21,7 +21,7 @@ from oatoplan.graph import CPU
 from oatoplan.load import generate, load, run_stats
 from oatoplan.machine import gpu_devices, llama_cpp_build
 from oatoplan.plan import TIED_OUTPUT, llama_cpp_flags, make_plan
-from oatoplan.schema import to_jsonable
+from oatoplan.artifacts import to_jsonable
 
 FFN_MATRICES = ("ffn_up", "ffn_gate", "ffn_down")
 

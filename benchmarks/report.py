@@ -7,12 +7,13 @@ profile the runs used. Reads only committed JSON and the model's header.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from oatoplan.bench import decode_bounds
-from oatoplan.report import markdown, plot
+from oatoplan.files import Output, companion, write_file
 from oatoplan.inventory import read_inventory
-from oatoplan.schema import BenchResult, Profile, read_json
+from oatoplan.report import markdown, plot
+from oatoplan.artifacts import read_json
+from oatoplan.schema import BenchResult, Profile
 
 
 def main(argv: list[str]) -> int:
@@ -21,9 +22,9 @@ def main(argv: list[str]) -> int:
     for name in results:
         result = read_json(BenchResult, name)
         table = markdown(result, decode_bounds(inv, prof, result))
-        Path(name).with_suffix(".md").write_text(table)
+        write_file(Output(companion(name, ".md"), (name, profile, model)), table, "markdown")
         if len(result.arms) > 3:
-            plot([result], Path(name).with_suffix(".png"))
+            plot([result], Output(companion(name, ".png"), (name, profile, model)))
         print(f"== {name}\n{table}")
     return 0
 

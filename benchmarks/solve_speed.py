@@ -16,7 +16,8 @@ import time
 
 from oatoplan.cost import CostModel
 from oatoplan.inventory import read_inventory
-from oatoplan.schema import ModelInventory, Profile, Workload, read_json
+from oatoplan.artifacts import read_json
+from oatoplan.schema import ModelInventory, Profile, Workload
 from oatoplan.solve import GAP_REL, solve
 
 WORKLOADS = (Workload(512, 128), Workload(2048, 128), Workload(16, 256, objective="decode"))

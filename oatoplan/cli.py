@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,13 +23,15 @@ from .build import build as build_wheel
 from .calibrate import calibrate
 from .doctor import diagnose
 from .errors import OatoError
+from .files import Output, check_output, companion
 from .inventory import read_inventory
 from .load import generate, load, run_stats
 from .machine import gpu_devices
 from .memory import budget_bytes
 from .plan import plan_model
 from .profile import find_profile, measure_profile
-from .schema import OBJECTIVES, Profile, Workload, dumps, read_json, write_json
+from .artifacts import dumps, read_json, write_json
+from .schema import OBJECTIVES, Profile, Workload
 
 app = typer.Typer(help="Plan and run GGUF models split between the CPU and a GPU that is too small for them.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -152,6 +153,8 @@ GenOpt = Annotated[int, typer.Option("--gen", help="Generated tokens of the work
 DepthOpt = Annotated[int, typer.Option("--depth", help="Tokens already in the KV cache.")]
 ProfileOpt = Annotated[Optional[Path], typer.Option("--profile", help="Profile JSON; default: the newest one in "
                                                                       "profiles/ for this machine's GPU.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an output path that holds another kind of file, or "
+                                                        "the file a symlink there points to.")]
 
 
 @profile_app.command("run")
@@ -170,10 +173,11 @@ def profile_run(
                                                                            "CPUs).")] = None,
     cpu: Annotated[bool, typer.Option("--cpu", help="Profile only the CPU, even with a GPU present.")] = False,
     reps: Annotated[int, typer.Option("--reps", help="Repetitions per calibration placement.")] = 3,
+    force: ForceOpt = False,
 ) -> None:
     """Measure per-operator CPU and GPU costs and transfer costs on this machine."""
     inv = read_inventory(model) if model else None
-    _writable(out or Path("profiles") / "x.json")     # before minutes of measuring, not after
+    check_output(Output(out or Path("profiles") / "x.json", (model,), force, "-o"), "profile")   # before measuring
     gpus = [] if cpu else gpu_devices()
     with _progress("profiling") as update:
         result = measure_profile(inv, gpu_device=gpus[0].name if gpus else None, n_threads=threads,
@@ -181,7 +185,7 @@ def profile_run(
     if model and calibrate_decode:
         with _progress("calibrating decode") as update:
             result = calibrate(model, result, reps, update)
-    path = write_json(result, out or Path("profiles") / f"{result.profile_id}.json")
+    path = write_json(result, Output(out or Path("profiles") / f"{result.profile_id}.json", (model,), force, "-o"))
     for note in result.notes:
         stderr.print(f"oatoplan: note: {note}", markup=False)
     stdout.print(f"wrote {path} ({len(result.ops)} operator points, {result.duration_s:.0f} s)")
@@ -205,24 +209,18 @@ def profile_validate(
     prompt: PromptOpt = 512, gen: GenOpt = 128,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Results JSON (default "
                                                                     "validate-<profile id>.json).")] = None,
+    force: ForceOpt = False,
 ) -> None:
     """Predict and measure three placements of MODEL with a profile: how far the cost model is from reality."""
     prof = find_profile(use)
     workload = _workload(prompt, gen, 0, "total")
+    target = Output(out or Path(f"validate-{prof.profile_id}.json"), (model, use), force, "-o")
+    check_output(target, "bench")
     with _progress("validating") as update:
         result = validate(model, prof, workload, reps, update)
-    path = write_json(result, out or Path(f"validate-{prof.profile_id}.json"))
+    path = write_json(result, target)
     stdout.print(report.markdown(result, decode_bounds(read_inventory(model), prof, result)), markup=False)
     stdout.print(f"wrote {path}")
-
-
-def _writable(path: Path) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OatoError(f"{path}: cannot write ({exc.strerror}); choose a writable path") from None
-    if not os.access(path.parent, os.W_OK):
-        raise OatoError(f"{path}: cannot write (directory not writable); choose a writable path")
 
 
 @app.command()
@@ -236,12 +234,18 @@ def plan(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the plan.")] = Path("plan.json"),
     write_lp: Annotated[Optional[Path], typer.Option("--write-lp", help="Also write the integer program (LP).")]
     = None,
+    force: ForceOpt = False,
 ) -> None:
     """Solve for the fastest placement of MODEL under a VRAM budget, for a workload."""
     prof = find_profile(use)
     inv = read_inventory(model)
-    result = plan_model(inv, prof, budget_bytes(vram, prof), _workload(prompt, gen, depth, objective), write_lp)
-    path = write_json(result, out)
+    target = Output(out, (model, use, write_lp), force, "-o")
+    lp = Output(write_lp, (model, use, out), force, "--write-lp") if write_lp else None
+    check_output(target, "plan")
+    if lp:
+        check_output(lp, "lp")
+    result = plan_model(inv, prof, budget_bytes(vram, prof), _workload(prompt, gen, depth, objective), lp)
+    path = write_json(result, target)
     _print(report.plan_view(result, path))
     stdout.print(f"wrote {path}" + (f" and {write_lp}" if write_lp else ""))
 
@@ -258,18 +262,22 @@ def bench(
                                                                "decode.")] = "total",
     out: Annotated[Path, typer.Option("--out", "-o", help="Results JSON; .md and .png are written beside it.")]
     = Path("bench.json"),
+    force: ForceOpt = False,
 ) -> None:
     """Measure a plan against llama.cpp's own choices at the same VRAM, side by side (interleaved)."""
     prof = find_profile(use)
     workload = _workload(prompt, gen, depth, objective)
+    targets = [Output(name, (model, use), force, "-o") for name in (out, companion(out, ".md"), companion(out, ".png"))]
+    for target, kind in zip(targets, ("bench", "markdown", "png")):     # before minutes of measuring
+        check_output(target, kind)
     with _progress("bench") as update:
         result = bench_plan(model, prof, budget_bytes(vram, prof), workload, reps, update,
                             command=" ".join(["oatoplan"] + sys.argv[1:]))
-    path = write_json(result, out)
+    path = write_json(result, targets[0])
     bounds = decode_bounds(read_inventory(model), prof, result)
-    written = report.write_bench(result, path, bounds)
+    written = report.write_bench(result, targets[1], targets[2], bounds)
     stdout.print(report.markdown(result, bounds), markup=False)
-    stdout.print(f"wrote {path} (+ {', '.join(p.suffix for p in written)})")
+    stdout.print(f"wrote {', '.join(str(p) for p in [path] + written)}")
 
 
 @app.command()

@@ -46,3 +46,8 @@ class ProfileError(OatoError):
 
 class BuildError(OatoError):
     """The patched library could not be built."""
+
+
+class OutputError(OatoError):
+    """An output path oatoplan will not write (an input of the command, not a regular file, a link, a file of
+    another kind) or could not write (no space, no permission); the file there is left as it was."""

@@ -1,14 +1,19 @@
 """Stage 1: what is in a GGUF model. Entry point: `read_inventory(path) -> ModelInventory`.
 
-Reads the file with the `gguf` package's reader (never our own parser) and classifies every tensor by llama.cpp's
-naming scheme (`token_embd`, `blk.N.<role>.<param>`, `output_norm`, `output`).
+Reads the file with the `gguf` package's reader (never our own parser), validates every metadata key it uses (type
+and range) and every tensor (name, dimensions, data bounds), and classifies every tensor by llama.cpp's naming
+scheme (`token_embd`, `blk.N.<role>.<param>`, `output_norm`, `output`). Anything out of place is a ModelFileError
+naming the file and the key or tensor, never another exception.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import os
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +21,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueTy
 from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
 
 from .errors import ModelFileError, OatoError
+from .files import GGUF_MAGIC, describe_mode
 from .schema import SCHEMA_VERSION, Hyperparameters, ModelIdentity, ModelInventory, TensorInfo
 
 log = logging.getLogger(__name__)
-
-GGUF_MAGIC = b"GGUF"
 
 # Roles inside a block `blk.N.<role>.<param>`, by the ggml op that consumes the weight.
 MATRIX_ROLES = frozenset({
@@ -47,7 +51,20 @@ GLOBAL_ROLES = {
 # with pattern n, layer il uses the window unless il % n == n - 1.
 DEFAULT_SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "cohere2": 4}
 
-BLOCK_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
+BLOCK_NAME = re.compile(r"^blk\.([0-9]+)\.(.+)$")
+
+# Ranges of the metadata read (inclusive); a value outside is a damaged file, not a model to plan.
+MAX_LAYERS = 10_000
+MAX_WIDTH = 1 << 20           # embedding length, heads, head size
+MAX_FF = 1 << 24
+MAX_CTX = (1 << 32) - 1       # llama.cpp keeps n_ctx_train in a uint32
+MAX_VOCAB = 1 << 24
+MAX_EXPERTS = 1 << 16
+GGML_MAX_DIMS = 4
+GGML_MAX_NAME = 64            # llama.cpp refuses tensor names of this many bytes or more
+ARCH_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+INT_TYPES = frozenset({GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
+                       GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64})
 
 
 class _HeaderReader(GGUFReader):
@@ -89,14 +106,27 @@ class _HeaderReader(GGUFReader):
     def _build_tensors(self, start_offs, fields):
         file_bytes = len(self.data)
         for field in fields:
-            _, name_data, _, dims, raw_dtype, offset_tensor = field.parts
-            name = bytes(name_data).decode("utf-8", "replace")
+            _, name_data, n_dims, dims, raw_dtype, offset_tensor = field.parts
+            name = field.name        # GGUFReader decoded it as UTF-8 (a ValueError otherwise)
+            if len(bytes(name_data)) >= GGML_MAX_NAME:
+                raise _Damaged(f"tensor name {name[:40]!r}... is {len(bytes(name_data))} bytes long (llama.cpp "
+                               f"allows {GGML_MAX_NAME - 1})")
+            if not 1 <= int(n_dims[0]) <= GGML_MAX_DIMS or len(dims) != int(n_dims[0]):
+                raise _Damaged(f"tensor {name} has {int(n_dims[0])} dimensions (ggml tensors have 1 to "
+                               f"{GGML_MAX_DIMS})")
+            shape = [int(d) for d in dims]
+            if min(shape) < 1:
+                raise _Damaged(f"tensor {name} has an empty dimension (shape {shape})")
             try:
                 ggml_type = GGMLQuantizationType(int(raw_dtype[0]))
             except ValueError:
                 raise _UnknownType(f"tensor {name} has unknown ggml type {int(raw_dtype[0])}") from None
             block_size, type_size = GGML_QUANT_SIZES[ggml_type]
-            end = start_offs + int(offset_tensor[0]) + int(np.prod(dims)) * type_size // block_size
+            if shape[0] % block_size:
+                raise _Damaged(f"tensor {name}: row length {shape[0]} is not a multiple of {ggml_type.name}'s "
+                               f"block of {block_size}")
+            # exact integers: numpy's product of uint64 dims wraps around
+            end = start_offs + int(offset_tensor[0]) + math.prod(shape) * type_size // block_size
             if end > file_bytes:
                 raise _TruncatedData(f"tensor data is truncated: {name} ends at byte {end} but the file has "
                                      f"{file_bytes} bytes")
@@ -111,17 +141,29 @@ class _TruncatedData(Exception):
     pass
 
 
+class _Damaged(Exception):
+    pass
+
+
 def read_inventory(path: str | Path) -> ModelInventory:
     """Read a GGUF file's metadata and tensor table. Raises ModelFileError with a one-line message."""
     path = Path(path)
     reader = open_gguf(path)
-    fields = reader.fields
-    arch = _field_value(fields, "general.architecture")
-    if not isinstance(arch, str):
+    meta = _Metadata(path, reader.fields)
+    if "general.architecture" not in reader.fields:
         raise ModelFileError(f"{path}: no general.architecture in the metadata; this file is not a llama.cpp model")
-    hparams, warnings = _hyperparameters(reader, arch)
+    arch = meta.string("general.architecture")
+    if not ARCH_NAME.match(arch):
+        raise meta.bad("general.architecture", f"is {arch[:40]!r}, not an architecture name")
+    hparams, warnings = _hyperparameters(meta, reader, arch)
     tensors = []
     for rt in reader.tensors:
+        block = BLOCK_NAME.match(rt.name)
+        if block and (len(block.group(1)) > 5 or block.group(1) != str(int(block.group(1)))
+                      or int(block.group(1)) >= hparams.n_layer):
+            raise ModelFileError(f"{path}: tensor {rt.name} is in block {block.group(1)[:20]}, but the model has "
+                                 f"{hparams.n_layer} blocks ({arch}.block_count); the file is damaged or not a "
+                                 f"model oatoplan supports")
         info = _classify(rt.name, rt.tensor_type.name, tuple(int(x) for x in rt.shape), int(rt.n_bytes), hparams)
         if info.role == "other":
             warnings.append(f"tensor {rt.name} is not a known llama.cpp tensor; listed as 'other'")
@@ -143,14 +185,24 @@ def read_inventory(path: str | Path) -> ModelInventory:
 def open_gguf(path: str | Path) -> GGUFReader:
     """A GGUFReader over `path` (fast on large vocabularies); raises ModelFileError with a one-line message."""
     path = Path(path)
-    if not path.exists():
-        raise ModelFileError(f"{path}: file not found")
-    if path.is_dir():
-        raise ModelFileError(f"{path}: is a directory; pass a .gguf model file")
-    with path.open("rb") as fh:
-        head = fh.read(8)
-    if len(head) < 8 or head[:4] != GGUF_MAGIC:
-        raise ModelFileError(f"{path}: not a GGUF file (it starts with {head[:4]!r}, not b'GGUF'); pass a .gguf model")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot read ({exc.strerror})") from None
+    if not stat.S_ISREG(mode):    # before any read: opening a FIFO would wait for a writer
+        raise ModelFileError(f"{path}: is {describe_mode(mode)}; pass a .gguf model file")
+    try:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(head) < 8:
+        raise ModelFileError(f"{path}: not a GGUF file (only {len(head)} bytes); pass a .gguf model")
+    if head[:4] != GGUF_MAGIC:
+        raise ModelFileError(f"{path}: not a GGUF file (it starts with {head[:4]!r}, not {GGUF_MAGIC.decode()}); "
+                             f"pass a .gguf model")
     version = int.from_bytes(head[4:8], "little")
     if version not in READER_SUPPORTED_VERSIONS:
         raise ModelFileError(f"{path}: GGUF version {version} is not supported (supported: "
@@ -163,62 +215,141 @@ def open_gguf(path: str | Path) -> GGUFReader:
                              f"another quantization") from None
     except _TruncatedData as exc:
         raise ModelFileError(f"{path}: {exc}; the file is incomplete, copy or download it again") from None
-    except (ValueError, IndexError, KeyError, OverflowError) as exc:
+    except _Damaged as exc:
+        raise ModelFileError(f"{path}: {exc}; the file is damaged or not a model oatoplan supports") from None
+    except (ValueError, IndexError, KeyError, OverflowError, MemoryError) as exc:
         raise ModelFileError(f"{path}: truncated or damaged GGUF header ({exc}); copy or download the file "
                              f"again") from None
 
 
-def _field_value(fields, key: str, default=None):
-    field = fields.get(key)
-    if field is None:
-        return default
-    if field.types[:2] == [GGUFValueType.ARRAY, GGUFValueType.STRING]:
-        return int(field.parts[-1][0])  # string arrays keep only their length (see _HeaderReader)
-    return field.contents()
+class _Metadata:
+    """Typed access to a GGUF's metadata: each value read is checked for type and range, and any problem is a
+    ModelFileError naming the file and the key."""
+
+    def __init__(self, path: Path, fields):
+        self.path, self.fields = path, fields
+
+    def bad(self, key: str, problem: str) -> ModelFileError:
+        return ModelFileError(f"{self.path}: metadata {key} {problem}; the file is damaged or not a model oatoplan "
+                              f"supports")
+
+    def int(self, key: str, low: int, high: int, default: int | None = None) -> int:
+        field = self.fields.get(key)
+        if field is None:
+            if default is None:
+                raise self.bad(key, "is missing")
+            return default
+        if len(field.types) != 1 or field.types[0] not in INT_TYPES:
+            raise self.bad(key, f"is {_type_name(field)}, not an integer")
+        return self._in_range(key, int(field.parts[-1][0]), low, high)
+
+    def ints(self, key: str, n: int, low: int, high: int, default: int | tuple[int, ...] | None = None
+             ) -> tuple[int, ...]:
+        """An integer or an array of `n` integers (one per layer), as `n` values."""
+        field = self.fields.get(key)
+        if field is None:
+            if default is None:
+                raise self.bad(key, "is missing")
+            return default if isinstance(default, tuple) else (default,) * n
+        if len(field.types) == 1:
+            return (self.int(key, low, high),) * n
+        if field.types[0] == GGUFValueType.ARRAY and len(field.types) == 2 and field.types[1] in INT_TYPES:
+            values = [int(v) for v in field.contents()]
+            if len(values) == n:
+                return tuple(self._in_range(f"{key}[{i}]", v, low, high) for i, v in enumerate(values))
+        raise self.bad(key, f"is {_type_name(field)}, not an integer or an array of {n} integers (one per layer)")
+
+    def string(self, key: str) -> str:
+        field = self.fields[key]
+        if field.types != [GGUFValueType.STRING]:
+            raise self.bad(key, f"is {_type_name(field)}, not a string")
+        try:
+            return bytes(field.parts[-1]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.bad(key, "is not valid UTF-8") from None
+
+    def string_count(self, key: str) -> int | None:
+        """Length of an array of strings (their text is skipped, see _HeaderReader); None when absent."""
+        field = self.fields.get(key)
+        if field is None:
+            return None
+        if field.types[:2] != [GGUFValueType.ARRAY, GGUFValueType.STRING]:
+            raise self.bad(key, f"is {_type_name(field)}, not an array of strings")
+        return int(field.parts[-1][0])
+
+    def _in_range(self, key: str, value: int, low: int, high: int) -> int:
+        if not low <= value <= high:
+            raise self.bad(key, f"is {value}, outside {low}..{high}")
+        return value
 
 
-def _hyperparameters(reader: GGUFReader, arch: str) -> tuple[Hyperparameters, list[str]]:
-    fields = reader.fields
+def _type_name(field) -> str:
+    types = [t.name.lower() for t in field.types]
+    if types[0] == "array":
+        n = int(field.parts[4][0]) if len(field.parts) > 4 else 0    # key length, key, type, item type, count
+        return f"an array of {n} {types[1] if len(types) > 1 else 'values'}"
+    return f"{'an' if types[0].startswith('i') else 'a'} {types[0]}"     # an int32, a uint32, a string
+
+
+def _hyperparameters(meta: _Metadata, reader: GGUFReader, arch: str) -> tuple[Hyperparameters, list[str]]:
     warnings: list[str] = []
 
-    def key(name: str, default=None):
-        return _field_value(fields, f"{arch}.{name}", default)
+    def key(name: str) -> str:
+        return f"{arch}.{name}"
 
-    n_layer = int(key("block_count", 0))
-    n_embd = int(key("embedding_length", 0))
-    n_head = _per_layer_max(key("attention.head_count", 0))
-    head_count_kv = key("attention.head_count_kv", n_head)
-    n_head_kv = (tuple(int(x) for x in head_count_kv) if isinstance(head_count_kv, list)
-                 else (int(head_count_kv),) * n_layer)
-    head_dim = n_embd // n_head if n_head else 0
-    n_vocab = _field_value(fields, "tokenizer.ggml.tokens")
-    if n_vocab is None:
-        n_vocab = key("vocab_size")
+    n_layer = meta.int(key("block_count"), 1, MAX_LAYERS)
+    n_embd = meta.int(key("embedding_length"), 1, MAX_WIDTH)
+    n_ctx_train = meta.int(key("context_length"), 1, MAX_CTX)
+    heads = meta.ints(key("attention.head_count"), n_layer, 0, MAX_WIDTH)
+    n_head = max(heads)
+    if n_head < 1:
+        raise meta.bad(key("attention.head_count"), "is 0 on every layer (oatoplan plans attention models)")
+    n_head_kv = meta.ints(key("attention.head_count_kv"), n_layer, 0, MAX_WIDTH, heads)
+    for layer, (h, h_kv) in enumerate(zip(heads, n_head_kv)):
+        if h_kv and (h_kv > h or h % h_kv):
+            raise meta.bad(key("attention.head_count_kv"), f"is {h_kv} on layer {layer}, which does not divide "
+                                                           f"its head_count {h}")
+    head_dim = n_embd // n_head
+    head_dim_k = meta.int(key("attention.key_length"), 1, MAX_WIDTH, head_dim or None)
+    head_dim_v = meta.int(key("attention.value_length"), 1, MAX_WIDTH, head_dim or None)
+    n_ff = max(meta.ints(key("feed_forward_length"), n_layer, 0, MAX_FF, 0))
+    n_vocab = meta.string_count("tokenizer.ggml.tokens")
+    if n_vocab is None and key("vocab_size") in meta.fields:
+        n_vocab = meta.int(key("vocab_size"), 1, MAX_VOCAB)
     if n_vocab is None:
         embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-        n_vocab = int(embd.shape[1]) if embd is not None else 0
-    n_swa = int(key("attention.sliding_window", 0) or 0)
+        n_vocab = int(embd.shape[1]) if embd is not None and len(embd.shape) > 1 else 0
+    if n_vocab > MAX_VOCAB:
+        raise meta.bad("tokenizer.ggml.tokens", f"has {n_vocab} tokens, more than {MAX_VOCAB}")
+    n_swa = meta.int(key("attention.sliding_window"), 0, MAX_CTX, 0)
     swa_layers: tuple[int, ...] = ()
     if n_swa:
-        pattern = key("attention.sliding_window_pattern", DEFAULT_SWA_PATTERN.get(arch))
-        if isinstance(pattern, list):
-            swa_layers = tuple(i for i, is_swa in enumerate(pattern) if is_swa)
-        elif pattern is not None:
-            pattern = int(pattern)
-            swa_layers = tuple(i for i in range(n_layer) if pattern == 0 or i % pattern < pattern - 1)
+        pattern_key = key("attention.sliding_window_pattern")
+        pattern = meta.fields.get(pattern_key)
+        if pattern is not None and pattern.types[:1] == [GGUFValueType.ARRAY]:
+            if pattern.types[1:] != [GGUFValueType.BOOL] and not (len(pattern.types) == 2 and
+                                                                  pattern.types[1] in INT_TYPES):
+                raise meta.bad(pattern_key, f"is {_type_name(pattern)}, not an integer or an array of booleans")
+            flags = pattern.contents()
+            if len(flags) != n_layer:
+                raise meta.bad(pattern_key, f"has {len(flags)} entries for {n_layer} layers")
+            swa_layers = tuple(i for i, is_swa in enumerate(flags) if is_swa)
         else:
-            warnings.append(f"{arch} has a sliding window of {n_swa} but no layer pattern; KV sizes assume none")
+            every = (meta.int(pattern_key, 0, MAX_LAYERS) if pattern is not None
+                     else DEFAULT_SWA_PATTERN.get(arch))
+            if every is not None:
+                swa_layers = tuple(i for i in range(n_layer) if every == 0 or i % every < every - 1)
+            else:
+                warnings.append(f"{arch} has a sliding window of {n_swa} but no layer pattern; KV sizes assume none")
+    n_expert = meta.int(key("expert_count"), 0, MAX_EXPERTS, 0)
+    n_expert_used = meta.int(key("expert_used_count"), 0, n_expert, 0)
+    if n_expert and not n_expert_used:
+        raise meta.bad(key("expert_used_count"), f"is 0 or missing with {n_expert} experts")
     hparams = Hyperparameters(
         architecture=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
-        head_dim_k=int(key("attention.key_length", head_dim)), head_dim_v=int(key("attention.value_length", head_dim)),
-        n_ff=_per_layer_max(key("feed_forward_length", 0)), n_vocab=int(n_vocab),
-        n_ctx_train=int(key("context_length", 0)), n_swa=n_swa, swa_layers=swa_layers,
-        n_expert=int(key("expert_count", 0)), n_expert_used=int(key("expert_used_count", 0)))
+        head_dim_k=head_dim_k, head_dim_v=head_dim_v, n_ff=n_ff, n_vocab=n_vocab, n_ctx_train=n_ctx_train,
+        n_swa=n_swa, swa_layers=swa_layers, n_expert=n_expert, n_expert_used=n_expert_used)
     return hparams, warnings
-
-
-def _per_layer_max(value) -> int:
-    return int(max(value)) if isinstance(value, list) else int(value)
 
 
 def _classify(name: str, ggml_type: str, shape: tuple[int, ...], n_bytes: int, hp: Hyperparameters) -> TensorInfo:
@@ -248,7 +379,7 @@ def _classify(name: str, ggml_type: str, shape: tuple[int, ...], n_bytes: int, h
     if op == "MUL_MAT":
         flops = 2 * shape[0] * (shape[1] if len(shape) > 1 else 1)
     elif op == "MUL_MAT_ID":
-        flops = 2 * shape[0] * shape[1] * max(hp.n_expert_used, 1)
+        flops = 2 * shape[0] * (shape[1] if len(shape) > 1 else 1) * max(hp.n_expert_used, 1)
     elif op == "MUL" and role in ("attn_q_norm", "attn_k_norm") and shape[0] == hp.head_dim_k:
         # one norm weight of head_dim applied to every head
         flops = n_elements * (hp.n_head if role == "attn_q_norm" else hp.n_head_kv[layer or 0])

@@ -24,7 +24,8 @@ from .graph import CPU
 from .inventory import read_inventory
 from .machine import buffer_device, buffer_type, gpu_devices, llama_cpp_build
 from .plan import ALIGNMENT_SLACK_BYTES, check_plan, cpu_only_plan, predict_memory
-from .schema import SCHEMA_VERSION, BufferAllocation, MemoryCheck, MemoryReport, Plan, RunStats, read_json
+from .artifacts import read_json
+from .schema import SCHEMA_VERSION, BufferAllocation, MemoryCheck, MemoryReport, Plan, RunStats
 from .units import BYTES_PER_MIB
 
 try:

@@ -161,9 +161,10 @@ def check_plan(inv: ModelInventory, plan: Plan, source: str) -> None:
     """Refuse a plan made for another model, or one whose patterns do not compile or match nothing."""
     if plan.model.tensor_table_sha256 != inv.identity.tensor_table_sha256 or \
             plan.model.file_bytes != inv.identity.file_bytes:
-        raise PlanMismatchError(f"{source} was made for {plan.model.file_name} ({plan.model.file_bytes} bytes), not for "
-                                f"{inv.identity.file_name} ({inv.identity.file_bytes} bytes); make a plan for this "
-                                f"model")
+        made, given = plan.model, inv.identity      # names and sizes can match: the tensor tables tell them apart
+        raise PlanMismatchError(f"{source} was made for {made.file_name} ({made.file_bytes} bytes, tensor table "
+                                f"{made.tensor_table_sha256[:12]}), not for {given.file_name} ({given.file_bytes} "
+                                f"bytes, tensor table {given.tensor_table_sha256[:12]}); make a plan for this model")
     names = [t.name for t in inv.tensors]
     for override in plan.tensor_overrides:
         try:

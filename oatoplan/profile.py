@@ -26,7 +26,8 @@ import numpy as np
 from . import ggml
 from .errors import BackendError, ProfileError
 from .machine import default_threads, gpu_devices, machine_identity
-from .schema import SCHEMA_VERSION, ModelInventory, OpTiming, Profile, TransferTiming, read_json
+from .artifacts import read_json
+from .schema import SCHEMA_VERSION, ModelInventory, OpTiming, Profile, TransferTiming
 
 log = logging.getLogger(__name__)
 

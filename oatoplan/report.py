@@ -5,6 +5,7 @@ renderables. The library builds them; cli.py prints them.
 
 from __future__ import annotations
 
+import io
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
@@ -16,11 +17,13 @@ from rich.table import Table
 from rich.text import Text
 
 from .cost import CostModel
+from .files import Output, write_file
 from .ggml import row_bytes
 from .graph import CPU
 from .inventory import kv_bytes_per_token
 from .measure import stats
-from .schema import BenchArm, BenchResult, Diagnosis, MemoryReport, ModelInventory, Plan, Profile, dumps
+from .artifacts import dumps
+from .schema import BenchArm, BenchResult, Diagnosis, MemoryReport, ModelInventory, Plan, Profile
 from .units import BYTES_PER_MIB, format_bytes, format_flops, mib
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -133,7 +136,7 @@ def to_json(result: BenchResult) -> str:
     return dumps(result)
 
 
-def plot(results: list[BenchResult], out: Path) -> Path:
+def plot(results: list[BenchResult], out: Output | Path) -> Path:
     """Bars of measured prefill and decode tokens/s per arm (error bars: stdev), one panel per workload."""
     import matplotlib   # optional and slow to import: only for the PNG
     matplotlib.use("Agg")
@@ -150,17 +153,18 @@ def plot(results: list[BenchResult], out: Path) -> Path:
             ax.set_title(f"{label}, VRAM budget {(result.budget_bytes or 0) / 2**30:.2f} GiB", fontsize=9)
             ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    return out
+    return write_file(out, png.getvalue(), "png")
 
 
-def write_bench(result: BenchResult, path: Path, bounds: dict[str, float] | None = None) -> list[Path]:
-    """The result as markdown beside its JSON (written by the caller), and as PNG when matplotlib is there."""
-    written = [path.with_suffix(".md")]
-    written[0].write_text(markdown(result, bounds))
+def write_bench(result: BenchResult, md: Output | Path, png: Output | Path,
+                bounds: dict[str, float] | None = None) -> list[Path]:
+    """The result as markdown and, when matplotlib is there, as PNG (the caller writes the JSON)."""
+    written = [write_file(md, markdown(result, bounds), "markdown")]
     try:
-        written.append(plot([result], path.with_suffix(".png")))
+        written.append(plot([result], png))
     except ImportError:
         pass
     return written

@@ -5,20 +5,9 @@ Sizes are bytes, times microseconds, unless a name says otherwise. Tensor names 
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
-
-from .errors import ArtifactError
 
 SCHEMA_VERSION = 1
-
-T = TypeVar("T")
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Model inventory (stage 1: what is in a GGUF file)
@@ -371,104 +360,6 @@ class Check:
 class Diagnosis:
     schema_version: int
     checks: tuple[Check, ...]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# JSON in and out
-
-def to_jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(x) for x in obj]
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    return obj
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(to_jsonable(obj), indent=1) + "\n"
-
-
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    """Build a value of type `tp` from parsed JSON; raises ValueError naming `where` on a mismatch."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, where)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected an object")
-        hints = typing.get_type_hints(tp)
-        known = {f.name for f in dataclasses.fields(tp)}
-        unknown = set(value) - known
-        if unknown:
-            raise ValueError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-        kwargs = {}
-        for f in dataclasses.fields(tp):
-            if f.name in value:
-                kwargs[f.name] = _convert(hints[f.name], value[f.name], f"{where}.{f.name}")
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ValueError(f"{where}: missing field {f.name!r}")
-        return tp(**kwargs)
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise ValueError(f"{where}: expected a list")
-        return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected an object")
-        return {k: _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
-        raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
-    return value
-
-
-def from_jsonable(cls: type[T], data: Any, source: str) -> T:
-    """Check the schema version, then build `cls`; errors name `source` (a file path or a description)."""
-    kind = cls.__name__.lower()
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{source}: not a {kind} (expected a JSON object)")
-    version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ArtifactError(f"{source}: {kind} schema_version {version!r} is not supported (this oatoplan reads "
-                            f"version {SCHEMA_VERSION}); make it again with this version of oatoplan")
-    try:
-        return _convert(cls, data, kind)
-    except (ValueError, TypeError) as exc:
-        raise ArtifactError(f"{source}: invalid {kind}: {exc}") from exc
-
-
-def read_json(cls: type[T], path: str | Path) -> T:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise ArtifactError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    return from_jsonable(cls, data, str(path))
-
-
-def write_json(obj: Any, path: str | Path) -> Path:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(dumps(obj))
-        tmp.replace(path)
-    except OSError as exc:
-        raise ArtifactError(f"{path}: cannot write ({exc.strerror}); choose a writable path") from None
-    return path
 
 
 @dataclass(frozen=True)

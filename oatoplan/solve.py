@@ -18,6 +18,8 @@ with t = prefill + n_gen x decode (or one of them, by the workload's objective).
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ import pulp
 
 from .cost import CostModel, combine, fixed_time_us, predict, ubatches, unit_time_us
 from .errors import OatoError, PlanInfeasibleError, SolverError
+from .files import Output, write_file
 from .graph import CPU, Unit, crossings, model_units, role
 from .memory import Settings, VramTerms, budget_for, gpu_overhead_bytes, usable_bytes, vram_terms
 from .schema import ModelInventory, Prediction, Workload
@@ -177,14 +180,23 @@ def lower_bound(problem: tuple[pulp.LpProblem, dict]) -> float | None:
     return pulp.value(prob.objective) if pulp.LpStatus[status] == "Optimal" else None
 
 
-def solve_instance(inst: _Instance, budget_mib: float, write_lp: Path | None = None, gap: float = GAP_REL,
+def write_lp_file(prob: pulp.LpProblem, out: Output | Path) -> Path:
+    """The program as an LP file through files.write_file (atomic, refuses inputs and other files): pulp writes it
+    into a private temp directory first, since it writes to a path it is given without any check."""
+    with tempfile.TemporaryDirectory(prefix="oatoplan-lp-") as private:
+        prob.writeLP(os.path.join(private, "problem.lp"))
+        text = Path(private, "problem.lp").read_bytes()
+    return write_file(out, text, "lp")
+
+
+def solve_instance(inst: _Instance, budget_mib: float, write_lp: Output | Path | None = None, gap: float = GAP_REL,
                    start: list[int] | None = None,
                    problem: tuple[pulp.LpProblem, dict] | None = None) -> tuple[list[int], float] | None:
     """Optimal x for one candidate (within `gap`), and its objective (us); None when nothing fits. `start`: a
     feasible placement CBC starts from (the greedy one); `problem`: the candidate's program, if already built."""
     prob, x = problem or build_problem(inst, budget_mib)
     if write_lp:
-        prob.writeLP(str(write_lp))
+        write_lp_file(prob, write_lp)
     if start is not None:
         for i, value in enumerate(start):
             x[i].setInitialValue(value)
@@ -229,7 +241,7 @@ def smallest_gpu_mib(cost: CostModel, inv: ModelInventory, workload: Workload) -
 
 
 def solve(inv: ModelInventory, cost: CostModel, budget_bytes: int, workload: Workload,
-          write_lp: Path | None = None) -> Solution:
+          write_lp: Output | Path | None = None) -> Solution:
     """The fastest placement within `budget_bytes` of VRAM for `workload` (every candidate settings' ILP)."""
     if not cost.gpu:
         raise OatoError(f"profile {cost.profile.profile_id} has no GPU; profile on the machine with the GPU "
@@ -263,7 +275,7 @@ def solve(inv: ModelInventory, cost: CostModel, budget_bytes: int, workload: Wor
                                   f"{-(-int(need) // BYTES_PER_MIB)}MiB or more), or run it all on the CPU")
     best_us, s, inst, chosen = min(results, key=lambda r: (r[0], r[1].n_ubatch, not r[1].op_offload))
     if write_lp:
-        build_problem(inst, budget_mib)[0].writeLP(str(write_lp))
+        write_lp_file(build_problem(inst, budget_mib)[0], write_lp)
     devices = {u.key: (cost.gpu if c else CPU) for u, c in zip(inst.units, chosen)}
     return Solution(devices, s, predict(cost, inv, devices, workload, s), best_us, time.perf_counter() - started,
                     tuple((r[1], r[0]) for r in results))

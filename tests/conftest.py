@@ -3,11 +3,12 @@ PyPI, and the header of a real Qwen2-7B file as a sparse (zero-weight, no-disk) 
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFWriter, TokenType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, TokenType
 from gguf.quants import quantize
 from typer.testing import CliRunner
 
@@ -89,6 +90,60 @@ def write_tiny_llama(path: Path, *, n_layer: int = TINY["n_layer"], tied: bool =
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
+
+
+# --- GGUF files byte by byte: values gguf's writer refuses to write (wrong types, invalid UTF-8, empty arrays) ----
+
+_STRUCT = {GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H", GGUFValueType.INT16: "h",
+           GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i", GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?",
+           GGUFValueType.UINT64: "Q", GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d"}
+
+
+def gguf_parts(path: Path) -> tuple[list, list]:
+    """A GGUF file as (metadata, tensors): [(key, value type, value)] with an array's value as (item type,
+    [values]), and [(name, shape in ggml order, ggml type, data bytes)]; write_gguf writes them back."""
+    reader = GGUFReader(path)
+    metadata = []
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        if field.types[0] == GGUFValueType.ARRAY:
+            metadata.append((key, GGUFValueType.ARRAY, (field.types[1], field.contents())))
+        else:
+            metadata.append((key, field.types[0], field.contents()))
+    tensors = [(t.name, [int(d) for d in t.shape], int(t.tensor_type), t.data.tobytes()) for t in reader.tensors]
+    return metadata, tensors
+
+
+def _gguf_string(text: str | bytes) -> bytes:
+    raw = text.encode() if isinstance(text, str) else text
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _gguf_value(value_type: int, value) -> bytes:
+    if value_type == GGUFValueType.STRING:
+        return _gguf_string(value)
+    if value_type == GGUFValueType.ARRAY:
+        item_type, items = value
+        return struct.pack("<IQ", item_type, len(items)) + b"".join(_gguf_value(item_type, v) for v in items)
+    return struct.pack("<" + _STRUCT[GGUFValueType(value_type)], value)
+
+
+def write_gguf(path: Path, metadata: list, tensors: list, alignment: int = 32) -> Path:
+    """Write (metadata, tensors) as gguf_parts gives them, as GGUF version 3, without checking anything."""
+    out = bytearray(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata)))
+    for key, value_type, value in metadata:
+        out += _gguf_string(key) + struct.pack("<I", value_type) + _gguf_value(value_type, value)
+    offset = 0
+    for name, shape, ggml_type, data in tensors:
+        out += _gguf_string(name) + struct.pack(f"<I{len(shape)}Q", len(shape), *shape)
+        out += struct.pack("<IQ", ggml_type, offset)
+        offset += -(-len(data) // alignment) * alignment
+    out += bytes(-len(out) % alignment)
+    for _, _, _, data in tensors:
+        out += data + bytes(-len(data) % alignment)
+    path.write_bytes(bytes(out))
     return path
 
 

@@ -12,7 +12,8 @@ from oatoplan.inventory import read_inventory
 from oatoplan.measure import run_bench
 from oatoplan.plan import cpu_only_plan, make_plan, plan_model, plan_settings
 from oatoplan.report import markdown, plot
-from oatoplan.schema import BenchResult, Workload, read_json, write_json
+from oatoplan.artifacts import read_json, write_json
+from oatoplan.schema import BenchResult, Workload
 from profiles import synthetic_profile
 
 

@@ -35,7 +35,8 @@ def test_version(cli):
 def test_plan_writes_a_plan_the_loader_accepts(qwen_header_model, cli, tmp_path):
     from oatoplan.plan import check_plan
     from oatoplan.inventory import read_inventory
-    from oatoplan.schema import Plan, read_json, write_json
+    from oatoplan.artifacts import read_json, write_json
+    from oatoplan.schema import Plan
     from profiles import synthetic_profile
     profile = write_json(synthetic_profile(), tmp_path / "profile.json")
     out, lp = tmp_path / "plan.json", tmp_path / "plan.lp"
@@ -59,7 +60,7 @@ def test_plan_writes_a_plan_the_loader_accepts(qwen_header_model, cli, tmp_path)
     (["--vram", "3GiB", "--profile", "profiles/cpu-devbox-2core.json"], "has no GPU"),
 ])
 def test_plan_bad_input(qwen_header_model, cli, tmp_path, args, message):
-    from oatoplan.schema import write_json
+    from oatoplan.artifacts import write_json
     from profiles import synthetic_profile
     profile = write_json(synthetic_profile(), tmp_path / "profile.json")
     if "--profile" not in args:
@@ -71,7 +72,7 @@ def test_plan_bad_input(qwen_header_model, cli, tmp_path, args, message):
 
 
 def test_bench_bad_objective(qwen_header_model, cli, tmp_path):
-    from oatoplan.schema import write_json
+    from oatoplan.artifacts import write_json
     from profiles import synthetic_profile
     profile = write_json(synthetic_profile(), tmp_path / "profile.json")
     result = cli(["bench", qwen_header_model, "--vram", "3GiB", "--profile", profile, "--objective", "fast",

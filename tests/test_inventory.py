@@ -1,11 +1,14 @@
 """Inventory numbers against independently known facts, and every kind of bad input."""
 
 import json
+import os
 import struct
 import time
 
 import pytest
+from gguf import GGUFValueType
 
+from conftest import gguf_parts, write_gguf
 from oatoplan.errors import ModelFileError
 from oatoplan.inventory import kv_bytes_per_token, kv_cells, read_inventory
 
@@ -38,6 +41,9 @@ def test_unknown_tensor_is_listed_as_other(tmp_path):
     import numpy as np
     writer = GGUFWriter(str(tmp_path / "odd.gguf"), "llama")
     writer.add_block_count(1)
+    writer.add_context_length(512)
+    writer.add_embedding_length(64)
+    writer.add_head_count(4)
     writer.add_tensor("blk.0.mystery.weight", np.zeros(32, np.float32))
     writer.add_tensor("something_else", np.zeros(32, np.float32))
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
@@ -154,9 +160,126 @@ def test_debug_shows_the_traceback(tmp_path, cli):
 
 
 def test_inspect_json_round_trips(tiny_model, cli):
-    from oatoplan.schema import ModelInventory, from_jsonable
+    from oatoplan.artifacts import from_jsonable
+    from oatoplan.schema import ModelInventory
     result = cli(["inspect", "--json", tiny_model])
     assert result.exit_code == 0
     data = json.loads(result.stdout)
     assert data["schema_version"] == 1
     assert from_jsonable(ModelInventory, data, "stdout") == read_inventory(tiny_model)
+
+
+# --- metadata and tensors of the wrong type or out of range (issue 16, item 2): one line naming file and key -----
+
+U32, STR, ARR = GGUFValueType.UINT32, GGUFValueType.STRING, GGUFValueType.ARRAY
+
+
+@pytest.mark.parametrize("key, value_type, value, expected", [
+    ("general.architecture", STR, b"ll\xffama", "general.architecture is not valid UTF-8"),
+    ("general.architecture", U32, 3, "general.architecture is a uint32, not a string"),
+    ("llama.block_count", STR, "4", "llama.block_count is a string, not an integer"),
+    ("llama.block_count", GGUFValueType.UINT64, 4_000_000_000, "llama.block_count is 4000000000, outside 1..10000"),
+    ("llama.block_count", U32, None, "llama.block_count is missing"),
+    ("llama.embedding_length", GGUFValueType.FLOAT32, 64.0, "llama.embedding_length is a float32, not an integer"),
+    ("llama.context_length", GGUFValueType.INT32, -1, "llama.context_length is -1, outside 1.."),
+    ("llama.attention.head_count", U32, 0, "llama.attention.head_count is 0 on every layer"),
+    ("llama.attention.head_count_kv", ARR, (U32, []), "head_count_kv is an array of 0 uint32, not an integer or an "
+                                                      "array of 4 integers"),
+    ("llama.attention.head_count_kv", U32, 3, "head_count_kv is 3 on layer 0, which does not divide its "
+                                              "head_count 4"),
+    ("llama.attention.head_count_kv", ARR, (U32, [2, 2, 2, 8]), "is 8 on layer 3"),
+    ("llama.feed_forward_length", ARR, (STR, ["a"] * 4), "feed_forward_length is an array of 4 string"),
+    ("llama.expert_count", U32, 8, "llama.expert_used_count is 0 or missing with 8 experts"),
+    ("llama.expert_used_count", U32, 2, "llama.expert_used_count is 2, outside 0..0"),
+    ("tokenizer.ggml.tokens", ARR, (GGUFValueType.INT32, [1, 2]), "tokenizer.ggml.tokens is an array of 2 int32, "
+                                                                  "not an array of strings"),
+    ("llama.attention.sliding_window", U32, 16, None),      # accepted: llama has no default pattern, a warning
+])
+def test_bad_metadata(tmp_path, tiny_model, cli, key, value_type, value, expected):
+    metadata, tensors = gguf_parts(tiny_model)
+    metadata = [m for m in metadata if m[0] != key] + ([(key, value_type, value)] if value is not None else [])
+    path = write_gguf(tmp_path / "model.gguf", metadata, tensors)
+    if expected is None:
+        assert "no layer pattern" in read_inventory(path).warnings[0]
+        return
+    with pytest.raises(ModelFileError) as err:
+        read_inventory(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: metadata ") and expected in message
+    assert "the file is damaged or not a model oatoplan supports" in message
+    result = cli(["inspect", path])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1 and expected in result.stderr
+
+
+@pytest.mark.parametrize("tensor, change, expected", [
+    (1, dict(shape=[]), "tensor blk.0.attn_norm.weight has 0 dimensions"),
+    (1, dict(shape=[64, 0]), "tensor blk.0.attn_norm.weight has an empty dimension"),
+    (1, dict(shape=[1, 1, 1, 1, 64]), "has 5 dimensions"),
+    (1, dict(name="blk.12345678901234567890.attn_norm.weight"), "is in block 12345678901234567890, but the model "
+                                                                "has 4 blocks"),
+    (1, dict(name="blk.4.attn_norm.weight"), "is in block 4, but the model has 4 blocks"),
+    (1, dict(name="blk.00.attn_norm.weight"), "is in block 00"),
+    (1, dict(name="blk.0." + "x" * 70), "bytes long (llama.cpp allows 63)"),
+    (1, dict(ggml_type=12), "row length 64 is not a multiple of Q4_K's block of 256"),
+    (1, dict(shape=[1 << 40, 1 << 40]), "tensor data is truncated"),
+])
+def test_bad_tensor_table(tmp_path, tiny_model, cli, tensor, change, expected):
+    metadata, tensors = gguf_parts(tiny_model)
+    name, shape, ggml_type, data = tensors[tensor]
+    tensors[tensor] = (change.get("name", name), change.get("shape", shape), change.get("ggml_type", ggml_type), data)
+    path = write_gguf(tmp_path / "model.gguf", metadata, tensors)
+    with pytest.raises(ModelFileError) as err:
+        read_inventory(path)
+    assert str(err.value).startswith(f"{path}: ") and expected in str(err.value)
+    result = cli(["inspect", path])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_per_layer_arrays_are_read(tmp_path, tiny_model):
+    metadata, tensors = gguf_parts(tiny_model)
+    metadata = [m for m in metadata if m[0] != "llama.attention.head_count_kv"]
+    metadata.append(("llama.attention.head_count_kv", ARR, (U32, [2, 1, 4, 2])))
+    path = write_gguf(tmp_path / "model.gguf", metadata, tensors)
+    inv = read_inventory(path)      # a byte-by-byte rewrite reads as the original, but for the changed key
+    assert inv.hparams.n_head_kv == (2, 1, 4, 2) and inv.tensors == read_inventory(tiny_model).tensors
+
+
+def test_a_fifo_is_refused_without_reading(tmp_path, cli):
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    with pytest.raises(ModelFileError, match="is a FIFO; pass a .gguf model file"):
+        read_inventory(fifo)
+    result = cli(["inspect", fifo])
+    assert result.exit_code == 1 and "is a FIFO" in result.stderr
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b"GGUF", "not a GGUF file (only 4 bytes)"),
+    (b"GGUG\x03\x00\x00\x00" + bytes(100), "not a GGUF file (it starts with b'GGUG', not GGUF)"),
+])
+def test_messages_say_what_differs(tmp_path, data, expected):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(data)
+    with pytest.raises(ModelFileError) as err:
+        read_inventory(path)
+    assert expected in str(err.value)
+
+
+def test_plan_mismatch_names_what_differs(tmp_path, tiny_model):
+    from oatoplan.errors import PlanMismatchError
+    from oatoplan.plan import check_plan, cpu_only_plan
+    metadata, tensors = gguf_parts(tiny_model)
+    (tmp_path / "b").mkdir()
+    same = write_gguf(tmp_path / "tiny-llama.gguf", metadata, tensors)
+    q, k = (next(i for i, t in enumerate(tensors) if t[0] == name) for name in ("blk.0.attn_q.weight",
+                                                                                  "blk.0.attn_k.weight"))
+    tensors[q], tensors[k] = (tensors[k][0],) + tensors[q][1:], (tensors[q][0],) + tensors[k][1:]
+    swapped = write_gguf(tmp_path / "b" / "tiny-llama.gguf", metadata, tensors)   # same name, same size
+    assert same.stat().st_size == swapped.stat().st_size
+    a, b = read_inventory(same), read_inventory(swapped)
+    with pytest.raises(PlanMismatchError) as err:
+        check_plan(b, cpu_only_plan(a), "p.json")
+    assert f"tensor table {a.identity.tensor_table_sha256[:12]}), not for" in str(err.value)
+    assert f"tensor table {b.identity.tensor_table_sha256[:12]}); make a plan" in str(err.value)

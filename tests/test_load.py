@@ -11,7 +11,8 @@ from oatoplan.inventory import read_inventory
 from oatoplan.load import generate, load, run_stats
 from oatoplan.machine import devices, gpu_devices
 from oatoplan.plan import cpu_only_plan, make_plan, merge_pattern
-from oatoplan.schema import TensorOverride, write_json
+from oatoplan.artifacts import write_json
+from oatoplan.schema import TensorOverride
 
 needs_cpu_only_build = pytest.mark.skipif(bool(gpu_devices()), reason="needs a CPU-only llama.cpp build")
 

@@ -9,7 +9,8 @@ from oatoplan.graph import CPU
 from oatoplan.inventory import read_inventory
 from oatoplan.plan import (TIED_OUTPUT, check_plan, default_device, layer_devices, llama_cpp_flags, make_plan,
                            merge_pattern, predict_memory, tensor_devices)
-from oatoplan.schema import Plan, dumps, from_jsonable
+from oatoplan.artifacts import dumps, from_jsonable
+from oatoplan.schema import Plan
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ import pytest
 
 from oatoplan import profile as profiler
 from oatoplan.cost import CostModel
-from oatoplan.schema import Profile, read_json, write_json
+from oatoplan.artifacts import read_json, write_json
+from oatoplan.schema import Profile
 
 
 @pytest.fixture
