@@ -1,6 +1,6 @@
-"""Build the patched llama-cpp-python: the pinned sdist (sha256 checked), our patch series from `patches/`, a wheel
-built with CMake options for this machine, cached by (sdist, series, options), installed into this environment.
-Entry point: `build(...)` -> BuildResult.
+"""Build the patched llama-cpp-python: the pinned sdist (sha256 checked), our patch series (package data:
+oatoplan/patches, oatoplan/native), a wheel built with CMake options for this machine, cached by (sdist, series,
+options), installed into this environment. Entry point: `build(...)` -> BuildResult.
 
 Offline-friendly: `sdist` may be a local file, and `build_isolation=False` uses the build tools already installed
 (scikit-build-core, cmake, ninja), as on the GPU machine, which has no network.
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import OatoError
+from .paths import NATIVE_DIR, PATCHES_DIR
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,8 @@ SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 # sha256 of the sdist as PyPI serves it (https://pypi.org/simple/llama-cpp-python/, 2026-11-22)
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 INDEX_URL = "https://pypi.org/simple/llama-cpp-python/"
-PATCHES_DIR = Path(__file__).resolve().parent.parent / "patches"
-# our own sources: native/X is copied to vendor/llama.cpp/ggml/src/X before the series is applied (the patches
-# wire them into the build)
-NATIVE_DIR = Path(__file__).resolve().parent.parent / "native"
+# native/X (paths.NATIVE_DIR) is copied here, relative to the source tree, before the series is applied (the patches
+# wire the files into the build)
 NATIVE_DEST = Path("vendor") / "llama.cpp" / "ggml" / "src"
 CACHE_DIR = Path(os.environ.get("OATOPLAN_CACHE", Path.home() / ".cache" / "oatoplan"))
 
@@ -55,7 +54,7 @@ def series(patches_dir: Path = PATCHES_DIR) -> list[Path]:
     """The patches named in `series`, in order (blank lines and # comments skipped)."""
     listing = patches_dir / "series"
     if not listing.exists():
-        raise BuildError(f"{listing}: no series file; patches/ must list its patches in order")
+        raise BuildError(f"{listing}: no series file; {patches_dir} must list its patches in order")
     names = [line.strip() for line in listing.read_text().splitlines() if line.strip() and not line.startswith("#")]
     missing = [n for n in names if not (patches_dir / n).exists()]
     if missing:
@@ -151,7 +150,7 @@ def apply_series(source: Path, patches: list[Path], digest: str, native_dir: Pat
             if run.returncode != 0:
                 raise BuildError(f"patch {p.name} does not apply to llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}: "
                                  f"{(run.stdout + run.stderr).strip().splitlines()[0]}; fix or drop it in "
-                                 f"patches/series")
+                                 f"{p.parent / 'series'}")
     header = source / "vendor" / "llama.cpp" / "src" / "oato-series.h"
     names = ",".join(p.stem for p in patches)
     header.write_text(f'#pragma once\n#define OATO_PATCH_SERIES "{digest}:{names}"\n')

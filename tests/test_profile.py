@@ -4,6 +4,7 @@ import pytest
 
 from oatoplan import profile as profiler
 from oatoplan.cost import CostModel
+from oatoplan.paths import SHIPPED_PROFILES_DIR
 from oatoplan.schema import Profile, read_json, write_json
 
 
@@ -37,7 +38,7 @@ def test_cpu_profile_measures_every_op(small_grid, tmp_path):
 
 
 def test_profile_show(cli):
-    result = cli(["profile", "--show", "profiles/cpu-devbox-2core.json"])
+    result = cli(["profile", "--show", SHIPPED_PROFILES_DIR / "cpu-devbox-2core.json"])
     assert result.exit_code == 0, result.stderr
     assert "MUL_MAT" in result.stdout and "Q4_K" in result.stdout
 
