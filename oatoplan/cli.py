@@ -28,6 +28,7 @@ from .cost import CostModel
 from .errors import OatoError
 from .ggml import row_bytes
 from .inventory import kv_bytes_per_token, read_inventory
+from .paths import user_profile_dir
 from .schema import OBJECTIVES, ModelInventory, Plan, Profile, Workload, dumps, read_json, write_json
 from .units import format_bytes, format_flops, mib
 
@@ -202,8 +203,8 @@ def _workload(prompt: int, gen: int, depth: int, objective: str) -> Workload:
 PromptOpt = Annotated[int, typer.Option("--prompt", help="Prompt tokens of the workload.")]
 GenOpt = Annotated[int, typer.Option("--gen", help="Generated tokens of the workload.")]
 DepthOpt = Annotated[int, typer.Option("--depth", help="Tokens already in the KV cache.")]
-ProfileOpt = Annotated[Optional[Path], typer.Option("--profile", help="Profile JSON; default: the newest one in "
-                                                                      "profiles/ for this machine's GPU.")]
+ProfileOpt = Annotated[Optional[Path], typer.Option("--profile", help="Profile JSON; default: the newest for this "
+                                                                      "machine's GPU, yours first, then oatoplan's.")]
 
 
 @app.command()
@@ -215,8 +216,8 @@ def profile(
     calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="With --model: decode the model "
                                                                               "in four placements and fit the "
                                                                               "decode factors.")] = True,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the profile (default "
-                                                                    "profiles/<id>.json).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the profile (default <id>.json "
+                                                                    "in your profile directory).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: all logical "
                                                                            "CPUs).")] = None,
     cpu: Annotated[bool, typer.Option("--cpu", help="Profile only the CPU, even with a GPU present.")] = False,
@@ -244,7 +245,7 @@ def profile(
         return
     inv = read_inventory(model) if model else None
     from .load import gpu_devices
-    _writable(out or Path("profiles") / "x.json")     # before minutes of measuring, not after
+    _writable(out or user_profile_dir() / "x.json")     # before minutes of measuring, not after
     gpus = [] if cpu else gpu_devices()
     with _progress("profiling") as update:
         result = measure_profile(inv, gpu_device=gpus[0].name if gpus else None, n_threads=threads,
@@ -253,7 +254,7 @@ def profile(
         from .calibrate import calibrate as calibrate_decode
         with _progress("calibrating decode") as update:
             result = calibrate_decode(model, result, reps, update)
-    path = write_json(result, out or Path("profiles") / f"{result.profile_id}.json")
+    path = write_json(result, out or user_profile_dir() / f"{result.profile_id}.json")
     for note in result.notes:
         stderr.print(f"oatoplan: note: {note}", markup=False)
     stdout.print(f"wrote {path} ({len(result.ops)} operator points, {result.duration_s:.0f} s)")
