@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib
+import importlib.util
 import logging
 import os
 from types import SimpleNamespace
@@ -79,8 +80,9 @@ def machine_gpus(monkeypatch):
     """Pretend this machine has the GPUs named (by llama.cpp's device description); none by default."""
     def pretend(*names: str) -> None:
         fake = [SimpleNamespace(name=f"CUDA{i}", description=n, type="GPU") for i, n in enumerate(names)]
-        monkeypatch.setattr(load, "gpu_devices", lambda: fake)
-        monkeypatch.setattr(profiler, "gpu_devices", lambda: fake, raising=False)   # if imported at the top
+        for module in [load, profiler] + [importlib.import_module(m) for m in ("oatoplan.machine",)
+                                          if importlib.util.find_spec(m)]:
+            monkeypatch.setattr(module, "gpu_devices", lambda: fake, raising=False)   # where it may be looked up
     pretend()
     return pretend
 
