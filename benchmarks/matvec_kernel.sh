@@ -12,7 +12,8 @@ GGML_LIB=${GGML_LIB:-$(python3 -c "$LIB_OF_LLAMA_CPP")}
 BIN=$(mktemp -d)/matvec_kernel
 gcc -O3 ${CFLAGS_EXTRA:-} -mavx2 -mfma -mf16c -fopenmp -ffp-contract=off \
     -I"$LCPP_SRC/ggml/include" -I"$LCPP_SRC/ggml/src" \
-    -I"$REPO/native/ggml-cpu" "$REPO/benchmarks/matvec_kernel.c" "$REPO/native/ggml-cpu/oato-matvec.c" \
+    -I"$REPO/oatoplan/native/ggml-cpu" "$REPO/benchmarks/matvec_kernel.c" \
+    "$REPO/oatoplan/native/ggml-cpu/oato-matvec.c" \
     -L"$GGML_LIB" -lggml-cpu -lggml-base -Wl,-rpath,"$GGML_LIB" -o "$BIN"
 printf '{"machine": "%s", "cpu": "%s", "cpus": %s, "date": "%s", "command": "%s"}\n' "$(hostname)" \
     "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')" "$(nproc)" "$(date -u +%FT%TZ)" \

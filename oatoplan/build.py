@@ -1,6 +1,6 @@
-"""Build the patched llama-cpp-python: the pinned sdist (sha256 checked), our patch series from `patches/`, a wheel
-built with CMake options for this machine, cached by (sdist, series, options), installed into this environment.
-Entry point: `build(...)` -> BuildResult.
+"""Build the patched llama-cpp-python: the pinned sdist (sha256 checked), our patch series (package data:
+oatoplan/patches, oatoplan/native), a wheel built with CMake options for this machine, cached by (sdist, series,
+options) with its sha256 recorded beside it, installed into this environment. Entry point: `build(...)` -> BuildResult.
 
 Offline-friendly: `sdist` may be a local file, and `build_isolation=False` uses the build tools already installed
 (scikit-build-core, cmake, ninja), as on the GPU machine, which has no network.
@@ -8,20 +8,26 @@ Offline-friendly: `sdist` may be a local file, and `build_isolation=False` uses 
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import hashlib
+import json
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BuildError
+from .paths import NATIVE_DIR, PATCHES_DIR, build_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +36,15 @@ SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 # sha256 of the sdist as PyPI serves it (https://pypi.org/simple/llama-cpp-python/, 2026-11-22)
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 INDEX_URL = "https://pypi.org/simple/llama-cpp-python/"
-PATCHES_DIR = Path(__file__).resolve().parent.parent / "patches"
-# our own sources: native/X is copied to vendor/llama.cpp/ggml/src/X before the series is applied (the patches
-# wire them into the build)
-NATIVE_DIR = Path(__file__).resolve().parent.parent / "native"
+# native/X (paths.NATIVE_DIR) is copied here, relative to the source tree, before the series is applied (the patches
+# wire the files into the build)
 NATIVE_DEST = Path("vendor") / "llama.cpp" / "ggml" / "src"
-CACHE_DIR = Path(os.environ.get("OATOPLAN_CACHE", Path.home() / ".cache" / "oatoplan"))
+# beside each cached wheel: its sha256 as built, checked before the wheel is used again
+WHEEL_RECORD = "wheel.json"
+WHEEL_RECORD_VERSION = 1
+# CMAKE_CUDA_ARCHITECTURES: one of CMake's special values, or a ;-separated list of compute capabilities (90, 90a,
+# 120f), each optionally -real (SASS only) or -virtual (PTX only)
+_CUDA_ARCH = re.compile(r"native|all|all-major|\d+[af]?(?:-real|-virtual)?(?:;\d+[af]?(?:-real|-virtual)?)*")
 
 
 @dataclass(frozen=True)
@@ -47,11 +56,22 @@ class BuildResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class WheelRecord:
+    """What `build` wrote into a cache directory: the wheel's file name and sha256 as built."""
+    schema_version: int
+    wheel: str
+    sha256: str
+    series_hash: str
+    cmake_args: str
+    built_utc: str
+
+
 def series(patches_dir: Path = PATCHES_DIR) -> list[Path]:
     """The patches named in `series`, in order (blank lines and # comments skipped)."""
     listing = patches_dir / "series"
     if not listing.exists():
-        raise BuildError(f"{listing}: no series file; patches/ must list its patches in order")
+        raise BuildError(f"{listing}: no series file; {patches_dir} must list its patches in order")
     names = [line.strip() for line in listing.read_text().splitlines() if line.strip() and not line.startswith("#")]
     missing = [n for n in names if not (patches_dir / n).exists()]
     if missing:
@@ -76,15 +96,34 @@ def series_hash(patches: list[Path], native_dir: Path = NATIVE_DIR) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_cuda_arch(cuda_arch: str) -> str:
+    """`cuda_arch` if it is a CMAKE_CUDA_ARCHITECTURES value (it goes into CMAKE_ARGS, which is split on spaces)."""
+    if not _CUDA_ARCH.fullmatch(cuda_arch):
+        raise BuildError(f"--cuda-arch {cuda_arch!r} is not a CUDA architecture list; give compute capabilities "
+                         f"separated by ';' (e.g. 90, or '86;89', optionally 90-real / 90-virtual), or native, all, "
+                         f"all-major")
+    return cuda_arch
+
+
 def cmake_args(cuda: bool, cuda_arch: str | None, native: bool = False) -> str:
     """CMake options: CUDA for the given architectures; CPU code for any x86-64 machine of the last decade
     (GGML_CPU_ALL_VARIANTS would need GGML_BACKEND_DL, which llama-cpp-python's loader does not do), or with
     `native` for this machine's CPU only (the wheel's cache key then includes the CPU's feature flags)."""
+    if cuda_arch is not None and not cuda:
+        raise BuildError(f"--cuda-arch {cuda_arch} needs --cuda (a CPU-only build has no CUDA architectures)")
     portable = ["-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON"]
     args = ["-DGGML_NATIVE=ON"] if native else portable
     if cuda:
-        args += ["-DGGML_CUDA=ON"] + ([f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}"] if cuda_arch else [])
+        args += ["-DGGML_CUDA=ON"]
+        args += [f"-DCMAKE_CUDA_ARCHITECTURES={check_cuda_arch(cuda_arch)}"] if cuda_arch is not None else []
     return " ".join(args)
+
+
+def cache_key(origin: str, digest: str, options: str, native: bool = False) -> str:
+    """16 hex digits naming a wheel in the cache: the source (sdist hash or tree path), the series, the CMake
+    options, this Python's version and, for -march=native wheels, this CPU's flags."""
+    cpu = f"|{_cpu_flags()}" if native else ""
+    return hashlib.sha256(f"{origin}|{digest}|{options}|{sys.version_info[:2]}{cpu}".encode()).hexdigest()[:16]
 
 
 def _cpu_flags() -> str:
@@ -96,20 +135,26 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def check_sdist(path: Path) -> Path:
     if not path.is_file():
         raise BuildError(f"{path}: no such file; pass the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = _sha256(path)
     if digest != SDIST_SHA256:
         raise BuildError(f"{path}: sha256 {digest[:16]}... is not the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} "
                          f"sdist ({SDIST_SHA256[:16]}...); download it again")
     return path
 
 
-def fetch_sdist(cache_dir: Path = CACHE_DIR) -> Path:
+def fetch_sdist(cache_dir: Path) -> Path:
     """The pinned sdist from PyPI (its simple JSON index names the file's URL), kept in the cache."""
-    import json
-    import urllib.request
     cached = cache_dir / "sdist" / SDIST_NAME
     if cached.exists():
         return check_sdist(cached)
@@ -147,29 +192,70 @@ def apply_series(source: Path, patches: list[Path], digest: str, native_dir: Pat
             if run.returncode != 0:
                 raise BuildError(f"patch {p.name} does not apply to llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}: "
                                  f"{(run.stdout + run.stderr).strip().splitlines()[0]}; fix or drop it in "
-                                 f"patches/series")
+                                 f"{p.parent / 'series'}")
     header = source / "vendor" / "llama.cpp" / "src" / "oato-series.h"
     names = ",".join(p.stem for p in patches)
     header.write_text(f'#pragma once\n#define OATO_PATCH_SERIES "{digest}:{names}"\n')
 
 
+def record_wheel(wheel: Path, digest: str, options: str) -> WheelRecord:
+    """Write WHEEL_RECORD beside a freshly built `wheel` (atomically: a half-written record is never read)."""
+    built = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    record = WheelRecord(WHEEL_RECORD_VERSION, wheel.name, _sha256(wheel), digest, options, built)
+    fd, tmp = tempfile.mkstemp(dir=wheel.parent, prefix=".wheel-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(dataclasses.asdict(record), indent=1) + "\n")
+        os.replace(tmp, wheel.parent / WHEEL_RECORD)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return record
+
+
+def cached_wheel(wheel_dir: Path) -> Path | None:
+    """The wheel recorded in `wheel_dir` after its sha256 was checked against the record; None when no record is
+    there (nothing cached, an interrupted build, or a wheel cached by an older oatoplan: it is built again)."""
+    record_file = wheel_dir / WHEEL_RECORD
+    if not record_file.is_file():
+        if any(wheel_dir.glob("*.whl")):
+            log.warning("%s: a wheel without a sha256 record (an interrupted build or an older oatoplan); building "
+                        "it again", wheel_dir)
+        return None
+    fix = f"delete {wheel_dir} and run oatoplan build again"
+    try:
+        record = WheelRecord(**json.loads(record_file.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise BuildError(f"{record_file}: not a wheel record ({exc}); {fix}") from None
+    if record.schema_version != WHEEL_RECORD_VERSION or not isinstance(record.wheel, str) or \
+            not re.fullmatch(r"llama_cpp_python-[\w.+-]+\.whl", record.wheel):
+        raise BuildError(f"{record_file}: not a wheel record of this oatoplan; {fix}")
+    wheel = wheel_dir / record.wheel
+    if not wheel.is_file():
+        raise BuildError(f"{wheel}: recorded in {record_file} but missing; {fix}")
+    actual = _sha256(wheel)
+    if actual != record.sha256:
+        raise BuildError(f"{wheel}: sha256 {actual[:16]}... is not the {str(record.sha256)[:16]}... recorded when it "
+                         f"was built (the file changed in the cache); {fix}")
+    return wheel
+
+
 def build(*, cuda: bool, cuda_arch: str | None = None, sdist: Path | None = None, source: Path | None = None,
-          install: bool = True, build_isolation: bool = True, cache_dir: Path = CACHE_DIR,
+          install: bool = True, build_isolation: bool = True, cache_dir: Path | None = None,
           patches_dir: Path = PATCHES_DIR, native: bool = False) -> BuildResult:
     """Build (or take from the cache) and install the patched wheel. `source`: an unpacked (possibly trimmed)
     llama-cpp-python 0.3.36 tree instead of the sdist, copied before patching (not checksummed: the GPU machine
-    gets a trimmed tree because the sdist is too big to carry)."""
+    gets a trimmed tree because the sdist is too big to carry). `cache_dir`: default paths.build_cache_dir()."""
     started = time.perf_counter()
+    cache_dir = cache_dir or build_cache_dir()
     patches = series(patches_dir)
     digest = series_hash(patches)
     options = cmake_args(cuda, cuda_arch, native)
     origin = SDIST_SHA256 if source is None else f"tree:{Path(source).resolve()}"
-    cpu = f"|{_cpu_flags()}" if native else ""
-    key = hashlib.sha256(f"{origin}|{digest}|{options}|{sys.version_info[:2]}{cpu}".encode()).hexdigest()[:16]
-    wheel_dir = cache_dir / "wheels" / key
-    wheels = sorted(wheel_dir.glob("llama_cpp_python-*.whl")) if wheel_dir.exists() else []
-    cached = bool(wheels)
-    if not cached:
+    wheel_dir = cache_dir / "wheels" / cache_key(origin, digest, options, native)
+    wheel = cached_wheel(wheel_dir)
+    cached = wheel is not None
+    if wheel is None:
         with tempfile.TemporaryDirectory(prefix="oatoplan-build-") as tmp:
             tree = Path(tmp) / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
             if source is not None:
@@ -191,12 +277,16 @@ def build(*, cuda: bool, cuda_arch: str | None = None, sdist: Path | None = None
                 log.error("pip wheel output (last lines):\n%s", tail)
                 raise BuildError(f"building llama-cpp-python with {len(patches)} patches failed (CMAKE_ARGS "
                                  f"{options}); run with --debug to see the compiler output")
+            built = sorted(out.glob("llama_cpp_python-*.whl"))
+            if len(built) != 1:
+                raise BuildError(f"pip wheel made {len(built)} llama-cpp-python wheels, not one; run with --debug")
             wheel_dir.mkdir(parents=True, exist_ok=True)
-            wheels = [Path(shutil.copy2(w, wheel_dir)) for w in out.glob("llama_cpp_python-*.whl")]
+            wheel = Path(shutil.copy2(built[0], wheel_dir))
+            record_wheel(wheel, digest, options)
     if install:
-        run = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", str(wheels[0])],
+        run = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", str(wheel)],
                              capture_output=True, text=True)
         if run.returncode != 0:
-            raise BuildError(f"pip could not install {wheels[0].name}: {run.stderr.strip().splitlines()[-1]}")
-    return BuildResult(wheels[0], digest, options, cached, time.perf_counter() - started)
+            raise BuildError(f"pip could not install {wheel.name}: {run.stderr.strip().splitlines()[-1]}")
+    return BuildResult(wheel, digest, options, cached, time.perf_counter() - started)
 

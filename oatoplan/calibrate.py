@@ -1,7 +1,7 @@
 """Decode calibration (part of the profile stage): the profile times isolated operators, but inside llama.cpp's
 decode graph both sides run at another speed (GPU kernels faster than in isolation, CPU mat-vecs slower, and a
 CPU<->GPU crossing dearer than measured back to back; likely, not shown: the CPU threads sleep during each GPU phase
-and must be woken; the fitted values of a profile are in its JSON, e.g. profiles/h100-qwen2-7b.json). So
+and must be woken; the fitted values of a profile are in its JSON, e.g. oatoplan/profiles/h100-qwen2-7b.json). So
 `oatoplan profile run --model M` decodes M for real in four placements (baselines.calibration_arms) and fits, by
 non-negative least squares on relative error (scipy),
 

@@ -27,6 +27,7 @@ from .files import Output, check_output, companion
 from .inventory import read_inventory
 from .load import generate, load, run_stats
 from .machine import gpu_devices
+from .paths import user_profile_dir
 from .memory import budget_bytes
 from .plan import plan_model
 from .profile import find_profile, measure_profile
@@ -151,8 +152,8 @@ def _workload(prompt: int, gen: int, depth: int, objective: str) -> Workload:
 PromptOpt = Annotated[int, typer.Option("--prompt", help="Prompt tokens of the workload.")]
 GenOpt = Annotated[int, typer.Option("--gen", help="Generated tokens of the workload.")]
 DepthOpt = Annotated[int, typer.Option("--depth", help="Tokens already in the KV cache.")]
-ProfileOpt = Annotated[Optional[Path], typer.Option("--profile", help="Profile JSON; default: the newest one in "
-                                                                      "profiles/ for this machine's GPU.")]
+ProfileOpt = Annotated[Optional[Path], typer.Option("--profile", help="Profile JSON; default: the newest for this "
+                                                                      "machine's GPU, yours first, then oatoplan's.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an output path that holds another kind of file, or "
                                                         "the file a symlink there points to.")]
 
@@ -168,7 +169,7 @@ def profile_run(
                                                                                      "fit the decode factors.")]
     = True,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the profile (default "
-                                                                    "profiles/<id>.json).")] = None,
+                                                                    "<id>.json in your profile directory).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: all logical "
                                                                            "CPUs).")] = None,
     cpu: Annotated[bool, typer.Option("--cpu", help="Profile only the CPU, even with a GPU present.")] = False,
@@ -177,7 +178,7 @@ def profile_run(
 ) -> None:
     """Measure per-operator CPU and GPU costs and transfer costs on this machine."""
     inv = read_inventory(model) if model else None
-    check_output(Output(out or Path("profiles") / "x.json", (model,), force, "-o"), "profile")   # before measuring
+    check_output(Output(out or user_profile_dir() / "x.json", (model,), force, "-o"), "profile")   # before measuring
     gpus = [] if cpu else gpu_devices()
     with _progress("profiling") as update:
         result = measure_profile(inv, gpu_device=gpus[0].name if gpus else None, n_threads=threads,
@@ -185,7 +186,7 @@ def profile_run(
     if model and calibrate_decode:
         with _progress("calibrating decode") as update:
             result = calibrate(model, result, reps, update)
-    path = write_json(result, Output(out or Path("profiles") / f"{result.profile_id}.json", (model,), force, "-o"))
+    path = write_json(result, Output(out or user_profile_dir() / f"{result.profile_id}.json", (model,), force, "-o"))
     for note in result.notes:
         stderr.print(f"oatoplan: note: {note}", markup=False)
     stdout.print(f"wrote {path} ({len(result.ops)} operator points, {result.duration_s:.0f} s)")

@@ -4,11 +4,14 @@ memory, and a profile for this machine. Entry point: `diagnose()` -> Diagnosis."
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 from .build import series, series_hash
 from .errors import OatoError
 from .machine import devices, llama_cpp_build, loaded_series
+from .paths import user_profile_dir
 from .profile import find_profile
 from .schema import SCHEMA_VERSION, Check, Diagnosis
 
@@ -20,11 +23,35 @@ except ImportError:     # only `oatoplan build` runs before llama-cpp-python is 
 PINNED_LLAMA_CPP_PYTHON = "0.3.36"
 
 
-def diagnose(profiles_dir: Path = Path("profiles")) -> Diagnosis:
+def cuda_arch_hint() -> str | None:
+    """This machine's NVIDIA GPUs as a --cuda-arch value (compute capability 9.0 -> "90"; several: "86;89"), from
+    nvidia-smi; None without nvidia-smi or an answer."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    caps = {line.strip() for line in out.splitlines()}
+    return ";".join(sorted((c.replace(".", "") for c in caps if re.fullmatch(r"\d+\.\d+", c)), key=int)) or None
+
+
+def gpu_backend_fix(cuda_arch: str | None) -> str:
+    """What to run for a GPU backend: oatoplan's own CUDA build (a stock llama-cpp-python would drop the patches)."""
+    arch = f"'{cuda_arch}'" if cuda_arch and ";" in cuda_arch else cuda_arch
+    how = (f"oatoplan build --cuda --cuda-arch {arch} (this machine's GPUs)" if cuda_arch else
+           "oatoplan build --cuda --cuda-arch CC (CC: the GPU's compute capability, e.g. 90 for an H100, 89 for an "
+           "RTX 40xx)")
+    return (f"{how} builds and installs llama-cpp-python {PINNED_LLAMA_CPP_PYTHON} with CUDA and oatoplan's patches "
+            f"(needs the CUDA toolkit); CPU-only plans still run")
+
+
+def diagnose() -> Diagnosis:
     checks = [Check("llama-cpp-python", llama_cpp.__version__ == PINNED_LLAMA_CPP_PYTHON,
                     f"{llama_cpp.__version__} ({Path(llama_cpp.__file__).parent})",
-                    f"pip install llama-cpp-python=={PINNED_LLAMA_CPP_PYTHON} (oatoplan's ctypes bindings and "
-                    f"plans target that release)")]
+                    f"oatoplan build --cpu (or --cuda) installs llama-cpp-python {PINNED_LLAMA_CPP_PYTHON} with "
+                    f"oatoplan's patches (its ctypes bindings and plans target that release)")]
     checks.append(Check("llama.cpp build", True, llama_cpp_build()))
     carried = loaded_series()
     expected = series_hash(series())
@@ -41,12 +68,10 @@ def diagnose(profiles_dir: Path = Path("profiles")) -> Diagnosis:
                                                       f"{d.total_bytes / 2**30:.1f} GiB"))
     if not gpus:
         checks.append(Check("GPU backend", False, "this llama-cpp-python has no GPU backend",
-                            "install a CUDA build: CMAKE_ARGS='-DGGML_CUDA=on' pip install --no-binary :all: "
-                            f"llama-cpp-python=={PINNED_LLAMA_CPP_PYTHON}; CPU-only plans still run"))
+                            gpu_backend_fix(cuda_arch_hint())))
     try:
-        found = find_profile(None) if profiles_dir.exists() else None
-        checks.append(Check("profile", found is not None, found.profile_id if found else "no profiles/ directory",
-                            "oatoplan profile run --model MODEL.gguf"))
+        checks.append(Check("profile", True, find_profile(None).profile_id))
     except OatoError as exc:
-        checks.append(Check("profile", False, str(exc), "oatoplan profile run --model MODEL.gguf"))
+        checks.append(Check("profile", False, str(exc), f"oatoplan profile run --model MODEL.gguf (writes to "
+                                                        f"{user_profile_dir()})"))
     return Diagnosis(SCHEMA_VERSION, tuple(checks))

@@ -24,9 +24,10 @@ from typing import Callable
 import numpy as np
 
 from . import ggml
-from .errors import BackendError, ProfileError
-from .machine import default_threads, gpu_devices, machine_identity
 from .artifacts import read_json
+from .errors import ArtifactError, BackendError, ProfileError
+from .machine import default_threads, gpu_devices, machine_identity
+from .paths import profile_dirs, user_profile_dir
 from .schema import SCHEMA_VERSION, ModelInventory, OpTiming, Profile, TransferTiming
 
 log = logging.getLogger(__name__)
@@ -320,14 +321,23 @@ def measure_profile(inventory: ModelInventory | None = None, *, gpu_device: str 
 
 
 def find_profile(path: Path | None = None) -> Profile:
-    """`path`, or the newest profile in ./profiles measured with this machine's GPU (or without one)."""
+    """`path`, or a profile measured with this machine's GPU (or, with no GPU, a CPU-only one): the newest in the
+    user's profile directory (paths.user_profile_dir), else the newest shipped with oatoplan. A file there that is
+    not a readable profile is skipped with a warning."""
     if path:
         return read_json(Profile, path)
     names = {d.description for d in gpu_devices()}
-    candidates = sorted(Path("profiles").glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for candidate in candidates:
-        found = read_json(Profile, candidate)
-        if found.machine.gpu_name in names or (not names and not found.machine.gpu_name):
-            return found
-    raise ProfileError("no profile for this machine in profiles/; run 'oatoplan profile run' or pass --profile FILE")
+    for directory in profile_dirs():
+        readable = []
+        for candidate in sorted(directory.glob("*.json")):
+            try:
+                readable.append(read_json(Profile, candidate))
+            except ArtifactError as exc:
+                log.warning("skipping %s", exc)
+        for found in sorted(readable, key=lambda p: p.created_utc, reverse=True):
+            if found.machine.gpu_name in names or (not names and not found.machine.gpu_name):
+                return found
+    machine = ", ".join(sorted(names)) or "no GPU"
+    raise ProfileError(f"no profile for this machine ({machine}) in {user_profile_dir()} or among oatoplan's shipped "
+                       f"profiles; run 'oatoplan profile run' or pass --profile FILE")
 

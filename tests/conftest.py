@@ -179,3 +179,12 @@ def cli():
     def invoke(args: list[str]):
         return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
     return invoke
+
+
+@pytest.fixture(autouse=True)
+def user_profile_dir(tmp_path_factory, monkeypatch) -> Path:
+    """Every test gets its own empty per-user profile directory (OATOPLAN_PROFILE_DIR), never the real one in the
+    user's data directory: find_profile then sees only what the test puts there and the shipped profiles."""
+    directory = tmp_path_factory.mktemp("user-profiles")
+    monkeypatch.setenv("OATOPLAN_PROFILE_DIR", str(directory))
+    return directory

@@ -1,5 +1,5 @@
 """A synthetic Profile for tests: roofline times (bandwidth and flops per device) at the profiler's grid, so that the
-planner can be tested without a GPU. Shipped profiles in profiles/ are measured; this one is only for tests."""
+planner can be tested without a GPU. Shipped profiles in oatoplan/profiles/ are measured; this one is only for tests."""
 
 from __future__ import annotations
 

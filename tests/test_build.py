@@ -1,11 +1,16 @@
 """The patch pipeline without compiling: the series, its hash, applying it (and refusing a patch that does not
 apply), the cache key inputs. The full build is a benchmark-like manual run (benchmarks/results/README.md)."""
 
+import hashlib
+import json
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 
-from oatoplan import build
+from oatoplan import build, paths
 
 
 def test_shipped_series_is_complete_and_hashed():
@@ -96,18 +101,129 @@ def test_cmake_args():
     assert "AVX2" not in build.cmake_args(False, None, native=True)
 
 
-def test_cached_wheel_is_reused_without_building(tmp_path, monkeypatch):
-    patches = build.series()
+def test_cache_key_inputs():
+    digest = build.series_hash(build.series())
     options = build.cmake_args(False, None)
-    import hashlib
-    import sys
-    key = hashlib.sha256(f"{build.SDIST_SHA256}|{build.series_hash(patches)}|{options}|{sys.version_info[:2]}"
-                         .encode()).hexdigest()[:16]
-    wheel = tmp_path / "wheels" / key / "llama_cpp_python-0.3.36-cp311-cp311-linux_x86_64.whl"
+    key = build.cache_key(build.SDIST_SHA256, digest, options)
+    assert key == hashlib.sha256(f"{build.SDIST_SHA256}|{digest}|{options}|{sys.version_info[:2]}".encode()
+                                 ).hexdigest()[:16]
+    assert build.cache_key(build.SDIST_SHA256, digest, options, native=True) != key
+    assert build.cache_key(build.SDIST_SHA256, digest, build.cmake_args(True, "90")) != key
+
+
+def test_package_data_holds_the_series():
+    assert build.PATCHES_DIR == paths.PACKAGE_DIR / "patches" and build.NATIVE_DIR == paths.PACKAGE_DIR / "native"
+    assert {f.name for f in build.native_sources()} >= {"oato-fused.c", "oato-matvec.c", "oato-trace.c"}
+
+
+WHEEL_NAME = "llama_cpp_python-0.3.36-cp311-cp311-linux_x86_64.whl"
+
+
+def _cache(tmp_path, content=b"a wheel", record=True):
+    """A cache holding the CPU wheel of the shipped series, as `build` leaves it."""
+    digest = build.series_hash(build.series())
+    options = build.cmake_args(False, None)
+    wheel = tmp_path / "wheels" / build.cache_key(build.SDIST_SHA256, digest, options) / WHEEL_NAME
     wheel.parent.mkdir(parents=True)
-    wheel.write_bytes(b"")
+    wheel.write_bytes(content)
+    if record:
+        build.record_wheel(wheel, digest, options)
+    return wheel
+
+
+@pytest.fixture
+def no_subprocess(monkeypatch):
+    """Fail on any pip run (building or installing): the cached wheel must be used, or refused, without one."""
+    def refuse(cmd, *args, **kwargs):
+        raise AssertionError(f"ran {cmd}")
+    monkeypatch.setattr(build.subprocess, "run", refuse)
+
+
+def test_cached_wheel_is_reused_without_building(tmp_path, no_subprocess):
+    wheel = _cache(tmp_path)
+    record = json.loads((wheel.parent / build.WHEEL_RECORD).read_text())
+    assert record["wheel"] == WHEEL_NAME and record["sha256"] == hashlib.sha256(b"a wheel").hexdigest()
     result = build.build(cuda=False, install=False, cache_dir=tmp_path)
     assert result.cached and result.wheel == wheel
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda wheel: wheel.write_bytes(b"another wheel"), "sha256 .* is not the .* recorded when it was built"),
+    (lambda wheel: wheel.unlink(), "recorded in .* but missing"),
+    (lambda wheel: (wheel.parent / build.WHEEL_RECORD).write_text("{"), "not a wheel record"),
+    (lambda wheel: (wheel.parent / build.WHEEL_RECORD).write_text('{"wheel": 1}'), "not a wheel record"),
+    (lambda wheel: (wheel.parent / build.WHEEL_RECORD).write_text(
+        (wheel.parent / build.WHEEL_RECORD).read_text().replace(WHEEL_NAME, "../../evil.whl")), "not a wheel record"),
+])
+def test_a_changed_cached_wheel_is_refused_not_installed(tmp_path, no_subprocess, tamper, message):
+    wheel = _cache(tmp_path)
+    tamper(wheel)
+    with pytest.raises(build.BuildError, match=message) as refused:
+        build.build(cuda=False, install=True, cache_dir=tmp_path)
+    assert f"delete {wheel.parent} and run oatoplan build again" in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_wheel_without_a_record_is_built_again(tmp_path, monkeypatch):
+    """An interrupted build or an older oatoplan's cache: the wheel is not trusted, it is rebuilt (here: the sdist
+    download is where the rebuild would start)."""
+    _cache(tmp_path, record=False)
+
+    def download(cache_dir):
+        raise build.BuildError("rebuilding")
+    monkeypatch.setattr(build, "fetch_sdist", download)
+    with pytest.raises(build.BuildError, match="rebuilding"):
+        build.build(cuda=False, install=False, cache_dir=tmp_path)
+
+
+def test_a_built_wheel_is_recorded_then_reused(tmp_path, monkeypatch):
+    """The build itself faked (apply_series and pip wheel), the cache bookkeeping real."""
+    source = _tree(tmp_path)
+    monkeypatch.setattr(build, "apply_series", lambda *args, **kwargs: None)
+    runs = []
+
+    def pip(cmd, env=None, **kwargs):
+        runs.append(cmd)
+        out = Path(cmd[cmd.index("-w") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / WHEEL_NAME).write_bytes(b"compiled")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(build.subprocess, "run", pip)
+    first = build.build(cuda=False, source=source, install=False, cache_dir=tmp_path / "cache")
+    assert not first.cached and first.wheel.read_bytes() == b"compiled" and len(runs) == 1
+    record = json.loads((first.wheel.parent / build.WHEEL_RECORD).read_text())
+    assert record["sha256"] == hashlib.sha256(b"compiled").hexdigest() and record["series_hash"] == first.series_hash
+    again = build.build(cuda=False, source=source, install=False, cache_dir=tmp_path / "cache")
+    assert again.cached and again.wheel == first.wheel and len(runs) == 1
+
+
+@pytest.mark.parametrize("arch", ["90", "86;89", "90-real", "89-virtual;90-real", "90a", "120f", "native", "all",
+                                  "all-major"])
+def test_cuda_arch_accepted(arch):
+    assert f"-DCMAKE_CUDA_ARCHITECTURES={arch}" in build.cmake_args(True, arch)
+
+
+@pytest.mark.parametrize("arch", ["", "90 -DGGML_NATIVE=ON", "86,89", "sm_90", "90;", ";90", "native;90", "90-realx",
+                                  "$(touch x)", "9.0", "'90'"])
+def test_cuda_arch_refused(arch):
+    with pytest.raises(build.BuildError, match="is not a CUDA architecture list"):
+        build.cmake_args(True, arch)
+
+
+def test_cuda_arch_needs_cuda():
+    with pytest.raises(build.BuildError, match="needs --cuda"):
+        build.cmake_args(False, "90")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cuda", "--cuda-arch", "90 -DX=1"], "--cuda-arch '90 -DX=1' is not a CUDA architecture list"),
+    (["--cpu", "--cuda-arch", "90"], "--cuda-arch 90 needs --cuda"),
+])
+def test_build_cli_refuses_bad_cuda_arch(cli, tmp_path, monkeypatch, no_subprocess, args, message):
+    monkeypatch.setenv("OATOPLAN_CACHE", str(tmp_path))
+    result = cli(["build", *args, "--no-install"])
+    assert result.exit_code == 1 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())    # before any download
 
 
 def test_source_tree_must_be_llama_cpp_python(tmp_path):

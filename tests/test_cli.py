@@ -2,6 +2,8 @@
 
 import pytest
 
+from oatoplan.paths import SHIPPED_PROFILES_DIR
+
 
 def test_inspect_table(tiny_model, cli):
     result = cli(["inspect", tiny_model])
@@ -57,7 +59,7 @@ def test_plan_writes_a_plan_the_loader_accepts(qwen_header_model, cli, tmp_path)
     (["--vram", "lots"], "lots"),
     (["--vram", "3GiB", "--objective", "fast"], "--objective 'fast'"),
     (["--vram", "10MiB"], "the smallest needs"),
-    (["--vram", "3GiB", "--profile", "profiles/cpu-devbox-2core.json"], "has no GPU"),
+    (["--vram", "3GiB", "--profile", SHIPPED_PROFILES_DIR / "cpu-devbox-2core.json"], "has no GPU"),
 ])
 def test_plan_bad_input(qwen_header_model, cli, tmp_path, args, message):
     from oatoplan.artifacts import write_json

@@ -19,6 +19,7 @@ from oatoplan.cost import CostModel
 from oatoplan.errors import ArtifactError, OatoError
 from oatoplan.inventory import read_inventory
 from oatoplan.plan import cpu_only_plan
+from oatoplan.paths import SHIPPED_PROFILES_DIR
 from oatoplan.artifacts import dumps, read_json
 from oatoplan.schema import Plan, Profile
 from profiles import synthetic_profile
@@ -289,7 +290,7 @@ def test_profile_validation(tmp_path, cli, change, expected):
 
 
 def test_valid_profiles_pass(tmp_path):
-    for profile in ("profiles/cpu-devbox-2core.json", "profiles/h100-qwen2-7b.json"):
+    for profile in (SHIPPED_PROFILES_DIR / "cpu-devbox-2core.json", SHIPPED_PROFILES_DIR / "h100-qwen2-7b.json"):
         _check_profile_drives_the_cost_model(read_json(Profile, profile))
     cpu = synthetic_profile(gpu=False)
     path = tmp_path / "cpu.json"

@@ -11,7 +11,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "oatoplan"
 
 # Bottom to top: a module may import only modules before it.
 ORDER = [
-    "errors", "units", "files", "schema",   # every OatoError; units; the safe writer; artifact dataclasses
+    "errors", "units", "paths", "files",    # every OatoError; units; package-data and user dirs; the safe writer
+    "schema",                               # artifact dataclasses
     "artifacts",                            # strict JSON in and out, profile validation
     "ggml",                                 # ctypes bindings to the libggml that llama-cpp-python loaded
     "inventory",                            # what is in a GGUF

@@ -1,4 +1,4 @@
-"""The running llama.cpp is the patched build that `oatoplan build` makes from patches/series (README's set-up
+"""The running llama.cpp is the patched build that `oatoplan build` makes from oatoplan/patches/series (README's set-up
 commands install it)."""
 
 from oatoplan.build import series, series_hash

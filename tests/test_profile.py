@@ -1,11 +1,23 @@
 """The profiler on this machine's CPU (a small grid, so the test stays fast), and bad profile files."""
 
+import dataclasses
+import importlib
+import importlib.util
+import logging
+import os
+from types import SimpleNamespace
+
 import pytest
 
 from oatoplan import profile as profiler
 from oatoplan.cost import CostModel
 from oatoplan.artifacts import read_json, write_json
+from oatoplan.paths import SHIPPED_PROFILES_DIR
 from oatoplan.schema import Profile
+
+load = importlib.import_module("oatoplan.load")     # the module: oatoplan.load is the function
+SHIPPED_CPU = read_json(Profile, SHIPPED_PROFILES_DIR / "cpu-devbox-2core.json")
+SHIPPED_H100 = read_json(Profile, SHIPPED_PROFILES_DIR / "h100-qwen2-7b.json")
 
 
 @pytest.fixture
@@ -38,7 +50,7 @@ def test_cpu_profile_measures_every_op(small_grid, tmp_path):
 
 
 def test_profile_show(cli):
-    result = cli(["profile", "show", "profiles/cpu-devbox-2core.json"])
+    result = cli(["profile", "show", SHIPPED_PROFILES_DIR / "cpu-devbox-2core.json"])
     assert result.exit_code == 0, result.stderr
     assert "MUL_MAT" in result.stdout and "Q4_K" in result.stdout
 
@@ -62,3 +74,72 @@ def test_unwritable_output(small_grid, cli, tmp_path, monkeypatch):
     result = cli(["profile", "run", "--cpu", "--out", blocker / "p.json"])
     assert result.exit_code == 1 and "cannot write" in result.stderr
     assert "profiling" not in result.stderr     # refused before measuring
+
+
+@pytest.fixture
+def machine_gpus(monkeypatch):
+    """Pretend this machine has the GPUs named (by llama.cpp's device description); none by default."""
+    def pretend(*names: str) -> None:
+        fake = [SimpleNamespace(name=f"CUDA{i}", description=n, type="GPU") for i, n in enumerate(names)]
+        for module in [load, profiler] + [importlib.import_module(m) for m in ("oatoplan.machine",)
+                                          if importlib.util.find_spec(m)]:
+            monkeypatch.setattr(module, "gpu_devices", lambda: fake, raising=False)   # where it may be looked up
+    pretend()
+    return pretend
+
+
+def _user_profile(directory, base: Profile, profile_id: str, created_utc: str, mtime: float | None = None):
+    path = write_json(dataclasses.replace(base, profile_id=profile_id, created_utc=created_utc),
+                      directory / f"{profile_id}.json")
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_find_profile_falls_back_to_the_shipped_cpu_profile(machine_gpus, user_profile_dir):
+    assert not list(user_profile_dir.iterdir())
+    assert profiler.find_profile().profile_id == SHIPPED_CPU.profile_id
+
+
+def test_find_profile_takes_the_users_profile_first_even_if_older(machine_gpus, user_profile_dir):
+    _user_profile(user_profile_dir, SHIPPED_CPU, "mine", "2020-01-01T00:00:00+00:00")
+    assert profiler.find_profile().profile_id == "mine"
+
+
+def test_find_profile_takes_the_newest_by_creation_not_file_time(machine_gpus, user_profile_dir):
+    _user_profile(user_profile_dir, SHIPPED_CPU, "old", "2026-01-01T00:00:00+00:00", mtime=2e9)
+    _user_profile(user_profile_dir, SHIPPED_CPU, "new", "2026-06-01T00:00:00+00:00", mtime=1e9)
+    assert profiler.find_profile().profile_id == "new"
+
+
+def test_find_profile_matches_the_gpu(machine_gpus, user_profile_dir):
+    # without a GPU, a user's GPU profile is not for this machine
+    _user_profile(user_profile_dir, SHIPPED_H100, "my-h100", "2030-01-01T00:00:00+00:00")
+    assert profiler.find_profile().profile_id == SHIPPED_CPU.profile_id
+    machine_gpus(SHIPPED_H100.machine.gpu_name)
+    assert profiler.find_profile().profile_id == "my-h100"
+    (user_profile_dir / "my-h100.json").unlink()
+    assert profiler.find_profile().profile_id == SHIPPED_H100.profile_id
+    machine_gpus("NVIDIA GeForce RTX 4060")
+    with pytest.raises(profiler.ProfileError, match=f"RTX 4060.*in {user_profile_dir} or among oatoplan's shipped"):
+        profiler.find_profile()
+
+
+def test_find_profile_skips_unreadable_files(machine_gpus, user_profile_dir, caplog):
+    (user_profile_dir / "broken.json").write_text("{")
+    with caplog.at_level(logging.WARNING):
+        assert profiler.find_profile().profile_id == SHIPPED_CPU.profile_id
+    assert "broken.json" in caplog.text
+
+
+def test_find_profile_reads_the_path_given(user_profile_dir):
+    path = _user_profile(user_profile_dir, SHIPPED_H100, "given", "2020-01-01T00:00:00+00:00")
+    assert profiler.find_profile(path).profile_id == "given"
+
+
+def test_profile_writes_into_the_user_profile_directory(small_grid, cli, user_profile_dir):
+    result = cli(["profile", "run", "--cpu"])
+    assert result.exit_code == 0, result.stderr
+    written = list(user_profile_dir.glob("*.json"))
+    assert len(written) == 1 and f"wrote {written[0]}" in result.stdout
+    assert profiler.find_profile().profile_id == read_json(Profile, written[0]).profile_id

@@ -27,7 +27,7 @@ prepare)
      vendor/llama.cpp/{models,docs,media,benches,gguf-py,examples,pocs,scripts,conversion,tools/ui})
   tar cJf .device/lcpp.tar.xz -C "$tmp" --transform 's/^llama_cpp_python-0.3.36/llama-cpp-python-0.3.36/' \
      llama_cpp_python-0.3.36
-  python -m pip download -q --no-deps -d .device/whl gguf diskcache pytest pluggy iniconfig || exit 1
+  python -m pip download -q --no-deps -d .device/whl gguf diskcache pytest pluggy iniconfig platformdirs || exit 1
   python -m benchmarks.make_model qwen2-7b .device/qwen2-7b.header --save-header
   python -m benchmarks.make_model gemma3-270m .device/gemma3-270m.header --save-header
   rm -rf "$tmp"; du -sh .device

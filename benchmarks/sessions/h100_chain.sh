@@ -16,7 +16,7 @@ export OATO_WORK=$W
 S="bash benchmarks/sessions/gpu_session.sh"
 G="$S python3 -m oatoplan"
 MODEL=$W/qwen2-7b.gguf
-PROFILE=${PROFILE:-$W/h100.json}   # PROFILE=profiles/h100-qwen2-7b.json: bench with the shipped profile
+PROFILE=${PROFILE:-$W/h100.json}   # PROFILE=oatoplan/profiles/h100-qwen2-7b.json: bench with the shipped profile
 VRAM=${VRAM:-2.5GiB}
 ensure_build() {
   if [ ! -d $W/site/llama_cpp ]; then
