@@ -28,6 +28,7 @@ from .cost import CostModel
 from .errors import OatoError
 from .ggml import row_bytes
 from .inventory import kv_bytes_per_token, read_inventory
+from .plan import llama_server_command
 from .schema import OBJECTIVES, ModelInventory, Plan, Profile, Workload, dumps, read_json, write_json
 from .units import format_bytes, format_flops, mib
 
@@ -345,6 +346,7 @@ def _print_plan(p: Plan, path: Path) -> None:
                  f"n_ctx={p.n_ctx}, n_batch={p.n_batch}, n_ubatch={p.n_ubatch}, use_mmap={p.use_mmap}, "
                  f"op_offload={p.op_offload}, flash_attn=True, n_threads={p.n_threads}) with the -ot overrides "
                  f"above" + (f" and n_outputs_max={p.n_outputs_max}" if p.n_outputs_max else ""), markup=False)
+    stdout.print(f"llama-server: {llama_server_command(p, p.model.file_name)}", markup=False)
 
 
 @app.command()
@@ -426,6 +428,31 @@ def doctor(
     for c in diagnosis.checks:
         table.add_row(c.name, "ok" if c.ok else "--", c.detail, "" if c.ok else c.fix)
     stdout.print(table)
+
+
+@app.command()
+@handle_errors
+def serve(
+    model: ModelArg,
+    plan: Annotated[Optional[Path], typer.Option("--plan", help="plan.json; without it everything runs on the CPU.")]
+    = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+    alias: Annotated[Optional[str], typer.Option("--alias", help="Model name clients ask for (default: the file's "
+                                                                 "stem).")] = None,
+    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", help="Context size: any without a GPU, at most the "
+                                                                 "plan's with one.")] = None,
+    chat_format: Annotated[Optional[str], typer.Option("--chat-format", help="llama-cpp-python's chat format "
+                                                                             "(gemma, chatml, llama-3...); default: "
+                                                                             "the GGUF's chat template.")] = None,
+) -> None:
+    """Serve MODEL with a plan's placement: llama-cpp-python's OpenAI-compatible server (needs oatoplan[server])."""
+    from .serve import serve as serve_model   # fastapi, uvicorn: the optional `server` extra
+
+    def listening(url: str, name: str) -> None:
+        stdout.print(f"serving {name} at {url}/v1 with {plan or 'no plan (everything on the CPU)'}; Ctrl+C stops",
+                     markup=False)
+    serve_model(model, plan, host, port, alias=alias, n_ctx=n_ctx, chat_format=chat_format, on_listening=listening)
 
 
 def main() -> None:
