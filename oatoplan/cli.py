@@ -31,6 +31,7 @@ from .paths import user_profile_dir
 from .memory import budget_bytes
 from .plan import plan_model
 from .profile import find_profile, measure_profile
+from .serve import serve as serve_model
 from .artifacts import dumps, read_json, write_json
 from .schema import OBJECTIVES, Profile, Workload
 
@@ -318,6 +319,30 @@ def doctor(
         sys.stdout.write(dumps(diagnosis))
         return
     stdout.print(report.diagnosis_view(diagnosis))
+
+
+@app.command()
+@handle_errors
+def serve(
+    model: ModelArg,
+    plan: Annotated[Optional[Path], typer.Option("--plan", help="plan.json; without it everything runs on the CPU.")]
+    = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+    alias: Annotated[Optional[str], typer.Option("--alias", help="Model name clients ask for (default: the file's "
+                                                                 "stem).")] = None,
+    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", help="Context size: any without a GPU, at most the "
+                                                                 "plan's with one.")] = None,
+    chat_format: Annotated[Optional[str], typer.Option("--chat-format", help="llama-cpp-python's chat format "
+                                                                             "(gemma, chatml, llama-3...); default: "
+                                                                             "the GGUF's chat template.")] = None,
+) -> None:
+    """Serve MODEL with a plan's placement: llama-cpp-python's OpenAI-compatible server (needs oatoplan[server])."""
+
+    def listening(url: str, name: str) -> None:
+        stdout.print(f"serving {name} at {url}/v1 with {plan or 'no plan (everything on the CPU)'}; Ctrl+C stops",
+                     markup=False)
+    serve_model(model, plan, host, port, alias=alias, n_ctx=n_ctx, chat_format=chat_format, on_listening=listening)
 
 
 def main() -> None:

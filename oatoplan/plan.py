@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shlex
 from collections import defaultdict
+from pathlib import Path
 
 from .baselines import baseline_arms, greedy_arm
 from .cost import CostModel, predict
@@ -195,6 +197,16 @@ def llama_cpp_flags(plan: Plan) -> str:
         flags.append(f"-t {plan.n_threads}")
     flags += [f"-ot '{o.pattern}={o.device}'" for o in plan.tensor_overrides]
     return " ".join(flags)
+
+
+def llama_server_command(plan: Plan, model_path: str | Path, host: str = "127.0.0.1", port: int = 8000) -> str:
+    """llama.cpp's own llama-server serving the same placement as `oatoplan serve`: llama_cpp_flags, with mmap off
+    spelled `-lm none` (this llama.cpp's --load-mode), one slot holding the whole context (`-np 1`: its default is
+    4 slots sharing a unified KV cache) and `-fit off` (else it may change what the plan left at llama.cpp's
+    defaults to fit free memory). n_outputs_max has no flag: llama-server sets it from its slots itself."""
+    flags = llama_cpp_flags(plan).replace("--no-mmap", "-lm none")
+    return (f"llama-server -m {shlex.quote(str(model_path))} {flags} -np 1 -fit off "
+            f"-a {shlex.quote(Path(model_path).stem)} --host {host} --port {port}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

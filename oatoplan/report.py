@@ -22,6 +22,7 @@ from .ggml import row_bytes
 from .graph import CPU
 from .inventory import kv_bytes_per_token
 from .measure import stats
+from .plan import llama_server_command
 from .artifacts import dumps
 from .schema import BenchArm, BenchResult, Diagnosis, MemoryReport, ModelInventory, Plan, Profile
 from .units import BYTES_PER_MIB, format_bytes, format_flops, mib
@@ -272,7 +273,8 @@ def plan_view(p: Plan, path: Path) -> list[RenderableType]:
         f"llama-cpp-python: oatoplan.load(model, '{path}') = Llama(model, n_gpu_layers={p.n_gpu_layers}, "
         f"n_ctx={p.n_ctx}, n_batch={p.n_batch}, n_ubatch={p.n_ubatch}, use_mmap={p.use_mmap}, "
         f"op_offload={p.op_offload}, flash_attn=True, n_threads={p.n_threads}) with the -ot overrides "
-        f"above" + (f" and n_outputs_max={p.n_outputs_max}" if p.n_outputs_max else ""))]
+        f"above" + (f" and n_outputs_max={p.n_outputs_max}" if p.n_outputs_max else "")),
+        Text(f"llama-server: {llama_server_command(p, p.model.file_name)}")]
 
 
 def memory_view(report: MemoryReport) -> list[RenderableType]:

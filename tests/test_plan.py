@@ -1,14 +1,15 @@
 """Plan semantics: llama.cpp's placement rules, merged override patterns, memory prediction, flags."""
 
 import re
+import shlex
 
 import pytest
 
 from oatoplan.errors import PlanError
 from oatoplan.graph import CPU
 from oatoplan.inventory import read_inventory
-from oatoplan.plan import (TIED_OUTPUT, check_plan, default_device, layer_devices, llama_cpp_flags, make_plan,
-                           merge_pattern, predict_memory, tensor_devices)
+from oatoplan.plan import (TIED_OUTPUT, check_plan, default_device, layer_devices, llama_cpp_flags,
+                           llama_server_command, make_plan, merge_pattern, predict_memory, tensor_devices)
 from oatoplan.artifacts import dumps, from_jsonable
 from oatoplan.schema import Plan
 
@@ -104,3 +105,24 @@ def test_flags(qwen):
     flags = llama_cpp_flags(plan)
     assert "-ngl -1" in flags and "-ub 2048" in flags and "-b 2048" in flags and "--no-mmap" in flags
     assert r"-ot '^(?:output\.weight)$=CPU'" in flags
+
+
+def test_llama_server_command(qwen):
+    plan = make_plan(qwen, {"output.weight": CPU}, n_gpu_layers=-1, gpu_devices=("CUDA0",), n_ubatch=2048,
+                     n_threads=6, n_outputs_max=1)
+    argv = shlex.split(llama_server_command(plan, "/models/my model.gguf", port=8081))
+    options, i = {}, 1
+    while i < len(argv):                          # flags with one value each, but for the two switches
+        switch = argv[i] in ("--swa-full", "--no-op-offload")
+        options[argv[i]] = True if switch else argv[i + 1]
+        i += 1 if switch else 2
+    assert argv[0] == "llama-server" and options["-m"] == "/models/my model.gguf" and options["-a"] == "my model"
+    assert options["-ngl"] == "-1" and options["-ub"] == options["-b"] == "2048" and options["-t"] == "6"
+    assert options["-ot"] == r"^(?:output\.weight)$=CPU" and options["-fa"] == "on"
+    # mmap off is --load-mode none in this llama.cpp; one slot with the whole context; no refitting
+    assert options["-lm"] == "none" and "--no-mmap" not in argv
+    assert options["-np"] == "1" and options["-fit"] == "off" and options["--swa-full"]
+    assert (options["--host"], options["--port"]) == ("127.0.0.1", "8081")
+    assert not any("output" in a and a.startswith("-") for a in argv)   # n_outputs_max: no flag
+    mapped = shlex.split(llama_server_command(make_plan(qwen, {}, n_gpu_layers=0), "m.gguf"))
+    assert "-lm" not in mapped and mapped[mapped.index("-ngl") + 1] == "0"
