@@ -80,10 +80,10 @@ def baseline_arms(inv: ModelInventory, gpu: str, budget_bytes: int, workload: Wo
     ngl, n_ffn = largest_ngl(strong), fewest_cpu_ffn(strong)
     if ngl is not None:
         arms.append(Arm("-ngl, pinned, ubatch 2048", layer_offload(inv, gpu, ngl), strong,
-                        f"-ngl {ngl} --no-mmap -ub 2048 -b 2048"))
+                        f"-ngl {ngl} -lm none -ub 2048 -b 2048"))
     if n_ffn is not None:
         arms.append(Arm("--n-cpu-ffn, pinned, ubatch 2048", n_cpu_ffn(inv, gpu, n_ffn), strong,
-                        f"-ngl 99 {_ffn_flag(n_ffn)} --no-mmap -ub 2048 -b 2048"))
+                        f"-ngl 99 {_ffn_flag(n_ffn)} -lm none -ub 2048 -b 2048"))
     return arms
 
 

@@ -23,8 +23,8 @@ from .errors import BackendError, LoadError, PlanMismatchError
 from .graph import CPU
 from .inventory import read_inventory
 from .machine import buffer_device, buffer_type, gpu_devices, llama_cpp_build
-from .plan import ALIGNMENT_SLACK_BYTES, check_plan, cpu_only_plan, predict_memory
 from .artifacts import read_json
+from .plan import ALIGNMENT_SLACK_BYTES, check_plan, cpu_only_plan, override_pattern, predict_memory
 from .schema import SCHEMA_VERSION, BufferAllocation, MemoryCheck, MemoryReport, Plan, RunStats
 from .units import BYTES_PER_MIB
 
@@ -43,6 +43,8 @@ PLAN_KEYS = ("n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "use_mmap", "op_off
 RELATIVE_TOLERANCE = 0.01
 COMPUTE_TOLERANCE = 0.10
 _BUFFER_LINE = re.compile(r"(\S+)\s+(model|KV|compute|output) buffer size =\s*([0-9.]+) MiB")
+# llama-model-loader.cpp, for every tensor an override matched (a debug-level line, always passed to the callback)
+_OVERRIDE_LINE = re.compile(r"^tensor (\S+) \(.*\) buffer type overridden to (\S+)$")
 _load_lock = threading.Lock()
 
 
@@ -87,7 +89,7 @@ def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_o
                            f"install a CUDA build (oatoplan build --cuda), or run all on the CPU with --cpu-only")
 
     overrides = (_Overrides * (len(plan.tensor_overrides) + 1))()
-    patterns = [o.pattern.encode() for o in plan.tensor_overrides]   # kept alive as long as the model
+    patterns = [override_pattern(o.tensors).encode() for o in plan.tensor_overrides]   # alive as long as the model
     for i, (override, pattern) in enumerate(zip(plan.tensor_overrides, patterns)):
         overrides[i].pattern = pattern
         # the plain CPU buffer type means "host memory" to llama.cpp: pinned CUDA_Host when mmap is off and a GPU is
@@ -107,13 +109,19 @@ def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_o
             raise LoadError(f"{model_path}: llama.cpp could not load the model with this plan ({exc}); run with "
                             f"--debug to see llama.cpp's log") from None
     llm._oatoplan_overrides = (overrides, patterns)
-    report = memory_report(lines, plan.memory or predict_memory(inventory, plan), plan.use_mmap)
+    report = dataclasses.replace(memory_report(lines, plan.memory or predict_memory(inventory, plan), plan.use_mmap),
+                                 misplaced=tuple(misplaced_tensors(lines, plan)))
     llm.oatoplan_memory = report
     llm.oatoplan_plan = plan
     for c in report.checks:
         if c.kind == "compute" and not c.ok:
             log.warning("llama.cpp's compute buffer on %s is %.1f MiB, the plan estimated %.1f MiB", c.device,
                         c.allocated_bytes / BYTES_PER_MIB, c.predicted_bytes / BYTES_PER_MIB)
+    if verify and report.misplaced:
+        llm.close()
+        raise LoadError(f"llama.cpp did not place the tensors as the plan says: {report.misplaced[0]}"
+                        + (f" (and {len(report.misplaced) - 1} more)" if len(report.misplaced) > 1 else "")
+                        + "; the plan does not describe this load (report a bug with --debug output)")
     bad = [c for c in report.checks if not c.ok and c.kind != "compute"]
     if verify and bad:
         llm.close()
@@ -172,6 +180,25 @@ def _capture_log(lines: list[str]):
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
         if pending[0]:
             lines.append(pending[0])
+
+
+def misplaced_tensors(lines: list[str], plan: Plan) -> list[str]:
+    """Every overridden tensor of `plan` whose buffer type in llama.cpp's load log is not on the plan's device, or that
+    the log does not name, and every tensor the log names that the plan does not override."""
+    wanted = {name: o.device for o in plan.tensor_overrides for name in o.tensors}
+    seen: dict[str, set[str]] = {}
+    for line in lines:
+        match = _OVERRIDE_LINE.match(line.strip())
+        if match:
+            seen.setdefault(match.group(1), set()).add(match.group(2))
+    problems = [f"{name}: not overridden (wanted on {device})" for name, device in wanted.items() if name not in seen]
+    for name, buffer_types in sorted(seen.items()):
+        devices = {buffer_device(b) for b in buffer_types}
+        if name not in wanted:
+            problems.append(f"{name}: overridden to {', '.join(sorted(buffer_types))}, which the plan does not ask")
+        elif devices != {wanted[name]}:
+            problems.append(f"{name}: in {', '.join(sorted(buffer_types))}, the plan says {wanted[name]}")
+    return problems
 
 
 def memory_report(lines: list[str], predicted, use_mmap: bool) -> MemoryReport:

@@ -71,10 +71,13 @@ def loaded_series() -> str | None:
 
 
 def llama_cpp_build() -> str:
-    """Identity of the llama.cpp build at hand; a plan solved for one build is refused by another."""
+    """Identity of the llama.cpp build at hand; a plan solved for one build is refused by another. The llama.cpp
+    sources are those llama-cpp-python's version vendors, so the version and oatoplan's patch series name them; ggml's
+    commit string is left out: it reads "0c1e570-dirty" or "unknown" for the same sources, depending on whether the
+    tree that was built carried its .git folder."""
     lib = ggml.lib()
     carried = loaded_series()
-    return (f"llama-cpp-python {llama_cpp.__version__}, ggml {lib.ggml_version().decode()} ({lib.ggml_commit().decode()})"
+    return (f"llama-cpp-python {llama_cpp.__version__}, ggml {lib.ggml_version().decode()}"
             + (f", oatoplan patches {carried}" if carried else ""))
 
 

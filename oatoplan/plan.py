@@ -47,13 +47,13 @@ def default_device(inv: ModelInventory, group: str, layer: int | None, n_gpu_lay
 def tensor_devices(inv: ModelInventory, plan: Plan) -> dict[str, str]:
     """Device of every tensor (and of TIED_OUTPUT) under the plan, by llama.cpp's rules."""
     gpu = plan.gpu_devices[0] if plan.gpu_devices else None
-    compiled = [(re.compile(o.pattern), o.device) for o in plan.tensor_overrides]
+    overridden = {}
+    for o in plan.tensor_overrides:
+        for name in o.tensors:
+            overridden.setdefault(name, o.device)      # as llama.cpp applies them: the first override wins
 
     def place(name: str, group: str, layer: int | None) -> str:
-        for pattern, device in compiled:       # std::regex_search semantics: first match wins
-            if pattern.search(name):
-                return device
-        return default_device(inv, group, layer, plan.n_gpu_layers, gpu)
+        return overridden.get(name) or default_device(inv, group, layer, plan.n_gpu_layers, gpu)
 
     devices = {t.name: place(t.name, t.group, t.layer) for t in inv.tensors}
     if inv.tied_output:
@@ -90,8 +90,22 @@ def predict_memory(inv: ModelInventory, plan: Plan, compute_bytes: dict[str, int
                             model_optional_bytes=optional_bytes)
 
 
-def merge_pattern(names: list[str]) -> str:
-    """One anchored regex matching exactly `names`: block tensors grouped by role, roles with the same layers
+def _escape(name: str) -> str:
+    """A tensor name as a literal in the pattern subset: letters, digits and _ as they are, . and - escaped (an
+    identity escape in both dialects); any other character is refused rather than trusted to mean the same."""
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+        raise PlanError(f"tensor name {name!r} has characters oatoplan does not pass to llama.cpp's patterns; only "
+                        f"letters, digits, '_', '.' and '-' are supported")
+    return re.sub(r"([.\-])", r"\\\1", name)
+
+
+# What override_pattern writes: ^(?: ... )$ around literals, \. \-, (?: | ) groups. Python's re and ECMAScript agree on
+# every construct of it (no classes, no quantifiers, no anchors but the two ends).
+OVERRIDE_PATTERN_SYNTAX = re.compile(r"\^\(\?:(?:[A-Za-z0-9_|]|\\[.\-]|\(\?:|\))*\)\$")
+
+
+def override_pattern(names: list[str] | tuple[str, ...]) -> str:
+    """One anchored pattern matching exactly `names`: block tensors grouped by role, roles with the same layers
     grouped together, e.g. ^(?:blk\\.(?:3|7)\\.(?:ffn_gate\\.weight|ffn_up\\.weight))$ . One pattern per destination
     keeps load time low: llama.cpp compiles every pattern once per tensor."""
     layers_by_suffix: dict[str, set[int]] = defaultdict(set)
@@ -101,10 +115,10 @@ def merge_pattern(names: list[str]) -> str:
         if match:
             layers_by_suffix[match.group(2)].add(int(match.group(1)))
         else:
-            others.append(re.escape(name))
+            others.append(_escape(name))
     suffixes_by_layers: dict[tuple[int, ...], list[str]] = defaultdict(list)
     for suffix, layers in layers_by_suffix.items():
-        suffixes_by_layers[tuple(sorted(layers))].append(re.escape(suffix))
+        suffixes_by_layers[tuple(sorted(layers))].append(_escape(suffix))
     alternatives = [f"blk\\.(?:{'|'.join(map(str, layers))})\\.(?:{'|'.join(sorted(suffixes))})"
                     for layers, suffixes in sorted(suffixes_by_layers.items())]
     return "^(?:" + "|".join(alternatives + sorted(others)) + ")$"
@@ -143,7 +157,7 @@ def make_plan(inv: ModelInventory, devices: dict[str, str], *, n_gpu_layers: int
         elif (input_device, output_device) != (CPU, default_output):
             raise PlanError(f"tied embeddings: token_embd.weight on {input_device} with its output copy on "
                             f"{output_device} cannot be expressed in llama.cpp; place both copies together")
-    overrides = tuple(TensorOverride(merge_pattern(names), device) for device, names in sorted(moved.items()))
+    overrides = tuple(TensorOverride(device, tuple(names)) for device, names in sorted(moved.items()))
     plan = Plan(schema_version=SCHEMA_VERSION, model=inv.identity, n_gpu_layers=n_gpu_layers,
                 tensor_overrides=overrides, n_ctx=n_ctx, n_batch=max(n_batch, n_ubatch), n_ubatch=n_ubatch,
                 use_mmap=(gpu is None) if use_mmap is None else use_mmap, op_offload=op_offload,
@@ -167,15 +181,19 @@ def check_plan(inv: ModelInventory, plan: Plan, source: str) -> None:
         raise PlanMismatchError(f"{source} was made for {made.file_name} ({made.file_bytes} bytes, tensor table "
                                 f"{made.tensor_table_sha256[:12]}), not for {given.file_name} ({given.file_bytes} "
                                 f"bytes, tensor table {given.tensor_table_sha256[:12]}); make a plan for this model")
-    names = [t.name for t in inv.tensors]
+    names = {t.name for t in inv.tensors}
+    listed: set[str] = set()
     for override in plan.tensor_overrides:
-        try:
-            pattern = re.compile(override.pattern)
-        except re.error as exc:
-            raise PlanError(f"{source}: tensor pattern {override.pattern!r} is not a valid regex ({exc})") from None
-        if not any(pattern.search(n) for n in names):
-            raise PlanError(f"{source}: tensor pattern {override.pattern!r} matches no tensor of "
-                            f"{inv.identity.file_name}; the plan would silently do nothing there")
+        if not override.tensors:
+            raise PlanError(f"{source}: the override to {override.device} lists no tensor; drop it or name tensors")
+        for name in override.tensors:
+            if name not in names:
+                raise PlanError(f"{source}: tensor override to {override.device} names {name!r}, which "
+                                f"{inv.identity.file_name} does not have; make the plan again for this model")
+            if name in listed:
+                raise PlanError(f"{source}: tensor {name!r} is listed in two overrides; keep it in one")
+            listed.add(name)
+        override_pattern(override.tensors)      # every name can be written as a pattern llama.cpp reads alike
     stray = sorted({o.device for o in plan.tensor_overrides} - {CPU} - set(plan.gpu_devices))
     if stray:
         raise PlanError(f"{source}: override device {stray[0]!r} is not listed in gpu_devices {list(plan.gpu_devices)}")
@@ -184,27 +202,28 @@ def check_plan(inv: ModelInventory, plan: Plan, source: str) -> None:
 
 
 def llama_cpp_flags(plan: Plan) -> str:
-    """The same placement as llama.cpp command-line flags (llama-cli, llama-server, llama-bench)."""
+    """The same placement as llama.cpp command-line flags (llama-cli, llama-server) of the llama.cpp that
+    llama-cpp-python 0.3.36 vendors (mmap off is `--load-mode none` there)."""
     flags = [f"-ngl {plan.n_gpu_layers}", f"-c {plan.n_ctx}", f"-b {plan.n_batch}", f"-ub {plan.n_ubatch}",
              f"-fa {'on' if plan.flash_attn else 'off'}", f"-ctk {plan.type_k}", f"-ctv {plan.type_v}"]
     if not plan.use_mmap:
-        flags.append("--no-mmap")
+        flags.append("-lm none")
     if not plan.op_offload:
         flags.append("--no-op-offload")
     if plan.swa_full:
         flags.append("--swa-full")
     if plan.n_threads:
         flags.append(f"-t {plan.n_threads}")
-    flags += [f"-ot '{o.pattern}={o.device}'" for o in plan.tensor_overrides]
+    flags += [f"-ot '{override_pattern(o.tensors)}={o.device}'" for o in plan.tensor_overrides]
     return " ".join(flags)
 
 
 def llama_server_command(plan: Plan, model_path: str | Path, host: str = "127.0.0.1", port: int = 8000) -> str:
-    """llama.cpp's own llama-server serving the same placement as `oatoplan serve`: llama_cpp_flags, with mmap off
-    spelled `-lm none` (this llama.cpp's --load-mode), one slot holding the whole context (`-np 1`: its default is
-    4 slots sharing a unified KV cache) and `-fit off` (else it may change what the plan left at llama.cpp's
-    defaults to fit free memory). n_outputs_max has no flag: llama-server sets it from its slots itself."""
-    flags = llama_cpp_flags(plan).replace("--no-mmap", "-lm none")
+    """llama.cpp's own llama-server serving the same placement as `oatoplan serve`: llama_cpp_flags, one slot holding
+    the whole context (`-np 1`: its default is 4 slots sharing a unified KV cache) and `-fit off` (else it may change
+    what the plan left at llama.cpp's defaults to fit free memory). n_outputs_max has no flag: llama-server sets it
+    from its slots itself."""
+    flags = llama_cpp_flags(plan)
     return (f"llama-server -m {shlex.quote(str(model_path))} {flags} -np 1 -fit off "
             f"-a {shlex.quote(Path(model_path).stem)} --host {host} --port {port}")
 

@@ -122,11 +122,13 @@ class BaselinePrediction:
 
 @dataclass(frozen=True)
 class TensorOverride:
-    """One llama.cpp tensor buffer-type override: tensors whose name matches `pattern` (std::regex_search,
-    ECMAScript, first match wins) go to `device`. "CPU" means host memory (pinned `CUDA_Host` when mmap is off
-    and a GPU is present), a GPU device is named as ggml names it ("CUDA0")."""
-    pattern: str
+    """Tensors llama.cpp puts on `device` against n_gpu_layers' rule, by their exact GGUF names. The loader passes them
+    to llama.cpp as one anchored pattern (plan.override_pattern) written in a subset of regex syntax that Python's `re`
+    and llama.cpp's std::regex (ECMAScript) read alike, and checks llama.cpp's load log for each of them. "CPU" means
+    host memory (pinned `CUDA_Host` when mmap is off and a GPU is present); a GPU is named as ggml names it
+    ("CUDA0")."""
     device: str
+    tensors: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,8 @@ class MemoryReport:
     schema_version: int
     allocations: tuple[BufferAllocation, ...]
     checks: tuple[MemoryCheck, ...]
+    # overridden tensors that llama.cpp's load log puts elsewhere than the plan (or does not name at all)
+    misplaced: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -2,16 +2,17 @@
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from oatoplan.errors import ArtifactError, BackendError, LoadError, PlanError, PlanMismatchError
 from oatoplan.graph import CPU
 from oatoplan.inventory import read_inventory
-from oatoplan.load import generate, load, run_stats
-from oatoplan.machine import devices, gpu_devices
-from oatoplan.plan import cpu_only_plan, make_plan, merge_pattern
 from oatoplan.artifacts import write_json
+from oatoplan.load import generate, load, misplaced_tensors, run_stats
+from oatoplan.machine import devices, gpu_devices
+from oatoplan.plan import cpu_only_plan, make_plan
 from oatoplan.schema import TensorOverride
 
 needs_cpu_only_build = pytest.mark.skipif(bool(gpu_devices()), reason="needs a CPU-only llama.cpp build")
@@ -29,7 +30,7 @@ def _ffn_plan(inv, **settings):
     (plain/repacked CPU buffers instead of the mapped file), reached through tensor_buft_overrides."""
     plan = make_plan(inv, {}, n_gpu_layers=0, use_mmap=False, **settings)
     ffn = [t.name for t in inv.tensors if t.role in ("ffn_up", "ffn_gate", "ffn_down")]
-    return dataclasses.replace(plan, tensor_overrides=(TensorOverride(merge_pattern(ffn), CPU),))
+    return dataclasses.replace(plan, tensor_overrides=(TensorOverride(CPU, tuple(ffn)),))
 
 
 def test_devices_include_the_cpu():
@@ -89,11 +90,38 @@ def test_plan_for_another_build(tiny_model):
         load(tiny_model, plan)
 
 
-def test_pattern_matching_nothing(tiny_model):
+def test_tensor_the_model_lacks(tiny_model):
     plan = dataclasses.replace(cpu_only_plan(read_inventory(tiny_model)),
-                               tensor_overrides=(TensorOverride(r"^blk\.9\.ffn_up\.weight$", CPU),))
-    with pytest.raises(PlanError, match="matches no tensor"):
+                               tensor_overrides=(TensorOverride(CPU, ("blk.9.ffn_up.weight",)),))
+    with pytest.raises(PlanError, match="does not have"):
         load(tiny_model, plan)
+
+
+def test_llama_cpp_places_exactly_the_listed_tensors(tiny_model):
+    """The loader's pattern goes through llama.cpp's std::regex: its load log names every listed tensor, on the
+    plan's device, and no other tensor."""
+    inv = read_inventory(tiny_model)
+    plan = _ffn_plan(inv)
+    llm = load(tiny_model, plan)
+    try:
+        assert llm.oatoplan_memory.misplaced == ()
+        assert len(plan.tensor_overrides[0].tensors) == 3 * inv.hparams.n_layer
+    finally:
+        llm.close()
+
+
+def test_misplaced_tensors_from_the_load_log():
+    plan = SimpleNamespace(tensor_overrides=(TensorOverride(CPU, ("blk.0.ffn_up.weight", "blk.1.ffn_up.weight")),))
+    lines = ["tensor blk.0.ffn_up.weight (0 MiB f16) buffer type overridden to CUDA_Host",
+             "tensor blk.2.ffn_up.weight (0 MiB f16) buffer type overridden to CPU",
+             "tensor blk.3.ffn_up.weight (0 MiB f16) buffer type overridden to CUDA0"]
+    found = misplaced_tensors(lines, plan)
+    assert any(p.startswith("blk.1.ffn_up.weight: not overridden") for p in found)
+    assert any(p.startswith("blk.2.ffn_up.weight: overridden to CPU") for p in found)
+    assert any(p.startswith("blk.3.ffn_up.weight") for p in found)
+    assert not any(p.startswith("blk.0.") for p in found)      # CUDA_Host is host memory: the CPU
+    repacked = "tensor blk.1.ffn_up.weight (0 MiB f16) buffer type overridden to CPU_REPACK"
+    assert misplaced_tensors(lines[:1] + [repacked], plan) == []
 
 
 def test_unknown_device(tiny_model):
