@@ -6,7 +6,7 @@
 #   bash benchmarks/sessions/h100_chain.sh build profile validate    # first call
 #   bash benchmarks/sessions/h100_chain.sh bench512 bench2048         # next call, at once (the machine stays 30 s)
 # Steps: build (oatoplan's patched CUDA build), profile (with decode calibration), validate / validate2048,
-# bench512 / bench2048, fused (fused CPU ops and prefetching dot products on/off, two placements), hostmem / cpuhalf /
+# bench512 / bench2048, gputests (tests/gpu), fused (fused CPU ops and prefetching dot products on/off, two placements), hostmem / cpuhalf /
 # cputrace (where the CPU half of a decode loses time), tests (the fused-ops and dot-product tests on this CPU),
 # matvec (benchmarks/matvec_kernel.sh against the built libggml-cpu), gemma (real Gemma 3 270M, GPU vs CPU: the file
 # travels in parts, appended to $W/gemma.part by earlier calls, see benchmarks/results/README.md).
@@ -29,7 +29,7 @@ ensure_profile() {
   ensure_build
   if [ ! -f $PROFILE ]; then
     timeout 300 $G profile run --model $MODEL --out $PROFILE > $OUT/profile.log 2>&1; echo "profile rc=$?"
-    tail -2 $OUT/profile.log; cp $PROFILE $OUT/h100.json
+    tail -2 $OUT/profile.log; cp $PROFILE $OUT/$(basename $PROFILE)
     $G profile show $PROFILE 2>&1 | head -8
   fi
 }
@@ -48,6 +48,10 @@ for step in "$@"; do
       timeout 240 $S python3 -m benchmarks.fused_decode $MODEL --placement $placement \
         --profile $PROFILE --out $OUT/fused-$placement.json 2>&1 | tail -1
     done ;;
+  gputests)
+    ensure_build
+    timeout 200 $S python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu > $OUT/gputests.log 2>&1
+    echo "gputests rc=$?"; tail -3 $OUT/gputests.log ;;
   tests)
     ensure_build
     timeout 240 $S python3 -m pytest -q -p no:cacheprovider tests/test_fused.py \

@@ -30,6 +30,7 @@ def test_mixed_plan_allocates_what_it_predicts(tiny_model, tiny_tied_model, gpu,
     llm = load(model, plan)
     report = llm.oatoplan_memory
     assert all(c.ok for c in report.checks), report.checks
+    assert report.misplaced == ()                        # every overridden tensor where llama.cpp's log puts it
     buffers = {(a.kind, a.buffer_type) for a in report.allocations}
     assert ("model", gpu) in buffers and ("KV", gpu) in buffers and ("KV", CPU) in buffers
     assert ("model", "CUDA_Host") in buffers            # mmap off: CPU weights pinned
