@@ -89,12 +89,14 @@ def kv_layer_bytes(hp: Hyperparameters, layer: int, n_ctx: int, n_ubatch: int, t
 def compute_stage_bytes(inv: ModelInventory, s: Settings) -> tuple[int, int]:
     """(output stage, layer stage) bytes of llama.cpp's GPU compute buffer, which it reserves for the worst case
     (n_outputs_max tokens of a ubatch produce logits; by default all). Output stage: logits (n_outputs x n_vocab f32)
-    + the normed input; layer stage: gate/up/residual activations and the attention mask. Weight copies for op
-    offload come on top. tests/test_cost.py checks both against llama.cpp's allocations."""
+    + the normed input; layer stage: the gate, up and GLU outputs and three n_embd-wide activations per token (f32),
+    and the attention mask (f16, n_ctx per token). Weight copies for op offload come on top. Both stages match
+    llama.cpp's allocations to the byte for Qwen2-7B on the H200 (layer stage with one logit row, ubatch 512 and 2048:
+    benchmarks/results/2026-12-01-h200-vram-overhead-qwen2-7b.jsonl; output stage: tests/test_cost.py)."""
     hp, u = inv.hparams, effective_ubatch(s)
     n_ctx = -(-s.n_ctx // 256) * 256
     output_stage = 4 * n_outputs(s) * hp.n_vocab + 4 * u * hp.n_embd
-    layer_stage = 4 * u * (2 * hp.n_ff + 2 * hp.n_embd) + 2 * u * n_ctx
+    layer_stage = 4 * u * (3 * hp.n_ff + 3 * hp.n_embd) + 2 * u * n_ctx
     return output_stage, layer_stage
 
 

@@ -92,3 +92,21 @@ def test_pool_is_q8_1_activations_of_the_widest_matrix_input(qwen):
     token between ubatch 512 and 2048)."""
     assert pool_bytes(qwen, Settings(512, True, True, 4096)) == 512 * 18944 // 32 * 36
     assert pool_bytes(qwen, Settings(2048, True, True, 1024)) == 1024 * 18944 // 32 * 36   # capped at n_ctx
+
+
+def test_layer_stage_matches_llama_cpps_compute_buffer(qwen):
+    """All on the GPU with one logit row, n_ctx 4096: llama.cpp's compute buffer was 136.0 MiB at ubatch 512 and 544.0
+    MiB at ubatch 2048 (H200, benchmarks/results/2026-12-01-h200-vram-overhead-qwen2-7b.jsonl, configs all-gpu-ub*);
+    with the FFN of half the layers on the CPU, 36.4 MiB more (one Q4_K weight copy). The model counts the largest
+    host matrix instead (a 53.1 MiB Q6_K ffn_down, whose copy llama.cpp places over dead gate/up activations): never
+    under the allocation, at most that difference over."""
+    units = model_units(qwen)
+    for n_ubatch, measured_mib in ((512, 136.0), (2048, 544.0)):
+        s = Settings(n_ubatch, True, True, 4096, n_outputs_max=1)
+        all_gpu = {u.key: "CUDA0" for u in units}
+        assert gpu_memory(qwen, units, all_gpu, s, 0)["compute"] / 2**20 == pytest.approx(measured_mib, abs=0.1)
+        ffn_cpu = {u.key: "CPU" if u.layer is not None and u.layer < 14 and u.key.endswith(("ffn_gate", "ffn_up",
+                                                                                            "ffn_down")) else "CUDA0"
+                   for u in units}
+        predicted = gpu_memory(qwen, units, ffn_cpu, s, 0)["compute"] / 2**20
+        assert measured_mib + 36.4 <= predicted <= measured_mib + 53.2
