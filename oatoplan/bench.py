@@ -35,7 +35,9 @@ def arm_plans(inv: ModelInventory, plan: Plan, profile: Profile) -> list[Arm]:
     cost = CostModel(profile)
     workload = plan.workload or Workload()
     arms = [Arm(PLAN_ARM, dict(plan.placement), plan_settings(plan), plan.flags, plan, plan.prediction)]
-    for arm in baseline_arms(inv, cost.gpu, plan.budget_bytes or 0, workload, gpu_overhead_bytes(profile)):
+    gpu_baselines = baseline_arms(inv, cost.gpu, plan.budget_bytes or 0, workload, gpu_overhead_bytes(profile)) \
+        if plan.gpu_devices else []     # a CPU-only plan has no VRAM budget to hold GPU baselines to
+    for arm in gpu_baselines:
         if arm.placement is None:
             log.warning("baseline %r does not fit the budget; left out", arm.name)
             continue

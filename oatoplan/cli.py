@@ -171,8 +171,8 @@ def profile_run(
     = True,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the profile (default "
                                                                     "<id>.json in your profile directory).")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: all logical "
-                                                                           "CPUs).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: the physical "
+                                                                           "cores).")] = None,
     cpu: Annotated[bool, typer.Option("--cpu", help="Profile only the CPU, even with a GPU present.")] = False,
     reps: Annotated[int, typer.Option("--reps", help="Repetitions per calibration placement.")] = 3,
     force: ForceOpt = False,
@@ -229,7 +229,8 @@ def profile_validate(
 @handle_errors
 def plan(
     model: ModelArg,
-    vram: Annotated[str, typer.Option("--vram", help="VRAM budget, e.g. 6GiB, 4500MiB, or auto (free VRAM - 5%).")],
+    vram: Annotated[str, typer.Option("--vram", help="VRAM budget, e.g. 6GiB, 4500MiB, 0 (all on the CPU), or auto "
+                                                     "(free VRAM - 5%; 0 without a GPU).")],
     use: ProfileOpt = None,
     prompt: PromptOpt = 512, gen: GenOpt = 128, depth: DepthOpt = 0,
     objective: Annotated[str, typer.Option("--objective", help="total, ttft or decode.")] = "total",

@@ -9,6 +9,7 @@ its number of weights, a weight type that was not measured from the nearest type
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from collections import defaultdict
 
@@ -130,6 +131,12 @@ class CostModel:
         """One crossing in a decode graph: calibrated on real decodes where the profile has that (the CPU threads
         go to sleep during each GPU phase and must be woken), else the measured back-to-back crossing."""
         return self.profile.decode_crossing_us or self.profile.crossing_us
+
+
+def cpu_cost_model(profile: Profile) -> CostModel:
+    """The CPU side of a profile alone: a run with no GPU (a CPU-only build, or a GPU build with nothing offloaded
+    and op offload off, so that no op and no graph launch goes to the GPU)."""
+    return CostModel(dataclasses.replace(profile, gpu_device=""))
 
 
 def decode_class(unit: Unit, device: str) -> str:

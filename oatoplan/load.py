@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType
 from .errors import BackendError, LoadError, PlanMismatchError
 from .graph import CPU
 from .inventory import read_inventory
-from .machine import buffer_device, buffer_type, gpu_devices, llama_cpp_build
+from .machine import buffer_device, buffer_type, default_threads, gpu_devices, llama_cpp_build
 from .artifacts import read_json
 from .plan import ALIGNMENT_SLACK_BYTES, check_plan, cpu_only_plan, override_pattern, predict_memory
 from .schema import SCHEMA_VERSION, BufferAllocation, MemoryCheck, MemoryReport, Plan, RunStats
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 # Plan fields that decide placement and memory: passing them to load() as well would make the plan lie.
 PLAN_KEYS = ("n_gpu_layers", "n_ctx", "n_batch", "n_ubatch", "use_mmap", "op_offload", "flash_attn", "type_k",
-             "type_v", "n_threads", "swa_full", "tensor_split", "main_gpu", "split_mode")
+             "type_v", "n_threads", "n_threads_batch", "swa_full", "tensor_split", "main_gpu", "split_mode")
 # Memory checks: a difference up to this share of the prediction (or ALIGNMENT_SLACK_BYTES a tensor) is alignment.
 RELATIVE_TOLERANCE = 0.01
 COMPUTE_TOLERANCE = 0.10
@@ -95,10 +95,13 @@ def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_o
         # the plain CPU buffer type means "host memory" to llama.cpp: pinned CUDA_Host when mmap is off and a GPU is
         # present (or a repacked CPU buffer on a CPU-only build)
         overrides[i].buft = buffer_type(override.device)
+    # a plan's thread count is what runs, for decode and prefill alike; without one, this machine's physical cores
+    # (llama-cpp-python's own defaults: logical CPUs // 2 for decode, all logical CPUs for prefill)
+    threads = plan.n_threads or default_threads()
     kwargs = dict(n_gpu_layers=plan.n_gpu_layers if plan.gpu_devices else 0, n_ctx=plan.n_ctx,
                   n_batch=plan.n_batch, n_ubatch=plan.n_ubatch, use_mmap=plan.use_mmap, op_offload=plan.op_offload,
                   flash_attn=plan.flash_attn, type_k=_ggml_type(plan.type_k), type_v=_ggml_type(plan.type_v),
-                  n_threads=plan.n_threads, swa_full=plan.swa_full, verbose=False)
+                  n_threads=threads, n_threads_batch=threads, swa_full=plan.swa_full, verbose=False)
     kwargs.update(llama_kwargs)
     lines: list[str] = []
     with _load_lock, _default_params_with(overrides if plan.tensor_overrides else None, plan.n_outputs_max), \

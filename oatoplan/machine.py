@@ -81,9 +81,34 @@ def llama_cpp_build() -> str:
             + (f", oatoplan patches {carried}" if carried else ""))
 
 
+def physical_cores(cpuinfo: str, allowed: set[int] | None = None) -> int | None:
+    """Physical cores in /proc/cpuinfo text: unique (physical id, core id) pairs over the processors in `allowed`
+    (all if None). None when the text has no core ids (some ARM kernels, other systems)."""
+    cores = set()
+    for block in re.split(r"\n\s*\n", cpuinfo):
+        fields = dict(re.findall(r"^([^:\n]+?)\s*:\s*(.*)$", block, re.M))
+        if "processor" not in fields or "core id" not in fields:
+            continue
+        if allowed is None or (fields["processor"].isdigit() and int(fields["processor"]) in allowed):
+            cores.add((fields.get("physical id", "0"), fields["core id"]))
+    return len(cores) or None
+
+
 def default_threads() -> int:
-    """All logical CPUs, as llama-bench runs by default (thread counts against decode speed: the cpu-half-decode
-    files in benchmarks/results/)."""
+    """The physical cores this process may run on: one thread per core (a second thread on a core's other
+    hyperthread competes for the same execution units and memory bandwidth). Falls back to the logical CPUs where
+    /proc/cpuinfo does not say. Virtual machines that report each vCPU as a core get one thread per vCPU."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cores = physical_cores(f.read(), allowed)
+    except OSError:
+        cores = None
+    return cores or (len(allowed) if allowed else os.cpu_count() or 1)
+
+
+def logical_cpus() -> int:
+    """What llama-cpp-python's defaults count from (multiprocessing.cpu_count())."""
     return os.cpu_count() or 1
 
 

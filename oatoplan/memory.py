@@ -59,13 +59,18 @@ def budget_for(needed_bytes: float) -> int:
 
 
 def budget_bytes(vram: str, profile: Profile) -> int:
-    """A VRAM budget: a size ("6GiB", "4500MiB"), or "auto": the profiled GPU's free memory less 5%."""
+    """A VRAM budget: a size ("6GiB", "4500MiB", "0" for a CPU-only plan), or "auto": the profiled GPU's free memory
+    less 5%, and 0 where there is no GPU (a CPU profile, or a llama.cpp build without a GPU device)."""
     if vram != "auto":
         return parse_size_bytes(vram)
-    found = [d for d in devices() if d.name == profile.gpu_device]
+    gpus = [d for d in devices() if d.type in ("GPU", "IGPU")]
+    if not profile.gpu_device or not gpus:
+        return 0
+    found = [d for d in gpus if d.name == profile.gpu_device]
     if not found:
-        raise ProfileError(f"--vram auto needs {profile.gpu_device or 'a GPU'} in this llama.cpp build; give a size, "
-                           f"e.g. --vram 6GiB")
+        raise ProfileError(f"--vram auto needs {profile.gpu_device} of the profile {profile.profile_id}, but this "
+                           f"llama.cpp build has {', '.join(d.name for d in gpus)}; give a size, e.g. --vram 6GiB, "
+                           f"or profile this machine")
     return int(found[0].free_bytes * AUTO_BUDGET_SHARE)
 
 

@@ -5,7 +5,7 @@ A Plan says where every tensor, KV cache and compute buffer goes, in the two lev
 (`-ot PATTERN=DEVICE`, first match wins) for the tensors that differ from that rule. This module turns a per-tensor
 placement into those levers (`make_plan`), predicts what llama.cpp will allocate (`predict_memory`), and writes the
 equivalent llama.cpp flags and llama-cpp-python arguments. `plan_model` solves a model's placement and predicts the
-baselines beside it; `plan_for` turns any per-unit placement (an Arm's) into a Plan the loader applies.
+baselines beside it (`plan_cpu` when nothing goes to a GPU); `plan_for` turns any per-unit placement (an Arm's) into a Plan the loader applies.
 """
 
 from __future__ import annotations
@@ -17,14 +17,16 @@ from collections import defaultdict
 from pathlib import Path
 
 from .baselines import baseline_arms, greedy_arm
-from .cost import CostModel, predict
+from .cost import CostModel, cpu_cost_model, predict
 from .errors import PlanError, PlanMismatchError
 from .graph import CPU, model_units
 from .inventory import BLOCK_NAME
+from .machine import default_threads, logical_cpus
 from .memory import Settings, gpu_memory, gpu_overhead_bytes, kv_layer_bytes
 from .schema import (SCHEMA_VERSION, BaselinePrediction, MemoryPrediction, ModelInventory, Plan, Profile,
                      TensorOverride, Workload)
-from .solve import explain, solve
+from .solve import CpuSolution, explain, solve, solve_cpu
+from .units import format_bytes
 
 # Key of the second copy of token_embd.weight that llama.cpp makes as the output matrix of a tied-embedding model.
 TIED_OUTPUT = "token_embd.weight (output copy)"
@@ -271,7 +273,13 @@ def plan_settings(plan: Plan) -> Settings:
 def plan_model(inv: ModelInventory, profile: Profile, budget_bytes: int, workload: Workload,
                write_lp=None) -> Plan:
     """Solve the placement for `workload` within `budget_bytes` of VRAM with `profile`'s costs, and return the
-    Plan with its prediction, the baselines' predictions at the same budget and an explanation."""
+    Plan with its prediction, the baselines' predictions at the same budget and an explanation. With no GPU in the
+    profile or a budget of 0: plan_cpu."""
+    if not profile.gpu_device or budget_bytes == 0:
+        if write_lp:
+            raise PlanError("--write-lp: a CPU-only plan solves no integer program (no GPU in the profile, or a "
+                            "VRAM budget of 0); leave --write-lp out")
+        return plan_cpu(inv, profile, workload, budget_bytes)
     cost = CostModel(profile)
     solution = solve(inv, cost, budget_bytes, workload, write_lp)
     s = solution.settings
@@ -283,10 +291,8 @@ def plan_model(inv: ModelInventory, profile: Profile, budget_bytes: int, workloa
     gpu_bytes = solution.prediction.gpu_bytes
     notes = tuple(explain(inv, cost, solution, workload)) + (
         f"ubatch {s.n_ubatch}, op offload {'on' if s.op_offload else 'off'}, mmap off (host weights pinned): "
-        f"best of {len(solution.candidates)} settings solved in {solution.solve_s:.2f} s",) + ((
-        f"n_outputs_max {s.n_outputs_max}: llama.cpp reserves logits for {s.n_outputs_max} token per ubatch, not "
-        f"{s.n_ubatch} (no llama-cli flag; llama-server does this itself, oatoplan.load sets it)",)
-        if s.n_outputs_max else ())
+        f"best of {len(solution.candidates)} settings solved in {solution.solve_s:.2f} s",) + \
+        ((_outputs_note(s),) if s.n_outputs_max else ())
     plan = make_plan(inv, devices, n_gpu_layers=n_gpu_layers, gpu_devices=(cost.gpu,), n_ctx=workload.n_ctx,
                      n_batch=s.n_ubatch, n_ubatch=s.n_ubatch, use_mmap=False, op_offload=s.op_offload,
                      n_outputs_max=s.n_outputs_max,
@@ -296,3 +302,75 @@ def plan_model(inv: ModelInventory, profile: Profile, budget_bytes: int, workloa
     plan = dataclasses.replace(plan, workload=workload, prediction=solution.prediction, baselines=tuple(baselines),
                                placement=dict(solution.devices))
     return dataclasses.replace(plan, flags=llama_cpp_flags(plan))
+
+
+def _outputs_note(s: Settings) -> str:
+    return (f"n_outputs_max {s.n_outputs_max}: llama.cpp reserves logits for {s.n_outputs_max} token per ubatch, not "
+            f"{s.n_ubatch} (no llama-cli flag; llama-server does this itself, oatoplan.load sets it)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# All on the CPU
+
+CPU_DEFAULTS = "llama-cpp-python defaults (n_threads = logical CPUs // 2, ubatch 512)"
+
+
+def plan_cpu(inv: ModelInventory, profile: Profile, workload: Workload, budget_bytes: int = 0) -> Plan:
+    """Everything on the CPU: this machine's physical cores for decode and prefill, the ubatch solve_cpu picks from
+    the profile's CPU timings, mmap on, op offload off (on a GPU build too: nothing runs on the GPU), flash
+    attention, one logit row per ubatch; predicted with the profile's CPU side, beside llama-cpp-python's defaults."""
+    cost = cpu_cost_model(profile)
+    solution = solve_cpu(inv, cost, workload)
+    s, n_threads = solution.settings, default_threads()
+    plan = make_plan(inv, {}, n_gpu_layers=0, n_ctx=workload.n_ctx, n_batch=s.n_ubatch, n_ubatch=s.n_ubatch,
+                     use_mmap=True, op_offload=False, flash_attn=True, n_outputs_max=s.n_outputs_max,
+                     n_threads=n_threads, llama_cpp_build=profile.machine.llama_cpp_build,
+                     profile_id=profile.profile_id, budget_bytes=0,
+                     notes=_cpu_notes(profile, solution, budget_bytes, n_threads))
+    plan = dataclasses.replace(plan, workload=workload, prediction=solution.prediction,
+                               baselines=(_cpu_defaults(inv, cost, workload),),
+                               placement={u.key: CPU for u in model_units(inv)})
+    return dataclasses.replace(plan, flags=llama_cpp_flags(plan))
+
+
+def _cpu_notes(profile: Profile, solution: CpuSolution, budget_bytes: int, n_threads: int) -> tuple[str, ...]:
+    s = solution.settings
+    if not profile.gpu_device:
+        why = f"profile {profile.profile_id} has no GPU" + (
+            f" (the VRAM budget of {format_bytes(budget_bytes)} is not used)" if budget_bytes else "")
+    else:
+        why = (f"VRAM budget 0: n_gpu_layers 0 and op offload off, so that no weight, KV cache or op goes to "
+               f"{profile.gpu_device} (with op offload on, llama.cpp's GPU build would still copy the weights of large "
+               f"batches to the GPU and run them there); the GPU build still creates its GPU context")
+    times = ", ".join(f"{c.n_ubatch}: {p.prefill_s * 1e3:.1f} ms" for c, p in solution.candidates)
+    notes = [f"all on the CPU: {why}",
+             f"n_threads {n_threads} for decode and prefill (n_threads_batch): this machine's physical cores",
+             f"ubatch {s.n_ubatch}: the shortest predicted prefill of the candidates ({times})"]
+    if solution.unmeasured:
+        notes.append(f"ubatch {', '.join(map(str, solution.unmeasured))} not considered: the profile timed CPU batches "
+                     f"of at most {max(c.n_ubatch for c, _ in solution.candidates)} tokens")
+    if n_threads != profile.n_threads:
+        notes.append(f"the profile timed {profile.n_threads} threads on {profile.machine.cpu_model}: the predicted "
+                     f"times are for that, not for {n_threads} threads here; profile this machine (oatoplan profile "
+                     f"run --cpu) for a prediction of its own")
+    notes += ["mmap on: the weights are read from the file's mapping (no GPU to pin host memory for)",
+              "llama.cpp's CPU weight repacking (CPU_REPACK buffers) stays on, as llama.cpp defaults: the weights it "
+              "repacks are copied out of the mapping; the profile has no timings of repacked kernels, so the "
+              "planner does not choose between the two",
+              _outputs_note(s)]
+    return tuple(notes)
+
+
+def _cpu_defaults(inv: ModelInventory, cost: CostModel, workload: Workload) -> BaselinePrediction:
+    """llama-cpp-python's Llama() defaults on this machine: decode on logical CPUs // 2 threads, prefill on all,
+    ubatch 512. Predicted only where both thread counts are the profile's: the profile timed no other."""
+    logical = logical_cpus()
+    decode_threads, prefill_threads, timed = max(logical // 2, 1), logical, cost.profile.n_threads
+    flags = f"-ngl 0 -ub 512 -b 512 -t {decode_threads} -tb {prefill_threads}"
+    if decode_threads == prefill_threads == timed:
+        s = Settings(512, False, False, workload.n_ctx)
+        return BaselinePrediction(CPU_DEFAULTS, flags,
+                                  predict(cost, inv, {u.key: CPU for u in model_units(inv)}, workload, s))
+    return BaselinePrediction(CPU_DEFAULTS, flags, None,
+                              f"not predicted: n_threads {decode_threads} (decode), n_threads_batch "
+                              f"{prefill_threads} (prefill); the profile timed {timed} threads only")

@@ -254,26 +254,30 @@ def plan_view(p: Plan, path: Path) -> list[RenderableType]:
     """The plan's budget and workload, why it placed what where, its VRAM, its predicted speed beside the
     baselines', and the llama-cpp-python call it amounts to."""
     pred, w = p.prediction, p.workload
+    where = f"VRAM budget {format_bytes(p.budget_bytes or 0)}" if p.gpu_devices else "all on the CPU"
     out: list[RenderableType] = [Text.assemble(
-        ("plan", "bold"), f" for {p.model.file_name}, VRAM budget {format_bytes(p.budget_bytes or 0)}, "
+        ("plan", "bold"), f" for {p.model.file_name}, {where}, "
         f"workload pp{w.n_prompt} tg{w.n_gen} depth {w.n_depth}, objective {w.objective}")]
     out += [Text(f"  {note}") for note in p.notes]
-    out.append(Text("VRAM: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in pred.gpu_bytes.items())
-                    + f" = {format_bytes(sum(pred.gpu_bytes.values()))}"))
+    if p.gpu_devices:
+        out.append(Text("VRAM: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in pred.gpu_bytes.items())
+                        + f" = {format_bytes(sum(pred.gpu_bytes.values()))}"))
     arms = Table(show_edge=False, box=None)
     for name in ("arm", "flags", "VRAM", "TTFT s", "pp t/s", "tg t/s", "total s"):
         arms.add_column(name, justify="left" if name in ("arm", "flags") else "right")
-    for name, flags, q in [("this plan", p.flags, pred)] + [(b.name, b.flags, b.prediction) for b in p.baselines]:
+    for name, flags, q, note in [("this plan", p.flags, pred, "")] + [(b.name, b.flags, b.prediction, b.note)
+                                                                       for b in p.baselines]:
         if q is None:
-            arms.add_row(Text(name), Text(flags), "does not fit", "", "", "", "")
+            arms.add_row(Text(name), Text(flags), Text(note or "does not fit"), "", "", "", "")
             continue
         arms.add_row(Text(name), Text(flags), format_bytes(sum(q.gpu_bytes.values())), f"{q.prefill_s:.3f}",
                      f"{q.prefill_tokens_per_s:,.0f}", f"{q.decode_tokens_per_s:.1f}", f"{q.total_s:.2f}")
     return out + [Text("predicted:"), arms, Text(
         f"llama-cpp-python: oatoplan.load(model, '{path}') = Llama(model, n_gpu_layers={p.n_gpu_layers}, "
         f"n_ctx={p.n_ctx}, n_batch={p.n_batch}, n_ubatch={p.n_ubatch}, use_mmap={p.use_mmap}, "
-        f"op_offload={p.op_offload}, flash_attn=True, n_threads={p.n_threads}) with the -ot overrides "
-        f"above" + (f" and n_outputs_max={p.n_outputs_max}" if p.n_outputs_max else "")),
+        f"op_offload={p.op_offload}, flash_attn=True, n_threads={p.n_threads}, n_threads_batch={p.n_threads})"
+        + (" with the -ot overrides above" if p.tensor_overrides else "")
+        + (f" and n_outputs_max={p.n_outputs_max}" if p.n_outputs_max else "")),
         Text(f"llama-server: {llama_server_command(p, p.model.file_name)}")]
 
 

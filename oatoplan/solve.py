@@ -38,6 +38,8 @@ from .units import BYTES_PER_MIB, format_bytes
 log = logging.getLogger(__name__)
 
 UBATCH_CANDIDATES = (512, 1024, 2048, 4096)
+# On the CPU, op offload does not take large batches elsewhere, so smaller ubatches are candidates too.
+CPU_UBATCH_CANDIDATES = (128, 256) + UBATCH_CANDIDATES
 
 
 @dataclass(frozen=True)
@@ -221,10 +223,15 @@ def vram_mib(inst: _Instance, chosen: list[int]) -> float:
     return sum(inst.terms.of(chosen).values()) / BYTES_PER_MIB
 
 
-def candidate_settings(workload: Workload) -> list[Settings]:
+def ubatch_candidates(workload: Workload, candidates: tuple[int, ...] = UBATCH_CANDIDATES) -> list[int]:
+    """The candidates a prompt can use: up to the power of two that holds it (at least 512)."""
     largest = max(512, 1 << (max(workload.n_prompt, 1) - 1).bit_length())
+    return [ub for ub in candidates if ub <= largest]
+
+
+def candidate_settings(workload: Workload) -> list[Settings]:
     # one logit row per ubatch: generation reads only the last prompt token's logits
-    return [Settings(ub, offload, True, workload.n_ctx, n_outputs_max=1) for ub in UBATCH_CANDIDATES if ub <= largest
+    return [Settings(ub, offload, True, workload.n_ctx, n_outputs_max=1) for ub in ubatch_candidates(workload)
             for offload in (True, False)]
 
 
@@ -279,6 +286,31 @@ def solve(inv: ModelInventory, cost: CostModel, budget_bytes: int, workload: Wor
     devices = {u.key: (cost.gpu if c else CPU) for u, c in zip(inst.units, chosen)}
     return Solution(devices, s, predict(cost, inv, devices, workload, s), best_us, time.perf_counter() - started,
                     tuple((r[1], r[0]) for r in results))
+
+
+@dataclass(frozen=True)
+class CpuSolution:
+    settings: Settings
+    prediction: Prediction
+    candidates: tuple[tuple[Settings, Prediction], ...]   # every ubatch candidate and its prediction
+    unmeasured: tuple[int, ...]    # ubatch candidates left out: beyond the CPU batch sizes the profile timed
+
+
+def solve_cpu(inv: ModelInventory, cost: CostModel, workload: Workload) -> CpuSolution:
+    """The settings of a run all on the CPU: the ubatch with the shortest predicted prefill (ubatch changes nothing
+    else; ties go to the larger one, which serves longer prompts), mmap on (nothing to pin for), op offload off, one
+    logit row per ubatch. `cost` must model no GPU (cost.gpu None). Ubatches beyond the largest CPU batch the profile
+    timed are left out: their time would be extrapolated, not measured."""
+    if cost.gpu:
+        raise ValueError("solve_cpu needs a cost model without a GPU (cost.cpu_cost_model)")
+    timed = max((o.n_tokens for o in cost.profile.ops if o.device == CPU and o.op == "MUL_MAT"), default=512)
+    wanted = ubatch_candidates(workload, CPU_UBATCH_CANDIDATES)
+    settings = [Settings(ub, False, False, workload.n_ctx, n_outputs_max=1) for ub in wanted
+                if ub <= max(timed, wanted[0])]
+    all_cpu = {u.key: CPU for u in model_units(inv)}
+    candidates = tuple((s, predict(cost, inv, all_cpu, workload, s)) for s in settings)
+    best = min(candidates, key=lambda c: (c[1].prefill_s, -c[0].n_ubatch))
+    return CpuSolution(best[0], best[1], candidates, tuple(ub for ub in wanted if ub > timed))
 
 
 def greedy(inv: ModelInventory, cost: CostModel, budget_bytes: int, workload: Workload, s: Settings) -> dict[str, str]:

@@ -4,7 +4,9 @@ planner can be tested without a GPU. Shipped profiles in oatoplan/profiles/ are 
 from __future__ import annotations
 
 from oatoplan import profile as profiler
+from oatoplan.artifacts import read_json
 from oatoplan.ggml import row_bytes
+from oatoplan.paths import SHIPPED_PROFILES_DIR
 from oatoplan.schema import SCHEMA_VERSION, MachineIdentity, OpTiming, Profile, TransferTiming
 
 # device: (memory bytes/s, flop/s, per-op overhead us)
@@ -45,3 +47,8 @@ def synthetic_profile(gpu: bool = True, pcie_bytes_per_s: float = 50e9, crossing
     return Profile(SCHEMA_VERSION, "synthetic-test", "2026-11-22T00:00:00+00:00", machine, 16,
                    "CUDA0" if gpu else "", tuple(ops), tuple(transfers),
                    {d: 8.0 for d in devices}, crossing_us if gpu else 0.0, 60e9, 0)
+
+
+def shipped_cpu_profile() -> Profile:
+    """The CPU profile oatoplan ships (measured on a 2-core machine): what `plan` finds on a machine without a GPU."""
+    return read_json(Profile, SHIPPED_PROFILES_DIR / "cpu-devbox-2core.json")

@@ -2,7 +2,11 @@
 
 import pytest
 
+from oatoplan.artifacts import read_json, write_json
+from oatoplan.machine import default_threads, gpu_devices
 from oatoplan.paths import SHIPPED_PROFILES_DIR
+from oatoplan.schema import Plan
+from profiles import shipped_cpu_profile, synthetic_profile
 
 
 def test_inspect_table(tiny_model, cli):
@@ -59,7 +63,6 @@ def test_plan_writes_a_plan_the_loader_accepts(qwen_header_model, cli, tmp_path)
     (["--vram", "lots"], "lots"),
     (["--vram", "3GiB", "--objective", "fast"], "--objective 'fast'"),
     (["--vram", "10MiB"], "the smallest needs"),
-    (["--vram", "3GiB", "--profile", SHIPPED_PROFILES_DIR / "cpu-devbox-2core.json"], "has no GPU"),
 ])
 def test_plan_bad_input(qwen_header_model, cli, tmp_path, args, message):
     from oatoplan.artifacts import write_json
@@ -94,3 +97,39 @@ def test_doctor_reports_this_installation(cli):
     assert patched["ok"] == patched["detail"].startswith("series ") and "oatoplan build" in patched["fix"]
     table = cli(["doctor"])
     assert table.exit_code == 0 and "CPU features" in table.stdout
+
+
+@pytest.mark.skipif(bool(gpu_devices()), reason="needs a machine without a GPU")
+def test_vram_auto_without_a_gpu_plans_for_the_cpu_and_runs(gemma_model, cli, tmp_path):
+    out = tmp_path / "cpu.plan.json"
+    result = cli(["plan", gemma_model, "--vram", "auto", "--out", out])     # finds the shipped CPU profile
+    assert result.exit_code == 0, result.stderr
+    assert "all on the CPU" in result.stdout and "llama-cpp-python defaults (n_threads" in result.stdout
+    plan = read_json(Plan, out)
+    assert plan.gpu_devices == () and plan.n_threads == default_threads()
+    assert plan.profile_id == shipped_cpu_profile().profile_id
+    run = cli(["run", gemma_model, "--plan", out, "-p", "The three primary colors are", "-n", "8", "--show-memory"])
+    assert run.exit_code == 0, run.stderr
+    assert "plan vs allocated" in run.stdout and " NO" not in run.stdout
+    assert "prefill" in run.stderr and "decode 7 tokens" in run.stderr
+
+
+def test_vram_0_with_a_gpu_profile_gives_a_cpu_plan_that_runs(tiny_model, cli, tmp_path):
+    profile = write_json(synthetic_profile(), tmp_path / "profile.json")
+    out = tmp_path / "plan.json"
+    result = cli(["plan", tiny_model, "--vram", "0", "--profile", profile, "--out", out])
+    assert result.exit_code == 0, result.stderr
+    plan = read_json(Plan, out)
+    assert plan.gpu_devices == () and plan.n_gpu_layers == 0 and not plan.op_offload and plan.budget_bytes == 0
+    run = cli(["run", tiny_model, "--plan", out, "-p", "hello", "-n", "4"])
+    assert run.exit_code == 0, run.stderr
+    assert "decode" in run.stderr
+
+
+def test_a_cpu_profile_with_a_budget_plans_for_the_cpu(tiny_model, cli, tmp_path):
+    out = tmp_path / "plan.json"
+    result = cli(["plan", tiny_model, "--vram", "3GiB", "--profile", SHIPPED_PROFILES_DIR / "cpu-devbox-2core.json",
+                  "--out", out])
+    assert result.exit_code == 0, result.stderr
+    assert "has no GPU (the VRAM budget of 3.0 GiB is not used)" in result.stdout
+    assert read_json(Plan, out).gpu_devices == ()

@@ -11,7 +11,7 @@ from oatoplan.graph import CPU
 from oatoplan.inventory import read_inventory
 from oatoplan.artifacts import write_json
 from oatoplan.load import generate, load, misplaced_tensors, run_stats
-from oatoplan.machine import devices, gpu_devices
+from oatoplan.machine import default_threads, devices, gpu_devices
 from oatoplan.plan import cpu_only_plan, make_plan
 from oatoplan.schema import TensorOverride
 
@@ -222,3 +222,17 @@ def test_one_logit_row_per_ubatch_is_applied(gemma_model):
     assert compute[0] - compute[1] >= 450          # MiB (514.5 -> 18.8 measured here)
     with pytest.raises(LoadError, match="n_outputs_max"):
         load(gemma_model, one, logits_all=True)
+
+
+def test_threads_decode_and_prefill_alike(tiny_model):
+    # no plan: this machine's physical cores for both (llama-cpp-python would prefill on all logical CPUs and
+    # decode on half of them)
+    llm = load(tiny_model)
+    assert llm.context_params.n_threads == llm.context_params.n_threads_batch == default_threads()
+    llm.close()
+    # a plan's thread count is what runs, prefill included
+    llm = load(tiny_model, cpu_only_plan(read_inventory(tiny_model), n_ctx=256, n_threads=1))
+    assert (llm.context_params.n_threads, llm.context_params.n_threads_batch) == (1, 1)
+    llm.close()
+    with pytest.raises(LoadError, match="n_threads_batch must be set in the plan"):
+        load(tiny_model, n_threads_batch=2)

@@ -8,14 +8,18 @@ import shlex
 
 import pytest
 
+from oatoplan import plan as planner
+from oatoplan.artifacts import dumps, from_jsonable, read_json
 from oatoplan.errors import ArtifactError, PlanError
 from oatoplan.graph import CPU
 from oatoplan.inventory import read_inventory
-from oatoplan.artifacts import dumps, from_jsonable, read_json
-from oatoplan.plan import (OVERRIDE_PATTERN_SYNTAX, TIED_OUTPUT, check_plan, default_device, layer_devices,
-                           llama_cpp_flags, llama_server_command, make_plan, override_pattern, predict_memory,
-                           tensor_devices)
-from oatoplan.schema import Plan, TensorOverride
+from oatoplan.machine import default_threads
+from oatoplan.plan import (CPU_DEFAULTS, OVERRIDE_PATTERN_SYNTAX, TIED_OUTPUT, check_plan, default_device,
+                           layer_devices, llama_cpp_flags, llama_server_command, make_plan, override_pattern,
+                           predict_memory, tensor_devices)
+from oatoplan.schema import Plan, TensorOverride, Workload
+from oatoplan.solve import CPU_UBATCH_CANDIDATES
+from profiles import shipped_cpu_profile, synthetic_profile
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +160,76 @@ def test_llama_server_command(qwen):
     assert not any("output" in a and a.startswith("-") for a in argv)   # n_outputs_max: no flag
     mapped = shlex.split(llama_server_command(make_plan(qwen, {}, n_gpu_layers=0), "m.gguf"))
     assert "-lm" not in mapped and mapped[mapped.index("-ngl") + 1] == "0"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU-only plans
+
+def _assert_cpu_plan(plan: Plan, inv, workload: Workload) -> None:
+    """Nothing on a GPU; this machine's cores; the ubatch the cost model predicts fastest among the candidates."""
+    assert plan.gpu_devices == () and plan.n_gpu_layers == 0 and plan.tensor_overrides == ()
+    assert not plan.op_offload and plan.use_mmap and plan.flash_attn and plan.n_outputs_max == 1
+    assert plan.n_threads == default_threads() and f"-t {plan.n_threads}" in plan.flags
+    assert "--no-op-offload" in plan.flags and "--no-mmap" not in plan.flags
+    assert plan.n_ctx == workload.n_ctx and plan.workload == workload and plan.budget_bytes == 0
+    assert set(plan.placement.values()) == {CPU} and plan.prediction.gpu_bytes == {}
+    assert plan.memory.kv_bytes.keys() == {CPU} and plan.memory.compute_bytes == {}
+    check_plan(inv, plan, "plan")
+    # the notes list every candidate's predicted prefill; the chosen ubatch is their argmin
+    note = next(n for n in plan.notes if n.startswith(f"ubatch {plan.n_ubatch}: the shortest predicted prefill"))
+    times = {int(ub): float(ms) for ub, ms in re.findall(r"(\d+): ([0-9.]+) ms", note)}
+    assert times and set(times) <= set(CPU_UBATCH_CANDIDATES) and plan.n_ubatch == plan.n_batch
+    assert times[plan.n_ubatch] == min(times.values())
+    assert round(plan.prediction.prefill_s * 1e3, 1) == times[plan.n_ubatch]
+    assert any("CPU_REPACK" in n for n in plan.notes)
+
+
+@pytest.mark.parametrize("model", ["tiny_model", "gemma_model"])
+def test_cpu_plan_from_the_shipped_cpu_profile(model, request):
+    inv = read_inventory(request.getfixturevalue(model))
+    profile, workload = shipped_cpu_profile(), Workload(512, 128)
+    plan = planner.plan_model(inv, profile, 0, workload)
+    _assert_cpu_plan(plan, inv, workload)
+    assert plan.profile_id == profile.profile_id and plan.llama_cpp_build == profile.machine.llama_cpp_build
+    assert any(f"profile {profile.profile_id} has no GPU" in n for n in plan.notes)
+    # a VRAM budget changes nothing without a GPU in the profile (and says so)
+    budgeted = planner.plan_model(inv, profile, 3 << 30, workload)
+    assert dataclasses.replace(budgeted, notes=()) == dataclasses.replace(plan, notes=())
+    assert any("VRAM budget of 3.0 GiB is not used" in n for n in budgeted.notes)
+
+
+def test_vram_0_with_a_gpu_profile_is_truly_cpu_only(tiny_model):
+    inv, workload = read_inventory(tiny_model), Workload(2048, 64)
+    plan = planner.plan_model(inv, synthetic_profile(), 0, workload)
+    _assert_cpu_plan(plan, inv, workload)
+    assert any("op offload off" in n and "CUDA0" in n for n in plan.notes)
+    # predicted with the CPU side of the profile alone: no GPU launch, no VRAM, the same as a CPU-only profile
+    assert plan.prediction == planner.plan_model(inv, synthetic_profile(gpu=False), 0, workload).prediction
+    # the synthetic profile timed 16 threads: the plan says its times are for those, not this machine's
+    assert any("the profile timed 16 threads" in n for n in plan.notes) == (default_threads() != 16)
+
+
+def test_cpu_plan_write_lp_refused(tiny_model, tmp_path):
+    with pytest.raises(PlanError, match="--write-lp"):
+        planner.plan_model(read_inventory(tiny_model), shipped_cpu_profile(), 0, Workload(), tmp_path / "p.lp")
+
+
+@pytest.mark.parametrize("logical, profile_threads, predicted", [
+    (2, 2, False),     # decodes on 1 thread, prefills on 2: the profile timed 2 only
+    (32, 16, False),   # 16 and 32
+    (1, 1, True),      # llama-cpp-python runs 1 and 1: what the profile timed
+])
+def test_llama_cpp_python_defaults_predicted_only_at_the_profiles_threads(tiny_model, monkeypatch, logical,
+                                                                          profile_threads, predicted):
+    monkeypatch.setattr(planner, "logical_cpus", lambda: logical)
+    profile = dataclasses.replace(shipped_cpu_profile(), n_threads=profile_threads)
+    plan = planner.plan_model(read_inventory(tiny_model), profile, 0, Workload(512, 128))
+    (baseline,) = plan.baselines
+    assert baseline.name == CPU_DEFAULTS
+    assert f"-t {max(logical // 2, 1)} -tb {logical}" in baseline.flags and "-ub 512" in baseline.flags
+    assert (baseline.prediction is not None) == predicted
+    if predicted:      # ubatch 512, the same threads: never faster than the plan, which chose among ubatches
+        assert baseline.prediction.prefill_s >= plan.prediction.prefill_s
+        assert baseline.prediction.decode_s_per_token == pytest.approx(plan.prediction.decode_s_per_token)
+    else:
+        assert baseline.note.startswith("not predicted") and f"timed {profile_threads} threads only" in baseline.note

@@ -1,19 +1,20 @@
 """The integer program: exact against brute force on small instances, monotone in VRAM, within budget,
-deterministic, and workload-aware."""
+deterministic, and workload-aware; the settings of a run all on the CPU."""
 
 import itertools
 
 import pytest
 
-from oatoplan.cost import CostModel, predict
+from oatoplan.cost import CostModel, cpu_cost_model, predict
 from oatoplan.graph import model_units
 from oatoplan.memory import Settings
 from oatoplan.inventory import read_inventory
 from oatoplan.schema import Workload
-from oatoplan.solve import (GAP_REL, PlanInfeasibleError, greedy, instance, objective, solve, solve_instance, vram_mib)
+from oatoplan.solve import (CPU_UBATCH_CANDIDATES, GAP_REL, PlanInfeasibleError, greedy, instance, objective, solve,
+                            solve_cpu, solve_instance, vram_mib)
 from oatoplan.units import BYTES_PER_MIB
 from conftest import write_tiny_llama
-from profiles import synthetic_profile
+from profiles import shipped_cpu_profile, synthetic_profile
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +109,37 @@ def test_units_cover_every_block_tensor_once(qwen):
     names = [n for u in model_units(qwen) for n in u.tensors]
     assert len(names) == len(set(names))
     assert set(names) == {t.name for t in qwen.tensors if t.group != "input"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# All on the CPU
+
+@pytest.mark.parametrize("n_prompt", [8, 512, 3000])
+def test_cpu_ubatch_is_the_argmin_of_predicted_prefill(tiny_model, n_prompt):
+    inv, cost = read_inventory(tiny_model), cpu_cost_model(shipped_cpu_profile())
+    w = Workload(n_prompt, 16)
+    solution = solve_cpu(inv, cost, w)
+    ubatches = [s.n_ubatch for s, _ in solution.candidates]
+    assert ubatches and set(ubatches) <= set(CPU_UBATCH_CANDIDATES)
+    # the shipped CPU profile timed CPU batches up to 512 tokens: larger ubatches are not candidates
+    assert max(ubatches) == 512 and all(ub > 512 for ub in solution.unmeasured)
+    assert bool(solution.unmeasured) == (n_prompt > 512)
+    best = min(p.prefill_s for _, p in solution.candidates)
+    assert solution.prediction.prefill_s == best and solution.settings.n_ubatch in ubatches
+    s = solution.settings
+    assert not s.op_offload and not s.pinned and s.n_outputs_max == 1 and s.n_ctx == w.n_ctx
+    # the prediction is cost.predict with every unit on the CPU
+    all_cpu = {u.key: "CPU" for u in model_units(inv)}
+    assert solution.prediction == predict(cost, inv, all_cpu, w, s)
+    assert solution.prediction.gpu_bytes == {} and solution.prediction.n_crossings == 0
+    if n_prompt <= 128:      # one ubatch whatever its size: a tie, the larger one wins
+        assert len({p.prefill_s for _, p in solution.candidates}) == 1 and s.n_ubatch == 512
+
+
+def test_cpu_settings_from_a_gpu_profile_ignore_the_gpu(tiny_model):
+    inv, w = read_inventory(tiny_model), Workload(512, 16)
+    with pytest.raises(ValueError):
+        solve_cpu(inv, CostModel(synthetic_profile()), w)
+    gpu_side, cpu_only = cpu_cost_model(synthetic_profile()), cpu_cost_model(synthetic_profile(gpu=False))
+    assert gpu_side.gpu is None
+    assert solve_cpu(inv, gpu_side, w).prediction == solve_cpu(inv, cpu_only, w).prediction
