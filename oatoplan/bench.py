@@ -12,7 +12,9 @@ from typing import Callable
 
 from .baselines import Arm, baseline_arms, validation_arms
 from .cost import CostModel, decode_bound_tokens_per_s, predict
+from .errors import BackendError
 from .inventory import read_inventory
+from .machine import gpu_devices
 from .measure import run_bench
 from .memory import gpu_overhead_bytes
 from .plan import plan_for, plan_model, plan_settings
@@ -45,9 +47,25 @@ def arm_plans(inv: ModelInventory, plan: Plan, profile: Profile) -> list[Arm]:
     return arms
 
 
+def require_gpu(profile: Profile, command: str) -> None:
+    """bench and validate measure GPU placements: refuse, before any work, a CPU-only profile or a build without
+    the profile's GPU."""
+    if not profile.gpu_device:
+        raise BackendError(f"{command} measures GPU placements, but profile {profile.profile_id} has no GPU: run it "
+                           f"on a machine with a GPU and a CUDA build (oatoplan build --cuda), with a profile "
+                           f"measured there (oatoplan profile run)")
+    have = sorted(d.name for d in gpu_devices())
+    if profile.gpu_device not in have:
+        raise BackendError(f"{command} needs {profile.gpu_device} (profile {profile.profile_id}), but this "
+                           f"llama-cpp-python has {', '.join(have) or 'no GPU: a CPU-only build'}; run it where "
+                           f"that GPU is, with a CUDA build (oatoplan build --cuda), or pass a profile of this "
+                           f"machine's GPU")
+
+
 def bench(model: str | Path, profile: Profile, budget_bytes: int, workload: Workload, reps: int = 3,
           progress: Progress | None = None, command: str = "") -> BenchResult:
     """Plan `model` for `workload` within `budget_bytes`, then measure the plan and every baseline that fits."""
+    require_gpu(profile, "bench")
     inv = read_inventory(model)
     arms = arm_plans(inv, plan_model(inv, profile, budget_bytes, workload), profile)
     return dataclasses.replace(run_bench(model, arms, workload, reps, progress), command=command)
@@ -56,6 +74,7 @@ def bench(model: str | Path, profile: Profile, budget_bytes: int, workload: Work
 def validate(model: str | Path, profile: Profile, workload: Workload, reps: int = 3,
              progress: Progress | None = None) -> BenchResult:
     """Predict and measure baselines.validation_arms with `profile`."""
+    require_gpu(profile, "profile validate")
     inv = read_inventory(model)
     cost = CostModel(profile)
     arms = [_planned(inv, arm, profile, cost, workload) for arm in validation_arms(inv, cost.gpu, workload)]

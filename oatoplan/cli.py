@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,11 +30,12 @@ from .load import generate, load, run_stats
 from .machine import gpu_devices
 from .paths import user_profile_dir
 from .memory import budget_bytes
-from .plan import plan_model
+from .plan import MAX_N_CTX, plan_model
 from .profile import find_profile, measure_profile
 from .serve import serve as serve_model
 from .artifacts import dumps, read_json, write_json
-from .schema import OBJECTIVES, Profile, Workload
+from .schema import OBJECTIVES, ModelInventory, Profile, Workload
+from .units import format_bytes
 
 app = typer.Typer(help="Plan and run GGUF models split between the CPU and a GPU that is too small for them.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -118,6 +120,9 @@ def run(
                                                                     "against the plan's prediction.")] = False,
 ) -> None:
     """Load MODEL with a plan's placement, stream a completion, and print prefill and decode speed."""
+    _in_range("--n-predict", n_predict, 1)
+    _in_range("--temp", temperature, 0)
+    _in_range("--seed", seed, 0, MAX_SEED)
     llm = load(model, plan, cpu_only=cpu_only)
     if show_memory:
         _print(report.memory_view(llm.oatoplan_memory))
@@ -142,17 +147,49 @@ def _progress(description: str):
         yield update
 
 
-def _workload(prompt: int, gen: int, depth: int, objective: str) -> Workload:
+MAX_SEED = (1 << 32) - 1      # llama.cpp's seeds are uint32
+MAX_REPS = 1000               # repetitions of a measurement: more is a typo, not a wish to wait for days
+
+
+def _in_range(option: str, value: int | float | None, low: int | float, high: int | float | None = None) -> None:
+    """Refuse a number outside low..high (or NaN, or infinite) with one line naming the option; None passes."""
+    finite = not isinstance(value, float) or math.isfinite(value)
+    if value is None or (finite and low <= value and (high is None or value <= high)):
+        return
+    wanted = f"from {low} to {high}" if high is not None else f"of at least {low}"
+    raise OatoError(f"{option} {value} is out of range: give a number {wanted}")
+
+
+def _workload(prompt: int, gen: int, depth: int, objective: str, inv: ModelInventory,
+              ctx_over_train: bool = False) -> Workload:
+    """The workload, its context within the model's training length (or MAX_N_CTX with --ctx-over-train)."""
     if objective not in OBJECTIVES:
         raise OatoError(f"--objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
-    if prompt < 1 or gen < 0 or depth < 0:
-        raise OatoError("--prompt must be at least 1, --gen and --depth at least 0")
+    for option, value, low in (("--prompt", prompt, 1), ("--gen", gen, 0), ("--depth", depth, 0)):
+        _in_range(option, value, low, MAX_N_CTX)
+    n_ctx, n_ctx_train = depth + prompt + gen, inv.hparams.n_ctx_train
+    if ctx_over_train and n_ctx > MAX_N_CTX:
+        raise OatoError(f"--depth + --prompt + --gen is {n_ctx} tokens, more than oatoplan's limit of {MAX_N_CTX}")
+    if not ctx_over_train and n_ctx > n_ctx_train:
+        raise OatoError(f"--depth + --prompt + --gen is {n_ctx} tokens, more than the {n_ctx_train} tokens "
+                        f"{inv.identity.file_name} was trained on: shorten the workload, or add --ctx-over-train")
     return Workload(prompt, gen, depth, objective)
+
+
+def _budget(vram: str, prof: Profile) -> int:
+    """--vram in bytes, at most the profiled GPU's memory where the profile knows it."""
+    n_bytes, total = budget_bytes(vram, prof), prof.machine.gpu_total_bytes
+    if total and n_bytes > total:
+        raise OatoError(f"--vram {vram} is {format_bytes(n_bytes)}, more than the {format_bytes(total)} of "
+                        f"{prof.machine.gpu_name} (profile {prof.profile_id}): give at most that, or auto")
+    return n_bytes
 
 
 PromptOpt = Annotated[int, typer.Option("--prompt", help="Prompt tokens of the workload.")]
 GenOpt = Annotated[int, typer.Option("--gen", help="Generated tokens of the workload.")]
 DepthOpt = Annotated[int, typer.Option("--depth", help="Tokens already in the KV cache.")]
+CtxOverTrainOpt = Annotated[bool, typer.Option("--ctx-over-train", help="Allow depth + prompt + gen past the "
+                                                                        "model's training context.")]
 ProfileOpt = Annotated[Optional[Path], typer.Option("--profile", help="Profile JSON; default: the newest for this "
                                                                       "machine's GPU, yours first, then oatoplan's.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an output path that holds another kind of file, or "
@@ -178,6 +215,8 @@ def profile_run(
     force: ForceOpt = False,
 ) -> None:
     """Measure per-operator CPU and GPU costs and transfer costs on this machine."""
+    _in_range("--threads", threads, 1, 4096)
+    _in_range("--reps", reps, 1, MAX_REPS)
     inv = read_inventory(model) if model else None
     check_output(Output(out or user_profile_dir() / "x.json", (model,), force, "-o"), "profile")   # before measuring
     gpus = [] if cpu else gpu_devices()
@@ -208,14 +247,15 @@ def profile_validate(
     model: ModelArg,
     use: ProfileOpt = None,
     reps: Annotated[int, typer.Option("--reps", help="Repetitions per placement.")] = 3,
-    prompt: PromptOpt = 512, gen: GenOpt = 128,
+    prompt: PromptOpt = 512, gen: GenOpt = 128, ctx_over_train: CtxOverTrainOpt = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Results JSON (default "
                                                                     "validate-<profile id>.json).")] = None,
     force: ForceOpt = False,
 ) -> None:
     """Predict and measure three placements of MODEL with a profile: how far the cost model is from reality."""
+    _in_range("--reps", reps, 1, MAX_REPS)
     prof = find_profile(use)
-    workload = _workload(prompt, gen, 0, "total")
+    workload = _workload(prompt, gen, 0, "total", read_inventory(model), ctx_over_train)
     target = Output(out or Path(f"validate-{prof.profile_id}.json"), (model, use), force, "-o")
     check_output(target, "bench")
     with _progress("validating") as update:
@@ -232,7 +272,7 @@ def plan(
     vram: Annotated[str, typer.Option("--vram", help="VRAM budget, e.g. 6GiB, 4500MiB, 0 (all on the CPU), or auto "
                                                      "(free VRAM - 5%; 0 without a GPU).")],
     use: ProfileOpt = None,
-    prompt: PromptOpt = 512, gen: GenOpt = 128, depth: DepthOpt = 0,
+    prompt: PromptOpt = 512, gen: GenOpt = 128, depth: DepthOpt = 0, ctx_over_train: CtxOverTrainOpt = False,
     objective: Annotated[str, typer.Option("--objective", help="total, ttft or decode.")] = "total",
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the plan.")] = Path("plan.json"),
     write_lp: Annotated[Optional[Path], typer.Option("--write-lp", help="Also write the integer program (LP).")]
@@ -247,7 +287,8 @@ def plan(
     check_output(target, "plan")
     if lp:
         check_output(lp, "lp")
-    result = plan_model(inv, prof, budget_bytes(vram, prof), _workload(prompt, gen, depth, objective), lp)
+    workload = _workload(prompt, gen, depth, objective, inv, ctx_over_train)
+    result = plan_model(inv, prof, _budget(vram, prof), workload, lp)
     path = write_json(result, target)
     _print(report.plan_view(result, path))
     stdout.print(f"wrote {path}" + (f" and {write_lp}" if write_lp else ""))
@@ -259,7 +300,7 @@ def bench(
     model: ModelArg,
     vram: Annotated[str, typer.Option("--vram", help="VRAM budget for the plan and every baseline.")],
     use: ProfileOpt = None,
-    prompt: PromptOpt = 512, gen: GenOpt = 128, depth: DepthOpt = 0,
+    prompt: PromptOpt = 512, gen: GenOpt = 128, depth: DepthOpt = 0, ctx_over_train: CtxOverTrainOpt = False,
     reps: Annotated[int, typer.Option("--reps", help="Repetitions per arm (after a warm-up).")] = 3,
     objective: Annotated[str, typer.Option("--objective", help="What the plan minimises: total, ttft or "
                                                                "decode.")] = "total",
@@ -268,13 +309,15 @@ def bench(
     force: ForceOpt = False,
 ) -> None:
     """Measure a plan against llama.cpp's own choices at the same VRAM, side by side (interleaved)."""
+    _in_range("--reps", reps, 1, MAX_REPS)
     prof = find_profile(use)
-    workload = _workload(prompt, gen, depth, objective)
+    workload = _workload(prompt, gen, depth, objective, read_inventory(model), ctx_over_train)
+    budget = _budget(vram, prof)
     targets = [Output(name, (model, use), force, "-o") for name in (out, companion(out, ".md"), companion(out, ".png"))]
     for target, kind in zip(targets, ("bench", "markdown", "png")):     # before minutes of measuring
         check_output(target, kind)
     with _progress("bench") as update:
-        result = bench_plan(model, prof, budget_bytes(vram, prof), workload, reps, update,
+        result = bench_plan(model, prof, budget, workload, reps, update,
                             command=" ".join(["oatoplan"] + sys.argv[1:]))
     path = write_json(result, targets[0])
     bounds = decode_bounds(read_inventory(model), prof, result)
@@ -339,6 +382,8 @@ def serve(
                                                                              "the GGUF's chat template.")] = None,
 ) -> None:
     """Serve MODEL with a plan's placement: llama-cpp-python's OpenAI-compatible server (needs oatoplan[server])."""
+    _in_range("--port", port, 1, 65535)
+    _in_range("--n-ctx", n_ctx, 1, MAX_N_CTX)
 
     def listening(url: str, name: str) -> None:
         stdout.print(f"serving {name} at {url}/v1 with {plan or 'no plan (everything on the CPU)'}; Ctrl+C stops",

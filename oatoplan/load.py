@@ -19,7 +19,7 @@ from typing import Iterator
 
 from gguf import GGMLQuantizationType
 
-from .errors import BackendError, LoadError, PlanMismatchError
+from .errors import BackendError, LoadError, PlanError, PlanMismatchError
 from .graph import CPU
 from .inventory import read_inventory
 from .machine import buffer_device, buffer_type, default_threads, gpu_devices, llama_cpp_build
@@ -233,6 +233,16 @@ def memory_report(lines: list[str], predicted, use_mmap: bool) -> MemoryReport:
 
 def generate(llm, prompt: str, max_tokens: int, temperature: float = 0.0, seed: int | None = None) -> Iterator[str]:
     """Stream the completion of `prompt` (greedy at temperature 0); read `run_stats(llm)` afterwards."""
+    # counted as llama-cpp-python counts it before refusing with "Requested tokens (...) exceed context window"
+    n_prompt, n_ctx = len(llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)), llm.n_ctx()
+    if n_prompt >= n_ctx:
+        planned = getattr(llm, "oatoplan_plan", None)
+        rounded = f" ({n_ctx} as llama.cpp rounds it)" if planned and planned.n_ctx != n_ctx else ""
+        raise PlanError(f"the prompt is {n_prompt} tokens, the plan's n_ctx is {planned.n_ctx if planned else n_ctx}"
+                        f"{rounded}: plan again with --prompt {n_prompt} (or more) for a larger context")
+    if n_prompt + max_tokens > n_ctx:
+        log.warning("the context holds %d tokens after the %d-token prompt: generating at most %d, not %d",
+                    n_ctx - n_prompt, n_prompt, n_ctx - n_prompt, max_tokens)
     if seed is not None:
         llm.set_seed(seed)
     for chunk in llm(prompt, max_tokens=max_tokens, temperature=temperature, stream=True):

@@ -20,7 +20,7 @@ from .baselines import baseline_arms, greedy_arm
 from .cost import CostModel, cpu_cost_model, predict
 from .errors import PlanError, PlanMismatchError
 from .graph import CPU, model_units
-from .inventory import BLOCK_NAME
+from .inventory import BLOCK_NAME, KV_CACHE_TYPES
 from .machine import default_threads, logical_cpus
 from .memory import Settings, gpu_memory, gpu_overhead_bytes, kv_layer_bytes
 from .schema import (SCHEMA_VERSION, BaselinePrediction, MemoryPrediction, ModelInventory, Plan, Profile,
@@ -201,6 +201,34 @@ def check_plan(inv: ModelInventory, plan: Plan, source: str) -> None:
         raise PlanError(f"{source}: override device {stray[0]!r} is not listed in gpu_devices {list(plan.gpu_devices)}")
     if plan.n_ubatch > plan.n_batch:
         raise PlanError(f"{source}: n_ubatch {plan.n_ubatch} is larger than n_batch {plan.n_batch}")
+    check_plan_numbers(inv, plan, source)
+
+
+# A context past the model's training length only when the plan's workload asked for it (plan --ctx-over-train),
+# or up to make_plan's default; never past MAX_N_CTX tokens (a typo there asks llama.cpp for terabytes of KV cache).
+DEFAULT_N_CTX = 4096
+MAX_N_CTX = 1 << 24
+MAX_INT32 = (1 << 31) - 1     # llama.cpp's int32 parameters
+
+
+def check_plan_numbers(inv: ModelInventory, plan: Plan, source: str) -> None:
+    """Refuse plan fields (a plan.json edited by hand) that llama.cpp would reject, misread or try to allocate."""
+    for name in ("type_k", "type_v"):
+        if getattr(plan, name) not in KV_CACHE_TYPES:
+            raise PlanError(f"{source}: {name} {getattr(plan, name)!r} is not a KV cache type llama.cpp knows; use "
+                            f"one of {', '.join(KV_CACHE_TYPES)}")
+    asked = plan.workload.n_ctx if plan.workload else 0
+    limit = min(max(inv.hparams.n_ctx_train, DEFAULT_N_CTX, asked), MAX_N_CTX)
+    if not 1 <= plan.n_ctx <= limit:
+        raise PlanError(f"{source}: n_ctx {plan.n_ctx} is outside 1..{limit} ({inv.identity.file_name} was trained "
+                        f"on {inv.hparams.n_ctx_train} tokens); plan again with --prompt/--gen/--depth adding up to "
+                        f"the context you need (--ctx-over-train to go past the training length)")
+    bounds = {"n_ubatch": (1, MAX_N_CTX), "n_batch": (1, MAX_N_CTX), "n_gpu_layers": (-1, MAX_INT32),
+              "n_outputs_max": (0, MAX_INT32), "n_threads": (1, 4096)}
+    for name, (low, high) in bounds.items():
+        value = getattr(plan, name)
+        if not (value is None and name == "n_threads") and not low <= value <= high:
+            raise PlanError(f"{source}: {name} {value} is outside {low}..{high}; plan again, or fix the number")
 
 
 def llama_cpp_flags(plan: Plan) -> str:

@@ -1,5 +1,6 @@
 """Unit conversions, in one place. Names carry units everywhere else (`budget_bytes`, `t_gpu_us`)."""
 
+import math
 import re
 
 from .errors import OatoError
@@ -14,14 +15,25 @@ _SIZE_SUFFIX_BYTES = {
     "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
     "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
 }
+# No GPU or host has a petabyte: a larger size is a typo (and 1 followed by 400 zeros is no float at all).
+MAX_SIZE_BYTES = 1 << 50
 
 
 def parse_size_bytes(text: str) -> int:
     """'6GiB', '5.5 GB', '4096MiB', '123' -> bytes. GiB/MiB are powers of 1024, GB/MB of 1000."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not match or match.group(2).lower() not in _SIZE_SUFFIX_BYTES:
-        raise OatoError(f"size {text!r} is not understood: write a number with an optional unit, e.g. 6GiB, 5.5GB, 4096MiB")
-    return int(float(match.group(1)) * _SIZE_SUFFIX_BYTES[match.group(2).lower()])
+        raise OatoError(f"size {_quoted(text)} is not understood: write a number with an optional unit, e.g. 6GiB, "
+                        f"5.5GB, 4096MiB")
+    n_bytes = float(match.group(1)) * _SIZE_SUFFIX_BYTES[match.group(2).lower()]
+    if not math.isfinite(n_bytes) or n_bytes > MAX_SIZE_BYTES:
+        raise OatoError(f"size {_quoted(text)} is more than 1 PiB: write a real memory size, e.g. 6GiB")
+    return int(n_bytes)
+
+
+def _quoted(text: str, keep: int = 24) -> str:
+    """`text` quoted for a one-line message; a 400-character argument shown by its ends and its length."""
+    return repr(text) if len(text) <= 2 * keep else f"{text[:keep] + '...' + text[-keep:]!r} ({len(text)} characters)"
 
 
 def mib(n_bytes: float) -> float:

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from oatoplan.cli import app
 from oatoplan.testing import qwen2_7b_header, write_sparse
 
-TINY = dict(n_layer=4, n_embd=64, n_head=4, n_head_kv=2, n_ff=128, n_ctx=512)
+TINY = dict(n_layer=4, n_embd=64, n_head=4, n_head_kv=2, n_ff=128, n_ctx=4096)   # n_ctx: oatoplan's default workloads fit
 
 
 def _tokenizer(writer: GGUFWriter) -> int:
