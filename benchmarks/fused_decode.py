@@ -32,7 +32,7 @@ from oatoplan.baselines import calibration_arms
 from oatoplan.calibrate import SETTINGS
 from oatoplan.inventory import read_inventory
 from oatoplan.load import load
-from oatoplan.machine import loaded_series, machine_identity
+from oatoplan.machine import default_threads, loaded_series, machine_identity
 from oatoplan.measure import measure_once, stats
 from oatoplan.plan import cpu_only_plan, plan_for
 from oatoplan.profile import find_profile
@@ -48,7 +48,7 @@ ARMS = {"stock": (False, False), "fused": (True, False), "prefetch": (False, Tru
 def _load(model: str, placement: str, repack: bool, profile_path: str | None):
     inv = read_inventory(model)
     if placement == "all-cpu":
-        plan = cpu_only_plan(inv, n_ctx=WORKLOAD.n_ctx, n_threads=os.cpu_count())
+        plan = cpu_only_plan(inv, n_ctx=WORKLOAD.n_ctx, n_threads=default_threads())
         with no_repack(not repack):
             llm = llama_cpp.Llama(model, n_gpu_layers=0, n_ctx=plan.n_ctx, n_batch=plan.n_batch,
                                   n_threads=plan.n_threads, verbose=False)

@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
     print(f"{args.vram}: measured {used / mib:.1f} MiB of a {budget / mib:.1f} MiB budget "
           f"(predicted {sum(plan.prediction.gpu_bytes.values()) / mib:.1f}); allocated "
           + ", ".join(f"{k} {v / mib:.1f}" for k, v in by_kind.items())
-          + f"; predicted " + ", ".join(f"{k} {v / mib:.1f}" for k, v in plan.prediction.gpu_bytes.items()))
+          + "; predicted " + ", ".join(f"{k} {v / mib:.1f}" for k, v in plan.prediction.gpu_bytes.items()))
     return 0 if used <= budget else 1
 
 

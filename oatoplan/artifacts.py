@@ -195,7 +195,7 @@ def from_jsonable(cls: type[T], data: Any, source: str) -> T:
 
 
 _VALIDATORS = {Profile: validate_profile}
-_REMAKE = {Profile: "measure it again (oatoplan profile)", Plan: "make it again (oatoplan plan)"}
+_REMAKE = {Profile: "measure it again (oatoplan profile run)", Plan: "make it again (oatoplan plan)"}
 # Artifact kinds for files.write_file (what an existing file at the output path must be to be replaced)
 _KINDS = {Plan: "plan", Profile: "profile", BenchResult: "bench", ModelInventory: "inventory", Diagnosis: "diagnosis"}
 READ_MAX_BYTES = 256 << 20    # no artifact is this large; a larger file is some other file passed by mistake

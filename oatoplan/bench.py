@@ -66,6 +66,9 @@ def bench(model: str | Path, profile: Profile, budget_bytes: int, workload: Work
           progress: Progress | None = None, command: str = "") -> BenchResult:
     """Plan `model` for `workload` within `budget_bytes`, then measure the plan and every baseline that fits."""
     require_gpu(profile, "bench")
+    if budget_bytes <= 0:
+        raise BackendError("bench compares GPU placements at a VRAM budget, and --vram gave none (0, or nothing free "
+                           "for auto): give a size, e.g. --vram 6GiB")
     inv = read_inventory(model)
     arms = arm_plans(inv, plan_model(inv, profile, budget_bytes, workload), profile)
     return dataclasses.replace(run_bench(model, arms, workload, reps, progress), command=command)

@@ -261,7 +261,8 @@ def profile_validate(
     with _progress("validating") as update:
         result = validate(model, prof, workload, reps, update)
     path = write_json(result, target)
-    stdout.print(report.markdown(result, decode_bounds(read_inventory(model), prof, result)), markup=False)
+    bounds = decode_bounds(read_inventory(model), prof, result)
+    _print([report.table(result, bounds)] + [line for line in [report.summary(result)] if line])
     stdout.print(f"wrote {path}")
 
 
@@ -322,7 +323,7 @@ def bench(
     path = write_json(result, targets[0])
     bounds = decode_bounds(read_inventory(model), prof, result)
     written = report.write_bench(result, targets[1], targets[2], bounds)
-    stdout.print(report.markdown(result, bounds), markup=False)
+    _print([report.table(result, bounds)] + [line for line in [report.summary(result)] if line])
     stdout.print(f"wrote {', '.join(str(p) for p in [path] + written)}")
 
 
@@ -375,8 +376,9 @@ def serve(
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
     alias: Annotated[Optional[str], typer.Option("--alias", help="Model name clients ask for (default: the file's "
                                                                  "stem).")] = None,
-    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", help="Context size: any without a GPU, at most the "
-                                                                 "plan's with one.")] = None,
+    n_ctx: Annotated[Optional[int], typer.Option("--n-ctx", help="Context size: up to the model's training "
+                                                                 "context, and at most the plan's when it uses a "
+                                                                 "GPU.")] = None,
     chat_format: Annotated[Optional[str], typer.Option("--chat-format", help="llama-cpp-python's chat format "
                                                                              "(gemma, chatml, llama-3...); default: "
                                                                              "the GGUF's chat template.")] = None,

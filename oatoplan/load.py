@@ -79,8 +79,9 @@ def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_o
                                 f"with this build")
     available = {d.name for d in gpu_devices()}
     missing = [d for d in plan.gpu_devices if d not in available]
-    if missing and cpu_only:
-        plan = dataclasses.replace(plan, n_gpu_layers=0, tensor_overrides=(), gpu_devices=(), use_mmap=True)
+    if cpu_only and (plan.gpu_devices or plan.op_offload):
+        plan = dataclasses.replace(plan, n_gpu_layers=0, tensor_overrides=(), gpu_devices=(), use_mmap=True,
+                                   op_offload=False)
         plan = dataclasses.replace(plan, memory=predict_memory(inventory, plan))
         log.warning("running the plan's GPU placement on the CPU (--cpu-only)")
     elif missing:

@@ -125,8 +125,9 @@ def _q8_1_bytes(n_values: int) -> int:
 def gpu_overhead_bytes(profile: Profile) -> int:
     """What a llama.cpp process uses on the GPU beyond llama.cpp's own buffers and the pool: kernel code loaded on first
     use, cuBLAS handles and workspace, streams. Measured by the profile's calibration in a fresh process
-    (`oatoplan profile run --model`); a profile without that measurement gets UNMEASURED_OVERHEAD_BYTES."""
-    return profile.gpu_overhead_bytes or UNMEASURED_OVERHEAD_BYTES
+    (`oatoplan profile run --model`; its samples say it was measured, and 0 can be a measurement); a profile
+    without them gets UNMEASURED_OVERHEAD_BYTES."""
+    return profile.gpu_overhead_bytes if profile.gpu_overhead else UNMEASURED_OVERHEAD_BYTES
 
 
 @dataclass(frozen=True)

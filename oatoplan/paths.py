@@ -24,7 +24,7 @@ CACHE_DIR_ENV = "OATOPLAN_CACHE"
 
 
 def user_profile_dir() -> Path:
-    """Where `oatoplan profile` writes and where profiles are searched first: $OATOPLAN_PROFILE_DIR, else
+    """Where `oatoplan profile run` writes and where profiles are searched first: $OATOPLAN_PROFILE_DIR, else
     platformdirs' user data directory + /profiles (~/.local/share/oatoplan/profiles on Linux)."""
     return Path(os.environ.get(PROFILE_DIR_ENV) or Path(user_data_dir("oatoplan")) / "profiles")
 

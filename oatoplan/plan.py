@@ -171,8 +171,9 @@ def make_plan(inv: ModelInventory, devices: dict[str, str], *, n_gpu_layers: int
 
 
 def cpu_only_plan(inv: ModelInventory, **settings) -> Plan:
-    """Everything on the CPU, llama-cpp-python's defaults otherwise (mmap on)."""
-    return make_plan(inv, {}, n_gpu_layers=0, **settings)
+    """Everything on the CPU, llama-cpp-python's defaults otherwise (mmap on); op offload off, so that a GPU build
+    runs nothing on the GPU either."""
+    return make_plan(inv, {}, n_gpu_layers=0, **{"op_offload": False, **settings})
 
 
 def check_plan(inv: ModelInventory, plan: Plan, source: str) -> None:

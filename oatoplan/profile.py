@@ -327,16 +327,23 @@ def find_profile(path: Path | None = None) -> Profile:
     if path:
         return read_json(Profile, path)
     names = {d.description for d in gpu_devices()}
+    readable: dict[Path, list[Profile]] = {}
     for directory in profile_dirs():
-        readable = []
+        readable[directory] = []
         for candidate in sorted(directory.glob("*.json")):
             try:
-                readable.append(read_json(Profile, candidate))
+                readable[directory].append(read_json(Profile, candidate))
             except ArtifactError as exc:
                 log.warning("skipping %s", exc)
-        for found in sorted(readable, key=lambda p: p.created_utc, reverse=True):
+        for found in sorted(readable[directory], key=lambda p: p.created_utc, reverse=True):
             if found.machine.gpu_name in names or (not names and not found.machine.gpu_name):
                 return found
+    # a GPU machine with no profile of its GPU: a CPU-only profile measured here (profile run --cpu) still plans the CPU
+    measured_here = [p for p in readable.get(user_profile_dir(), []) if not p.machine.gpu_name]
+    if names and measured_here:
+        found = max(measured_here, key=lambda p: p.created_utc)
+        log.warning("no profile of %s: using the CPU-only profile %s", ", ".join(sorted(names)), found.profile_id)
+        return found
     machine = ", ".join(sorted(names)) or "no GPU"
     raise ProfileError(f"no profile for this machine ({machine}) in {user_profile_dir()} or among oatoplan's shipped "
                        f"profiles; run 'oatoplan profile run' or pass --profile FILE")

@@ -23,7 +23,6 @@ from .graph import CPU
 from .inventory import kv_bytes_per_token
 from .measure import stats
 from .plan import llama_server_command
-from .artifacts import dumps
 from .schema import BenchArm, BenchResult, Diagnosis, MemoryReport, ModelInventory, Plan, Profile
 from .units import BYTES_PER_MIB, format_bytes, format_flops, mib
 
@@ -131,10 +130,6 @@ def table(result: BenchResult, bounds: dict[str, float] | None = None) -> Table:
     for r in rows(result, bounds):
         out.add_row(*(Text(_cell(c, r, markdown=False)) for c in columns))
     return out
-
-
-def to_json(result: BenchResult) -> str:
-    return dumps(result)
 
 
 def plot(results: list[BenchResult], out: Output | Path) -> Path:
@@ -275,7 +270,8 @@ def plan_view(p: Plan, path: Path) -> list[RenderableType]:
     return out + [Text("predicted:"), arms, Text(
         f"llama-cpp-python: oatoplan.load(model, '{path}') = Llama(model, n_gpu_layers={p.n_gpu_layers}, "
         f"n_ctx={p.n_ctx}, n_batch={p.n_batch}, n_ubatch={p.n_ubatch}, use_mmap={p.use_mmap}, "
-        f"op_offload={p.op_offload}, flash_attn=True, n_threads={p.n_threads}, n_threads_batch={p.n_threads})"
+        f"op_offload={p.op_offload}, flash_attn={p.flash_attn}, type_k={p.type_k!r}, type_v={p.type_v!r}, "
+        f"n_threads={p.n_threads}, n_threads_batch={p.n_threads})"
         + (" with the -ot overrides above" if p.tensor_overrides else "")
         + (f" and n_outputs_max={p.n_outputs_max}" if p.n_outputs_max else "")),
         Text(f"llama-server: {llama_server_command(p, p.model.file_name)}")]

@@ -273,7 +273,7 @@ class TransferTiming:
 
 @dataclass(frozen=True)
 class CalibrationArm:
-    """One real llama.cpp decode of the profiled model (`oatoplan profile --model`), against the isolated-op model."""
+    """One real llama.cpp decode of the profiled model (`oatoplan profile run --model`), against the isolated-op model."""
     name: str                             # the placement, e.g. "FFN of layers 0-13 on CPU"
     flags: str                            # its llama.cpp flags
     decode_us_per_token: tuple[float, ...]   # measured, one sample per repetition

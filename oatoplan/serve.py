@@ -35,7 +35,7 @@ from typing import Callable
 from .errors import OatoError, PlanMismatchError
 from .inventory import read_inventory
 from .load import load, load_plan
-from .plan import check_plan, cpu_only_plan, predict_memory
+from .plan import DEFAULT_N_CTX, check_plan, cpu_only_plan, predict_memory
 from .schema import Plan
 
 try:   # the `server` extra: llama-cpp-python's server and what it runs on
@@ -70,6 +70,11 @@ def serving_plan(model: str | Path, plan: Plan | str | Path | None,
         return None
     source = str(plan) if isinstance(plan, (str, Path)) else "plan"
     inventory = read_inventory(model)
+    longest = max(inventory.hparams.n_ctx_train, DEFAULT_N_CTX)
+    if n_ctx is not None and n_ctx > longest:
+        raise OatoError(f"--n-ctx {n_ctx} is more than {inventory.identity.file_name} was trained for "
+                        f"({inventory.hparams.n_ctx_train} tokens); serve at most {longest}, or plan a longer context "
+                        f"with oatoplan plan --ctx-over-train and pass --plan")
     if plan is None:
         return cpu_only_plan(inventory, n_ctx=n_ctx)
     given, plan = plan, load_plan(plan) if isinstance(plan, (str, Path)) else plan

@@ -310,7 +310,7 @@ def solve_cpu(inv: ModelInventory, cost: CostModel, workload: Workload) -> CpuSo
     all_cpu = {u.key: CPU for u in model_units(inv)}
     candidates = tuple((s, predict(cost, inv, all_cpu, workload, s)) for s in settings)
     best = min(candidates, key=lambda c: (c[1].prefill_s, -c[0].n_ubatch))
-    return CpuSolution(best[0], best[1], candidates, tuple(ub for ub in wanted if ub > timed))
+    return CpuSolution(best[0], best[1], candidates, tuple(ub for ub in wanted if ub > max(timed, wanted[0])))
 
 
 def greedy(inv: ModelInventory, cost: CostModel, budget_bytes: int, workload: Workload, s: Settings) -> dict[str, str]:

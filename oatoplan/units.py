@@ -28,6 +28,8 @@ def parse_size_bytes(text: str) -> int:
     n_bytes = float(match.group(1)) * _SIZE_SUFFIX_BYTES[match.group(2).lower()]
     if not math.isfinite(n_bytes) or n_bytes > MAX_SIZE_BYTES:
         raise OatoError(f"size {_quoted(text)} is more than 1 PiB: write a real memory size, e.g. 6GiB")
+    if 0 < n_bytes < 1:
+        raise OatoError(f"size {_quoted(text)} is less than one byte: give a unit, e.g. {match.group(1)}GiB")
     return int(n_bytes)
 
 

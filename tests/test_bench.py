@@ -1,12 +1,15 @@
 """The bench harness on this machine's CPU with the tiny model: samples, report, chart; and the decode bound."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 
+from oatoplan import bench as bench_module
 from oatoplan.baselines import Arm
 from oatoplan.bench import PLAN_ARM, arm_plans
 from oatoplan.cost import CostModel, decode_bound_tokens_per_s
+from oatoplan.errors import BackendError
 from oatoplan.graph import model_units
 from oatoplan.inventory import read_inventory
 from oatoplan.measure import run_bench
@@ -60,3 +63,10 @@ def test_bench_arms_are_one_type_with_plans_and_predictions(qwen_header_model):
         assert isinstance(arm, Arm) and arm.prediction is not None and arm.plan.placement == arm.placement
         assert plan_settings(arm.plan) == arm.settings      # plan_for and plan_settings are inverses
         assert arm.plan.workload == plan.workload and "-ngl" in arm.plan.flags
+
+
+def test_bench_refuses_a_budget_of_nothing(monkeypatch, tiny_model):
+    """`bench --vram 0` (or auto with nothing free) would measure a CPU plan alone, with no baseline: one line instead."""
+    monkeypatch.setattr(bench_module, "gpu_devices", lambda: [SimpleNamespace(name="CUDA0", type="GPU")])
+    with pytest.raises(BackendError, match="--vram gave none"):
+        bench_module.bench(tiny_model, synthetic_profile(), 0, Workload(8, 2))

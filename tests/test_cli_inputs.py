@@ -54,6 +54,7 @@ CASES = [
     # sizes
     (PLAN[:3] + [HUGE] + PLAN[4:], "(401 characters) is more than 1 PiB"),
     (PLAN[:3] + ["999999TiB"] + PLAN[4:], "size '999999TiB' is more than 1 PiB"),
+    (PLAN[:3] + ["0.5"] + PLAN[4:], "size '0.5' is less than one byte: give a unit, e.g. 0.5GiB"),
     (PLAN[:3] + ["81GiB"] + PLAN[4:], "--vram 81GiB is 81.0 GiB, more than the 80.0 GiB of test GPU"),
     (BENCH[:3] + ["81GiB"] + BENCH[4:], "more than the 80.0 GiB of test GPU"),
     # workload numbers

@@ -284,7 +284,7 @@ def test_profile_validation(tmp_path, cli, change, expected):
     with pytest.raises(ArtifactError) as err:
         read_json(Profile, path)
     assert str(err.value).startswith(f"{path}: invalid profile: ") and expected in str(err.value)
-    assert "measure it again (oatoplan profile)" in str(err.value)
+    assert "measure it again (oatoplan profile run)" in str(err.value)
     result = cli(["profile", "show", path])
     assert result.exit_code == 1 and expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
 

@@ -143,7 +143,9 @@ def test_gpu_plan_on_a_cpu_build(tiny_model, tmp_path, cli):
         load(tiny_model, plan)
     llm = load(tiny_model, plan, cpu_only=True)   # explicitly all on the CPU
     assert {a.device for a in llm.oatoplan_memory.allocations} == {CPU}
+    assert not llm.oatoplan_plan.op_offload and not llm.oatoplan_plan.gpu_devices   # nothing for a GPU to run
     llm.close()
+    assert not cpu_only_plan(inv).op_offload      # the no-plan default too
     path = write_json(plan, tmp_path / "plan.json")
     result = cli(["run", tiny_model, "--plan", path, "-p", "Hi", "-n", "4"])
     assert result.exit_code == 1 and "--cpu-only" in result.stderr

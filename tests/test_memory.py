@@ -12,7 +12,7 @@ from oatoplan.inventory import read_inventory
 from oatoplan.memory import (UNMEASURED_OVERHEAD_BYTES, VRAM_MARGIN, Settings, budget_for, fits, gpu_memory,
                              gpu_overhead_bytes, pool_bytes, usable_bytes, vram_terms)
 from oatoplan.plan import plan_for, plan_model
-from oatoplan.schema import Workload
+from oatoplan.schema import GpuOverheadSample, Workload
 from profiles import synthetic_profile
 
 BUDGET = 3 << 30
@@ -81,9 +81,11 @@ def test_overhead_is_a_term_of_every_placement_and_moves_the_baselines(qwen):
 
 
 def test_measured_overhead_is_used_and_an_unmeasured_one_is_assumed():
-    measured = dataclasses.replace(synthetic_profile(), gpu_overhead_bytes=77 << 20)
+    sample = GpuOverheadSample(512, 90 << 20, 13 << 20)
+    measured = dataclasses.replace(synthetic_profile(), gpu_overhead_bytes=77 << 20, gpu_overhead=(sample,))
     assert gpu_overhead_bytes(measured) == 77 << 20
-    assert gpu_overhead_bytes(dataclasses.replace(measured, gpu_overhead_bytes=0)) == UNMEASURED_OVERHEAD_BYTES
+    assert gpu_overhead_bytes(dataclasses.replace(measured, gpu_overhead_bytes=0)) == 0      # measured as nothing
+    assert gpu_overhead_bytes(dataclasses.replace(measured, gpu_overhead=())) == UNMEASURED_OVERHEAD_BYTES
 
 
 def test_pool_is_q8_1_activations_of_the_widest_matrix_input(qwen):

@@ -12,6 +12,7 @@ import pytest
 from oatoplan import profile as profiler
 from oatoplan.cost import CostModel
 from oatoplan.artifacts import read_json, write_json
+from oatoplan.errors import OatoError
 from oatoplan.paths import SHIPPED_PROFILES_DIR
 from oatoplan.schema import Profile
 
@@ -143,3 +144,14 @@ def test_profile_writes_into_the_user_profile_directory(small_grid, cli, user_pr
     written = list(user_profile_dir.glob("*.json"))
     assert len(written) == 1 and f"wrote {written[0]}" in result.stdout
     assert profiler.find_profile().profile_id == read_json(Profile, written[0]).profile_id
+
+
+def test_a_gpu_machine_without_its_profile_plans_with_the_cpu_profile_measured_here(machine_gpus, user_profile_dir):
+    """`profile run --cpu` on a machine whose GPU has no profile: find_profile takes that CPU profile (not a shipped
+    CPU profile of another machine)."""
+    machine_gpus("Some Unprofiled GPU")
+    _user_profile(user_profile_dir, SHIPPED_CPU, "measured-here", "2026-12-01T00:00:00+00:00")
+    assert profiler.find_profile().profile_id == "measured-here"
+    (user_profile_dir / "measured-here.json").unlink()
+    with pytest.raises(OatoError, match="no profile for this machine"):
+        profiler.find_profile()
