@@ -2,8 +2,6 @@
 the patches), with this machine's CUDA architectures when nvidia-smi names them; profiles found where plan finds
 them."""
 
-import importlib
-import importlib.util
 import json
 from types import SimpleNamespace
 
@@ -15,19 +13,20 @@ from oatoplan.paths import SHIPPED_PROFILES_DIR
 from oatoplan.artifacts import read_json
 from oatoplan.schema import Profile
 
-load = importlib.import_module("oatoplan.load")     # the module: oatoplan.load is the function
-# wherever the device list may be looked up (a machine module, if there is one, holds the registry)
-DEVICE_MODULES = [load, doctor, profile] + [importlib.import_module(m) for m in ("oatoplan.machine",)
-                                            if importlib.util.find_spec(m)]
+# where each module looks the device list up (raising=True below: a rename fails the test, not silently patches
+# nothing)
+DEVICES_IN = (doctor,)
+GPU_DEVICES_IN = (profile,)
 
 
 @pytest.fixture
 def cpu_only(monkeypatch):
     """This machine as llama.cpp's registry shows it: the CPU only."""
     cpu = [SimpleNamespace(name="CPU", description="a CPU", type="CPU", free_bytes=2 << 30, total_bytes=4 << 30)]
-    for module in DEVICE_MODULES:
-        monkeypatch.setattr(module, "devices", lambda: cpu, raising=False)
-        monkeypatch.setattr(module, "gpu_devices", lambda: [], raising=False)
+    for module in DEVICES_IN:
+        monkeypatch.setattr(module, "devices", lambda: cpu)
+    for module in GPU_DEVICES_IN:
+        monkeypatch.setattr(module, "gpu_devices", lambda: [])
 
 
 @pytest.fixture
@@ -77,8 +76,8 @@ def test_doctor_without_a_gpu_backend(cli, cpu_only, nvidia_smi):
 
 def test_doctor_without_a_profile_says_where_profile_writes(cpu_only, monkeypatch, user_profile_dir):
     unknown = [SimpleNamespace(name="CUDA0", description="Some Unprofiled GPU", type="GPU")]
-    for module in DEVICE_MODULES:
-        monkeypatch.setattr(module, "gpu_devices", lambda: unknown, raising=False)
+    for module in GPU_DEVICES_IN:
+        monkeypatch.setattr(module, "gpu_devices", lambda: unknown)
     checks = {c.name: c for c in doctor.diagnose().checks}
     assert not checks["profile"].ok and "Some Unprofiled GPU" in checks["profile"].detail
     assert f"oatoplan profile run --model MODEL.gguf (writes to {user_profile_dir})" in checks["profile"].fix
