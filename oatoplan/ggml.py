@@ -106,6 +106,36 @@ def _oato_cpu(name: str):
         return None
 
 
+def _oato_base(name: str):
+    """A function of oatoplan's scheduler patch (native/oato-stream.h) in the libggml-base that libggml loaded, or
+    None for a build without it."""
+    lib()
+    try:
+        return getattr(ctypes.CDLL("libggml-base.so.0", mode=os.RTLD_NOLOAD | os.RTLD_LAZY), name)
+    except (OSError, AttributeError):
+        return None
+
+
+def stream_stats() -> tuple[int, int, int, int] | None:
+    """Weight streaming since the last reset_stream_stats(): (weights streamed, bytes streamed, host weights of GPU
+    splits copied the stock way while streaming was on, VRAM bytes of the staging rings allocated now), or None for a
+    build without weight streaming."""
+    fn = _oato_base("oato_sched_stream_stats")
+    if fn is None:
+        return None
+    counts = (_i64 * 4)()
+    fn.restype, fn.argtypes = None, [ctypes.POINTER(_i64)]
+    fn(counts)
+    return tuple(counts)
+
+
+def reset_stream_stats() -> None:
+    fn = _oato_base("oato_sched_stream_stats_reset")
+    if fn is not None:
+        fn.restype, fn.argtypes = None, []
+        fn()
+
+
 def fusion_counts() -> tuple[int, ...] | None:
     """Nodes run through each of oatoplan's fused CPU ops since load (gate+up+GLU, mat-vec+ADD, RMS_NORM+MUL+ADD),
     or None when the loaded libggml-cpu is not our patched one."""

@@ -48,6 +48,19 @@ for step in "$@"; do
       timeout 240 $S python3 -m benchmarks.fused_decode $MODEL --placement $placement \
         --profile $PROFILE --out $OUT/fused-$placement.json 2>&1 | tail -1
     done ;;
+  streamcheck)
+    # weight streaming on/off with FFN weights in pinned host memory: identical tokens, prefill of each, all-GPU
+    ensure_build
+    for spec in "$W/gemma3-270m.gguf 18 --gen 64" "$MODEL ${CPU_FFN:-18} --gen 32"; do
+      set -- $spec
+      timeout 240 $S python3 -m benchmarks.stream_check $1 --cpu-ffn $2 $3 $4 --ubatch ${UBATCH:-512} \
+        --prompt 512 2048 --out $OUT/stream-check.jsonl > $OUT/streamcheck.log 2>&1; echo "streamcheck $2 rc=$?"
+      grep -v '^{' $OUT/streamcheck.log | grep -iv "warn" | tail -4
+    done
+    python3 -c "import json, sys
+for line in open(sys.argv[1]):
+    d = json.loads(line); d.pop('tokens'); d.pop('command'); print({k: v for k, v in d.items() if not k.endswith('_s')})" \
+      $OUT/stream-check.jsonl ;;
   gputests)
     ensure_build
     timeout 200 $S python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu > $OUT/gputests.log 2>&1
