@@ -46,6 +46,8 @@ class Settings:
     # llama.cpp's n_outputs_max: logits rows reserved per ubatch (0 = every token of it, llama.cpp's default).
     # Generation needs one (the last prompt token's); llama-server sets it, llama-cpp-python and llama-cli cannot.
     n_outputs_max: int = 0
+    # weight streaming (patches/0005): staging slots in VRAM for op offload's host weights; 0: off
+    stream_slots: int = 0
 
 
 def usable_bytes(budget_bytes: int) -> int:

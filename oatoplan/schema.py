@@ -139,6 +139,8 @@ class MemoryPrediction:
     compute_bytes: dict[str, int] = field(default_factory=dict)   # empty: not predicted, not checked
     # bytes llama.cpp may or may not add to model_bytes (a tied output copy that the CPU backend repacks)
     model_optional_bytes: dict[str, int] = field(default_factory=dict)
+    # VRAM of the weight-streaming staging slots (patches/0005), per GPU; not part of llama.cpp's compute buffer
+    stream_bytes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,10 @@ class Plan:
     # logit rows llama.cpp reserves per ubatch (0 = all of them, its default); 1 frees n_ubatch x n_vocab x 4 bytes
     # of compute buffer, and the model can then return logits for one token per ubatch (what generation reads)
     n_outputs_max: int = 0
+    # weight streaming (patches/0005): with op offload, host weights of a large batch are uploaded on a second stream
+    # into stream_slots staging slots of stream_slot_bytes each while the GPU computes; 0 slots: off (stock copies)
+    stream_slots: int = 0
+    stream_slot_bytes: int = 0
     profile_id: str = ""
     budget_bytes: int | None = None
     memory: MemoryPrediction | None = None
