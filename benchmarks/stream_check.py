@@ -1,10 +1,12 @@
 """Weight streaming on and off (OATO_STREAM) with one placement: greedy tokens and logits must be identical, and the
 prefill time of each, next to the same model all on the GPU. One JSON line per measurement to stdout (and --out).
 
-    python -m benchmarks.stream_check MODEL --cpu-ffn 28 --ubatch 512 --prompt 512 2048 --out stream.jsonl
+    python -m benchmarks.stream_check MODEL --cpu-ffn 28 --ubatch 512 --prompt 512 2048 --slots 2 3 4 --out s.jsonl
 
---cpu-ffn N puts the FFN weights of the first N blocks in pinned host memory (op offload copies them to the GPU for
-large batches, which is what streams); everything else is on the GPU. Needs a CUDA build of oatoplan's series.
+--cpu-ffn N puts the FFN weights of N blocks in pinned host memory (op offload copies them to the GPU for large
+batches, which is what streams): the first N, or N spread evenly with --spread; everything else is on the GPU. One
+arm without streaming, one per --slots value, and the model all on the GPU; each with the cost model's prediction.
+Needs a CUDA build of oatoplan's series.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import llama_cpp
 import numpy as np
 
 from oatoplan import ggml
 from oatoplan.baselines import all_on, n_cpu_ffn
+from oatoplan.cost import CostModel, predict
 from oatoplan.inventory import read_inventory
 from oatoplan.load import load
 from oatoplan.machine import gpu_devices
@@ -31,6 +35,8 @@ from oatoplan.measure import decode, gpu_used_bytes
 from oatoplan.memory import Settings
 from oatoplan.plan import plan_for
 from oatoplan.profile import find_profile
+from oatoplan.schema import Workload
+from oatoplan.streaming import spread
 
 
 def last_logits(llm) -> np.ndarray:
@@ -70,16 +76,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-all-gpu", action="store_true", help="skip the all-GPU reference")
+    ap.add_argument("--slots", type=int, nargs="+", default=[3])
+    ap.add_argument("--spread", action="store_true", help="the host FFN blocks spread evenly, not the first N")
+    ap.add_argument("--profile", help="the profile to predict with (default: find_profile())")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     inv = read_inventory(args.model)
     gpu = gpu_devices()[0].name
-    profile = find_profile()
+    profile = find_profile(Path(args.profile) if args.profile else None)
     n_ctx = max(args.prompt) + args.gen + 16
     s = Settings(args.ubatch, True, True, n_ctx, n_outputs_max=1)
-    arms = [("stream off", "0", n_cpu_ffn(inv, gpu, args.cpu_ffn)), ("stream on", "1", n_cpu_ffn(inv, gpu, args.cpu_ffn))]
+    host = n_cpu_ffn(inv, gpu, args.cpu_ffn)
+    if args.spread:
+        host = spread(inv, host)
+    arms = [("stream off", 0, host)] + [(f"stream on, {k} slots", k, host) for k in args.slots]
     if not args.no_all_gpu:
-        arms.append(("all GPU", "0", all_on(inv, gpu)))
+        arms.append(("all GPU", 0, all_on(inv, gpu)))
+    cost = CostModel(profile)
     out = open(args.out, "a") if args.out else None
     meta = dict(model=os.path.basename(args.model), cpu_ffn=args.cpu_ffn, ubatch=args.ubatch, host=platform.node(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -87,14 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     rng0 = np.random.default_rng(0)
     prompt = rng0.integers(0, inv.hparams.n_vocab, 300).tolist()
     reference = None
-    for name, stream, placement in arms:
-        os.environ["OATO_STREAM"] = stream
-        # the shipped profile names the build it measured; this check is of whatever build is installed
-        plan = dataclasses.replace(plan_for(inv, placement, s, profile, gpu), llama_cpp_build="")
+    os.environ.pop("OATO_STREAM", None)
+    for name, slots, placement in arms:
+        arm_settings = dataclasses.replace(s, stream_slots=slots)
+        # the profile names the build it measured; this check is of whatever build is installed
+        plan = dataclasses.replace(plan_for(inv, placement, arm_settings, profile, gpu), llama_cpp_build="")
         ggml.reset_stream_stats()
         llm = load(args.model, plan, verify=False)
         tokens, logits = greedy(llm, prompt, plan.n_batch, args.gen)
-        rec = dict(meta, arm=name, stream=stream, tokens=tokens)
+        rec = dict(meta, arm=name, stream_slots=plan.stream_slots, spread=args.spread, tokens=tokens,
+                   profile=profile.profile_id,
+                   predicted_pp_tok_s={n: predict(cost, inv, placement, Workload(n, 1), dataclasses.replace(
+                       arm_settings, n_ctx=n_ctx)).prefill_tokens_per_s for n in args.prompt},
+                   predicted_stream_bytes=sum(plan.memory.stream_bytes.values()))
         if reference is None:
             reference = (tokens, logits)
         elif name != "all GPU":

@@ -70,9 +70,9 @@ def validate_profile(p: Profile) -> None:
                 raise ValueError(f"ops: no {op} timing on {device}")
     for i, t in enumerate(p.transfers):
         where = f"transfers[{i}]"
-        if t.direction not in ("h2d", "d2h") or t.memory not in ("pinned", "pageable"):
+        if t.direction not in ("h2d", "d2h") or t.memory not in ("pinned", "pageable", "pinned-busy"):
             raise ValueError(f"{where}: direction {t.direction!r} / memory {t.memory!r} is not h2d or d2h / "
-                             f"pinned or pageable")
+                             f"pinned, pageable or pinned-busy (copied while the GPU computes)")
         _at_least(f"{where}.n_bytes", t.n_bytes, 1)
         _finite(f"{where}.t_us", t.t_us, positive=True)
         for j, s in enumerate(t.samples_us):

@@ -71,7 +71,7 @@ class CostModel:
                 self._elementwise[(key[1], key[2])] = series
         self._transfer = {}
         for direction in ("h2d", "d2h"):
-            for memory in ("pinned", "pageable"):
+            for memory in ("pinned", "pageable", "pinned-busy"):
                 pts = sorted((t.n_bytes, t.t_us) for t in profile.transfers
                              if t.direction == direction and t.memory == memory)
                 if len(pts) >= 2:
@@ -114,6 +114,12 @@ class CostModel:
         latency, per_byte = self._transfer[(direction, "pinned" if pinned else "pageable")]
         return latency + per_byte * n_bytes
 
+    def stream_upload_us(self, n_bytes: int) -> float:
+        """A streamed upload from pinned memory while the GPU computes: the profile's rate measured that way
+        ("pinned-busy"), else the idle pinned rate."""
+        latency, per_byte = self._transfer.get(("h2d", "pinned-busy"), self._transfer[("h2d", "pinned")])
+        return latency + per_byte * n_bytes
+
     def decode_factor(self, decode_class: str) -> float:
         """Calibrated factor of a class's decode time (1 without calibration)."""
         return self.profile.decode_factors.get(decode_class, 1.0)
@@ -151,51 +157,97 @@ def ubatches(n_prompt: int, n_ubatch: int) -> list[int]:
     return [min(n_ubatch, n_prompt - start) for start in range(0, n_prompt, n_ubatch)]
 
 
+def _offloaded(cost: CostModel, device: str, s: Settings, n_tokens: int) -> bool:
+    """Whether op offload takes a host unit's ops in a batch of n_tokens to the GPU."""
+    return device == CPU and bool(cost.gpu) and s.op_offload and n_tokens >= OP_OFFLOAD_MIN_TOKENS
+
+
+def streamed(cost: CostModel, unit: Unit, device: str, s: Settings, n_tokens: int) -> bool:
+    """Whether a unit's weights are uploaded by weight streaming (on the copy stream) in a batch of n_tokens."""
+    return bool(s.stream_slots) and bool(unit.matrices) and not unit.is_output and not unit.is_attention \
+        and _offloaded(cost, device, s, n_tokens)
+
+
+def unit_ubatch_us(cost: CostModel, inv: ModelInventory, unit: Unit, device: str, s: Settings, n_tokens: int,
+                   depth: int) -> tuple[float, float]:
+    """(time on the compute stream, streamed upload time on the copy stream) of one prefill ubatch of n_tokens after
+    `depth` cached tokens, in microseconds. A host-resident matrix in a batch of >= 32 tokens with op offload on is
+    copied to the GPU and multiplied there: on the compute stream (stock llama.cpp), or on the copy stream when
+    the plan streams weights."""
+    hp = inv.hparams
+    offload = _offloaded(cost, device, s, n_tokens)
+    if unit.is_attention:
+        # causal mask: the ubatch sees what came before and, on average, half of itself (assumed: the
+        # flash-attention kernels skip masked blocks; not measured on its own). With op offload, a host layer's
+        # attention in a large batch follows its offloaded Q/K/V to the GPU: the cache is copied up (the KV cache is
+        # not a weight: never streamed), attention runs there (layer offload against all-GPU attention:
+        # benchmarks/results/archive/2026-11-22-h100-bench-qwen2-7b-pp512.json)
+        head_kv = hp.n_head_kv[unit.layer]
+        t = cost.transfer_us((depth + n_tokens) * kv_bytes_per_token(hp, unit.layer, s.type_k, s.type_v), "h2d",
+                             s.pinned) if offload else 0.0
+        t += cost.attention_us(cost.gpu if offload else device, hp.head_dim_k, hp.n_head, head_kv,
+                               depth + n_tokens // 2, n_tokens)
+        return t + sum(cost.elementwise_us(device, op, width * n_tokens) for op, width in unit.elementwise), 0.0
+    moved = offload and bool(unit.matrices)
+    compute = sum(cost.matmul_us(cost.gpu if moved else device, *m, n_tokens) for m in unit.matrices)
+    # with op offload every op that reads a host weight at >= 32 tokens moves to the GPU, and the scheduler puts the
+    # element-wise ops around it there too
+    compute += sum(cost.elementwise_us(cost.gpu if offload else device, op, width * n_tokens)
+                   for op, width in unit.elementwise)
+    if streamed(cost, unit, device, s, n_tokens):
+        return compute, cost.stream_upload_us(unit.n_bytes)
+    return compute + (cost.transfer_us(unit.n_bytes, "h2d", s.pinned) if moved else 0.0), 0.0
+
+
 def unit_time_us(cost: CostModel, inv: ModelInventory, unit: Unit, device: str, workload: Workload,
                  s: Settings) -> tuple[float, float]:
     """(prefill time for the whole prompt, decode time per token averaged over the generated tokens) of one unit on
-    `device`, in microseconds. A host-resident matrix in a batch of >= 32 tokens with op offload on is copied to
-    the GPU and multiplied there."""
+    `device`, in microseconds. Prefill counts the compute stream's time and, with weight streaming, the copy
+    stream's uploads (their overlap is stream_prefill_us's, for a whole placement)."""
     hp = inv.hparams
-    gpu = cost.gpu
-    decode_depth = workload.n_depth + workload.n_prompt + workload.n_gen / 2   # attention is linear in depth
     if unit.is_attention:
-        head_kv = hp.n_head_kv[unit.layer]
-        decode = cost.attention_us(device, hp.head_dim_k, hp.n_head, head_kv, int(decode_depth), 1)
-        prefill, depth = 0.0, workload.n_depth
-        kv_row_bytes = kv_bytes_per_token(hp, unit.layer, s.type_k, s.type_v)
-        for n in ubatches(workload.n_prompt, s.n_ubatch):
-            # causal mask: the ubatch sees what came before and, on average, half of itself (assumed: the
-            # flash-attention kernels skip masked blocks; not measured on its own). With op offload, a host layer's
-            # attention in a large batch follows its offloaded Q/K/V to the GPU: the cache is copied up, attention
-            # runs there (layer offload against all-GPU attention: benchmarks/results/archive/
-            # 2026-11-22-h100-bench-qwen2-7b-pp512.json)
-            offload = device == CPU and gpu and s.op_offload and n >= OP_OFFLOAD_MIN_TOKENS
-            run_on = gpu if offload else device
-            if offload:
-                prefill += cost.transfer_us((depth + n) * kv_row_bytes, "h2d", s.pinned)
-            prefill += cost.attention_us(run_on, hp.head_dim_k, hp.n_head, head_kv, depth + n // 2, n)
-            depth += n
-            prefill += sum(cost.elementwise_us(device, op, width * n) for op, width in unit.elementwise)
+        decode_depth = workload.n_depth + workload.n_prompt + workload.n_gen / 2   # attention is linear in depth
+        decode = cost.attention_us(device, hp.head_dim_k, hp.n_head, hp.n_head_kv[unit.layer], int(decode_depth), 1)
         decode += sum(cost.elementwise_us(device, op, width) for op, width in unit.elementwise)
-        return prefill, decode * cost.decode_factor(decode_class(unit, device))
-    decode = sum(cost.matmul_us(device, *m, 1) for m in unit.matrices)
-    decode += sum(cost.elementwise_us(device, op, width) for op, width in unit.elementwise)
-    decode *= cost.decode_factor(decode_class(unit, device))
-    if unit.is_output:     # logits only for the last prompt token
-        return decode, decode
-    prefill = 0.0
+        decode *= cost.decode_factor(decode_class(unit, device))
+    else:
+        decode = sum(cost.matmul_us(device, *m, 1) for m in unit.matrices)
+        decode += sum(cost.elementwise_us(device, op, width) for op, width in unit.elementwise)
+        decode *= cost.decode_factor(decode_class(unit, device))
+        if unit.is_output:     # logits only for the last prompt token
+            return decode, decode
+    return sum(c + u for c, u in unit_prefill_us(cost, inv, unit, device, workload, s)), decode
+
+
+def unit_prefill_us(cost: CostModel, inv: ModelInventory, unit: Unit, device: str, workload: Workload,
+                    s: Settings) -> list[tuple[float, float]]:
+    """unit_ubatch_us of every ubatch of the prompt (the output matrix: logits of the last token only)."""
+    if unit.is_output:
+        n_ub = len(ubatches(workload.n_prompt, s.n_ubatch))
+        return [(0.0, 0.0)] * (n_ub - 1) + [(unit_time_us(cost, inv, unit, device, workload, s)[0], 0.0)]
+    parts, depth = [], workload.n_depth
     for n in ubatches(workload.n_prompt, s.n_ubatch):
-        offload = device == CPU and gpu and s.op_offload and n >= OP_OFFLOAD_MIN_TOKENS and unit.matrices
-        run_on = gpu if offload else device
-        if offload:
-            prefill += cost.transfer_us(unit.n_bytes, "h2d", s.pinned)
-        prefill += sum(cost.matmul_us(run_on, *m, n) for m in unit.matrices)
-        # with op offload every op that reads a host weight at >= 32 tokens moves to the GPU, and the scheduler
-        # puts the element-wise ops around it there too
-        ew_device = gpu if device == CPU and gpu and s.op_offload and n >= OP_OFFLOAD_MIN_TOKENS else device
-        prefill += sum(cost.elementwise_us(ew_device, op, width * n) for op, width in unit.elementwise)
-    return prefill, decode
+        parts.append(unit_ubatch_us(cost, inv, unit, device, s, n, depth))
+        depth += n
+    return parts
+
+
+def stream_prefill_us(parts: list[tuple[float, float]], n_slots: int) -> float:
+    """One ubatch on two streams, units in graph order, parts[i] = (compute, upload) of unit i: the copy stream
+    uploads in order, each into the next of n_slots slots once that slot's last reader has run; the compute stream
+    runs each unit once its upload is done."""
+    copy_done = compute_done = 0.0
+    slot_free = [0.0] * max(n_slots, 1)
+    k = 0
+    for compute, upload in parts:
+        if upload > 0:
+            copy_done = max(copy_done, slot_free[k]) + upload
+            compute_done = max(compute_done, copy_done) + compute
+            slot_free[k] = compute_done
+            k = (k + 1) % len(slot_free)
+        else:
+            compute_done += compute
+    return compute_done
 
 
 def fixed_time_us(cost: CostModel, inv: ModelInventory, workload: Workload, s: Settings,
@@ -226,6 +278,10 @@ def predict(cost: CostModel, inv: ModelInventory, devices: dict[str, str], workl
     for unit in units:
         p, d = unit_time_us(cost, inv, unit, devices[unit.key], workload, s)
         prefill, decode = prefill + p, decode + d
+    if s.stream_slots:     # the two streams overlap: each ubatch's prefill is its pipeline's, not the sum
+        per_unit = [unit_prefill_us(cost, inv, u, devices[u.key], workload, s) for u in units]
+        prefill = sum(stream_prefill_us([parts[ub] for parts in per_unit], s.stream_slots)
+                      for ub in range(len(ubatches(workload.n_prompt, s.n_ubatch))))
     uses_gpu = cost.gpu is not None      # a GPU build runs graph splits (and op offload) there even at -ngl 0
     n_crossings = crossings(devices[u.key] for u in units)
     fixed_prefill, fixed_decode = fixed_time_us(cost, inv, workload, s, uses_gpu)

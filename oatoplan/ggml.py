@@ -49,6 +49,8 @@ _DECLARATIONS = [
     ("ggml_backend_free", None, [p]),
     ("ggml_backend_synchronize", None, [p]),
     ("ggml_backend_graph_compute", ctypes.c_int, [p, p]),
+    ("ggml_backend_graph_compute_async", ctypes.c_int, [p, p]),
+    ("ggml_backend_tensor_set_async", None, [p, p, p, _sz, _sz]),
     ("ggml_backend_alloc_ctx_tensors", p, [p, p]),
     ("ggml_backend_alloc_ctx_tensors_from_buft", p, [p, p]),
     ("ggml_backend_buft_alloc_buffer", p, [p, _sz]),

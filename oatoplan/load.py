@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import logging
+import os
 import re
 import threading
 from contextlib import contextmanager
@@ -19,12 +20,13 @@ from typing import Iterator
 
 from gguf import GGMLQuantizationType
 
+from . import ggml
 from .errors import BackendError, LoadError, PlanError, PlanMismatchError
 from .graph import CPU
 from .inventory import read_inventory
 from .machine import buffer_device, buffer_type, default_threads, gpu_devices, llama_cpp_build
 from .artifacts import read_json
-from .plan import ALIGNMENT_SLACK_BYTES, check_plan, cpu_only_plan, override_pattern, predict_memory
+from .plan import ALIGNMENT_SLACK_BYTES, check_plan, cpu_only_plan, override_pattern, predict_memory, stream_env
 from .schema import SCHEMA_VERSION, BufferAllocation, MemoryCheck, MemoryReport, Plan, RunStats
 from .units import BYTES_PER_MIB
 
@@ -105,8 +107,9 @@ def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_o
                   n_threads=threads, n_threads_batch=threads, swa_full=plan.swa_full, verbose=False)
     kwargs.update(llama_kwargs)
     lines: list[str] = []
+    ring_before = (ggml.stream_stats() or (0, 0, 0, 0))[3]
     with _load_lock, _default_params_with(overrides if plan.tensor_overrides else None, plan.n_outputs_max), \
-            _capture_log(lines):
+            _stream_environment(plan), _capture_log(lines):
         try:
             llm = llama_cpp.Llama(str(model_path), **kwargs)
         except ValueError as exc:
@@ -117,6 +120,12 @@ def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_o
                                  misplaced=tuple(misplaced_tensors(lines, plan)))
     llm.oatoplan_memory = report
     llm.oatoplan_plan = plan
+    ring = (ggml.stream_stats() or (0, 0, 0, 0))[3] - ring_before
+    predicted_ring = sum(plan.memory.stream_bytes.values()) if plan.memory else 0
+    if ring != predicted_ring and os.environ.get("OATO_STREAM") != "0":
+        log.warning("weight streaming's staging slots take %.1f MiB of VRAM, the plan expected %.1f MiB%s",
+                    ring / BYTES_PER_MIB, predicted_ring / BYTES_PER_MIB,
+                    "" if ggml.stream_stats() else " (this build has no weight streaming: run `oatoplan build`)")
     for c in report.checks:
         if c.kind == "compute" and not c.ok:
             log.warning("llama.cpp's compute buffer on %s is %.1f MiB, the plan estimated %.1f MiB", c.device,
@@ -134,6 +143,29 @@ def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_o
                         f"the plan predicted {c.predicted_bytes / BYTES_PER_MIB:.1f} MiB; the plan does not describe "
                         f"this load (re-plan, or report a bug with --debug output)")
     return llm
+
+
+@contextmanager
+def _stream_environment(plan: Plan):
+    """The plan's weight-streaming settings in the environment while llama.cpp creates the context (it reads them
+    then). OATO_STREAM=0 set by the user wins: it turns streaming off for A/B runs."""
+    env = stream_env(plan)
+    if os.environ.get("OATO_STREAM") == "0" and plan.stream_slots:
+        log.info("OATO_STREAM=0: weight streaming off for this load, though the plan has it")
+        env = {"OATO_STREAM": "0"}
+    keys = ("OATO_STREAM", "OATO_STREAM_SLOTS", "OATO_STREAM_SLOT_BYTES")
+    saved = {k: os.environ.get(k) for k in keys}
+    for k in keys:
+        os.environ.pop(k, None)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, value in saved.items():
+            if value is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = value
 
 
 def _ggml_type(name: str) -> int:

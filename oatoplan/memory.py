@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .errors import ProfileError
+from .ggml import row_bytes
 from .graph import CPU, Unit
 from .inventory import kv_bytes_per_token, kv_cells
 from .machine import devices
@@ -24,6 +25,10 @@ from .units import parse_size_bytes
 # llama.cpp's CUDA backend takes an op with a host-resident weight to the GPU (copying the weight) from this batch
 # size on.
 OP_OFFLOAD_MIN_TOKENS = 32
+# The CUDA backend pads a quantized matrix whose rows are not a multiple of this many values (one row's worth of
+# padding at the end, ggml_backend_cuda_buffer_type_get_alloc_size), and aligns buffers to STREAM_SLOT_ALIGN bytes.
+MATRIX_ROW_PADDING = 512
+STREAM_SLOT_ALIGN = 128
 # Share of every budget kept free for what the terms below do not count (allocator rounding, CUDA context growth).
 # How far allocations came from predictions: the validate-* and bench-* files in benchmarks/results/.
 VRAM_MARGIN = 0.03
@@ -137,6 +142,8 @@ class VramTerms:
     """The VRAM terms of one model and settings, for any placement of its units (in graph order)."""
     units: tuple[Unit, ...]
     unit_bytes: tuple[int, ...]    # each unit on the GPU: its weights, or the KV cache of an attn unit
+    slot_bytes: tuple[int, ...]    # each unit's largest tensor as a staging slot holds it (stream_slot_bytes)
+    stream_slots: int              # weight streaming's staging slots (0: off, op offload copies into the layer stage)
     output_stage_bytes: int        # compute buffer while the output matrix's op runs on the GPU
     layer_stage_bytes: int         # compute buffer of a block
     pool_bytes: int
@@ -153,18 +160,25 @@ class VramTerms:
         """Units whose weight op offload copies into the layer stage when they stay on the host."""
         return [i for i, u in enumerate(self.units) if self.offload and u.matrices and not u.is_output]
 
+    def slot(self, on_gpu: Sequence) -> int:
+        """Bytes of one weight-streaming slot for a placement: its largest host weight that op offload copies."""
+        return max((self.slot_bytes[i] for i in self.copied() if not on_gpu[i]), default=0)
+
     def of(self, on_gpu: Sequence) -> dict[str, int]:
         """VRAM by category of the placement that puts unit i on the GPU when on_gpu[i] (bool or 0/1)."""
         weights = sum(b for u, b, g in zip(self.units, self.unit_bytes, on_gpu) if g and not u.is_attention)
         kv = sum(b for u, b, g in zip(self.units, self.unit_bytes, on_gpu) if g and u.is_attention)
         out = self.output
-        copy_layer = max((self.unit_bytes[i] for i in self.copied() if not on_gpu[i]), default=0)
+        host_copies = [i for i in self.copied() if not on_gpu[i]]
+        # streaming: every host weight goes through the ring of slots, none through the compute buffer
+        stream = self.stream_slots * self.slot(on_gpu)
+        copy_layer = 0 if self.stream_slots else max((self.unit_bytes[i] for i in host_copies), default=0)
         output_stage = 0
         if on_gpu[out] or self.offload:
             copy_output = self.unit_bytes[out] if self.copy_output and not on_gpu[out] else 0
             output_stage = self.output_stage_bytes + copy_output
         compute = max(output_stage, self.layer_stage_bytes + copy_layer)
-        return {"weights": weights, "kv": kv, "compute": compute, "pool": self.pool_bytes,
+        return {"weights": weights, "kv": kv, "compute": compute, "stream": stream, "pool": self.pool_bytes,
                 "overhead": self.overhead_bytes}
 
 
@@ -175,8 +189,29 @@ def vram_terms(inv: ModelInventory, units: Sequence[Unit], s: Settings, overhead
                        if u.is_attention else u.n_bytes for u in units)
     output_stage, layer_stage = compute_stage_bytes(inv, s)
     offload = s.op_offload and s.n_ubatch >= OP_OFFLOAD_MIN_TOKENS
-    return VramTerms(tuple(units), unit_bytes, output_stage, layer_stage, pool_bytes(inv, s), overhead_bytes, offload,
+    slots = s.stream_slots if offload else 0
+    return VramTerms(tuple(units), unit_bytes, tuple(stream_slot_bytes(inv, u) for u in units), slots, output_stage,
+                     layer_stage, pool_bytes(inv, s), overhead_bytes, offload,
                      offload and n_outputs(s) >= OP_OFFLOAD_MIN_TOKENS)
+
+
+def tensor_alloc_bytes(ggml_type: str, shape: tuple[int, ...], n_bytes: int) -> int:
+    """Bytes the CUDA backend allocates for a tensor: a quantized matrix whose rows are not a multiple of
+    MATRIX_ROW_PADDING values gets one row's worth of padding at the end."""
+    quantized = ggml_type not in ("F32", "F16", "BF16", "I8", "I16", "I32", "I64", "F64")
+    if quantized and shape[0] % MATRIX_ROW_PADDING:
+        return n_bytes + row_bytes(ggml_type, MATRIX_ROW_PADDING - shape[0] % MATRIX_ROW_PADDING)
+    return n_bytes
+
+
+def stream_slot_bytes(inv: ModelInventory, unit: Unit) -> int:
+    """The staging slot a unit's host weights need: its largest tensor's allocation, aligned (each weight is uploaded
+    into a slot of its own; 0 for a unit without weights)."""
+    if unit.is_attention:
+        return 0
+    largest = max((tensor_alloc_bytes(t.ggml_type, t.shape, t.n_bytes) for t in map(inv.tensor, unit.tensors)),
+                  default=0)
+    return -(-largest // STREAM_SLOT_ALIGN) * STREAM_SLOT_ALIGN
 
 
 def gpu_memory(inv: ModelInventory, units: Sequence[Unit], devices_of: dict[str, str], s: Settings,

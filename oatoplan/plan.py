@@ -22,10 +22,11 @@ from .errors import PlanError, PlanMismatchError
 from .graph import CPU, model_units
 from .inventory import BLOCK_NAME, KV_CACHE_TYPES
 from .machine import default_threads, logical_cpus
-from .memory import Settings, gpu_memory, gpu_overhead_bytes, kv_layer_bytes
+from .memory import Settings, gpu_memory, gpu_overhead_bytes, kv_layer_bytes, vram_terms
 from .schema import (SCHEMA_VERSION, BaselinePrediction, MemoryPrediction, ModelInventory, Plan, Profile,
                      TensorOverride, Workload)
 from .solve import CpuSolution, explain, solve, solve_cpu
+from .streaming import refine
 from .units import format_bytes
 
 # Key of the second copy of token_embd.weight that llama.cpp makes as the output matrix of a tied-embedding model.
@@ -129,8 +130,8 @@ def override_pattern(names: list[str] | tuple[str, ...]) -> str:
 def make_plan(inv: ModelInventory, devices: dict[str, str], *, n_gpu_layers: int, gpu_devices: tuple[str, ...] = (),
               n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int = 512, use_mmap: bool | None = None,
               op_offload: bool = True, flash_attn: bool = True, type_k: str = "f16", type_v: str = "f16",
-              swa_full: bool = True, n_outputs_max: int = 0,
-              n_threads: int | None = None, llama_cpp_build: str = "", profile_id: str = "",
+              swa_full: bool = True, n_outputs_max: int = 0, stream_slots: int = 0, stream_slot_bytes: int = 0,
+              stream_bytes: dict[str, int] | None = None, n_threads: int | None = None, llama_cpp_build: str = "", profile_id: str = "",
               budget_bytes: int | None = None, compute_bytes: dict[str, int] | None = None,
               notes: tuple[str, ...] = ()) -> Plan:
     """A Plan that puts each tensor where `devices` says (tensors it leaves out follow n_gpu_layers). Overrides are
@@ -164,10 +165,11 @@ def make_plan(inv: ModelInventory, devices: dict[str, str], *, n_gpu_layers: int
                 tensor_overrides=overrides, n_ctx=n_ctx, n_batch=max(n_batch, n_ubatch), n_ubatch=n_ubatch,
                 use_mmap=(gpu is None) if use_mmap is None else use_mmap, op_offload=op_offload,
                 flash_attn=flash_attn, type_k=type_k, type_v=type_v, n_threads=n_threads, swa_full=swa_full,
-                n_outputs_max=n_outputs_max,
+                n_outputs_max=n_outputs_max, stream_slots=stream_slots, stream_slot_bytes=stream_slot_bytes,
                 gpu_devices=tuple(gpu_devices), llama_cpp_build=llama_cpp_build, profile_id=profile_id,
                 budget_bytes=budget_bytes, notes=notes)
-    return dataclasses.replace(plan, memory=predict_memory(inv, plan, compute_bytes))
+    memory = predict_memory(inv, plan, compute_bytes)
+    return dataclasses.replace(plan, memory=dataclasses.replace(memory, stream_bytes=dict(stream_bytes or {})))
 
 
 def cpu_only_plan(inv: ModelInventory, **settings) -> Plan:
@@ -210,6 +212,7 @@ def check_plan(inv: ModelInventory, plan: Plan, source: str) -> None:
 DEFAULT_N_CTX = 4096
 MAX_N_CTX = 1 << 24
 MAX_INT32 = (1 << 31) - 1     # llama.cpp's int32 parameters
+MAX_STREAM_SLOTS = 16         # native/oato-stream.h's OATO_STREAM_MAX_SLOTS
 
 
 def check_plan_numbers(inv: ModelInventory, plan: Plan, source: str) -> None:
@@ -225,7 +228,8 @@ def check_plan_numbers(inv: ModelInventory, plan: Plan, source: str) -> None:
                         f"on {inv.hparams.n_ctx_train} tokens); plan again with --prompt/--gen/--depth adding up to "
                         f"the context you need (--ctx-over-train to go past the training length)")
     bounds = {"n_ubatch": (1, MAX_N_CTX), "n_batch": (1, MAX_N_CTX), "n_gpu_layers": (-1, MAX_INT32),
-              "n_outputs_max": (0, MAX_INT32), "n_threads": (1, 4096)}
+              "n_outputs_max": (0, MAX_INT32), "n_threads": (1, 4096), "stream_slots": (0, MAX_STREAM_SLOTS),
+              "stream_slot_bytes": (0, 1 << 40)}
     for name, (low, high) in bounds.items():
         value = getattr(plan, name)
         if not (value is None and name == "n_threads") and not low <= value <= high:
@@ -249,13 +253,23 @@ def llama_cpp_flags(plan: Plan) -> str:
     return " ".join(flags)
 
 
+def stream_env(plan: Plan) -> dict[str, str]:
+    """The environment oatoplan's patched llama.cpp reads for weight streaming (patches/0005) when a context is
+    created: what `load` sets, and what a llama.cpp command of the same build needs in front of it."""
+    if not plan.stream_slots:
+        return {"OATO_STREAM": "0"}
+    return {"OATO_STREAM": "1", "OATO_STREAM_SLOTS": str(plan.stream_slots),
+            "OATO_STREAM_SLOT_BYTES": str(plan.stream_slot_bytes)}
+
+
 def llama_server_command(plan: Plan, model_path: str | Path, host: str = "127.0.0.1", port: int = 8000) -> str:
     """llama.cpp's own llama-server serving the same placement as `oatoplan serve`: llama_cpp_flags, one slot holding
     the whole context (`-np 1`: its default is 4 slots sharing a unified KV cache) and `-fit off` (else it may change
     what the plan left at llama.cpp's defaults to fit free memory). n_outputs_max has no flag: llama-server sets it
     from its slots itself."""
     flags = llama_cpp_flags(plan)
-    return (f"llama-server -m {shlex.quote(str(model_path))} {flags} -np 1 -fit off "
+    env = "".join(f"{k}={v} " for k, v in stream_env(plan).items()) if plan.stream_slots else ""
+    return (f"{env}llama-server -m {shlex.quote(str(model_path))} {flags} -np 1 -fit off "
             f"-a {shlex.quote(Path(model_path).stem)} --host {host} --port {port}")
 
 
@@ -283,20 +297,23 @@ def plan_for(inv: ModelInventory, unit_devices: dict[str, str], s: Settings, pro
              gpu: str | None) -> Plan:
     """A loader Plan for a per-unit placement and settings (mmap on when `s.pinned` is off)."""
     devices, n_gpu_layers = tensor_placement(inv, unit_devices)
-    compute = {gpu: gpu_memory(inv, model_units(inv), unit_devices, s, gpu_overhead_bytes(profile))["compute"]} \
-        if gpu else {}
+    units = model_units(inv)
+    vram = gpu_memory(inv, units, unit_devices, s, gpu_overhead_bytes(profile)) if gpu else {}
+    slot = vram_terms(inv, units, s, 0).slot([unit_devices[u.key] != CPU for u in units]) if gpu else 0
     plan = make_plan(inv, devices, n_gpu_layers=n_gpu_layers, gpu_devices=(gpu,) if gpu else (), n_ctx=s.n_ctx,
                      n_batch=s.n_ubatch, n_ubatch=s.n_ubatch, use_mmap=not s.pinned, op_offload=s.op_offload,
                      type_k=s.type_k, type_v=s.type_v, n_outputs_max=s.n_outputs_max, n_threads=profile.n_threads,
                      llama_cpp_build=profile.machine.llama_cpp_build, profile_id=profile.profile_id,
-                     compute_bytes=compute)
+                     compute_bytes={gpu: vram["compute"]} if gpu else {},
+                     stream_slots=s.stream_slots if slot else 0, stream_slot_bytes=slot if s.stream_slots else 0,
+                     stream_bytes={gpu: vram["stream"]} if gpu and vram["stream"] else {})
     return dataclasses.replace(plan, placement=dict(unit_devices), flags=llama_cpp_flags(plan))
 
 
 def plan_settings(plan: Plan) -> Settings:
     """The non-placement decisions a plan made (the inverse of plan_for's)."""
     return Settings(plan.n_ubatch, plan.op_offload, not plan.use_mmap, plan.n_ctx, plan.type_k, plan.type_v,
-                    plan.n_outputs_max)
+                    plan.n_outputs_max, plan.stream_slots)
 
 
 def plan_model(inv: ModelInventory, profile: Profile, budget_bytes: int, workload: Workload,
@@ -310,7 +327,7 @@ def plan_model(inv: ModelInventory, profile: Profile, budget_bytes: int, workloa
                             "VRAM budget of 0); leave --write-lp out")
         return plan_cpu(inv, profile, workload, budget_bytes)
     cost = CostModel(profile)
-    solution = solve(inv, cost, budget_bytes, workload, write_lp)
+    solution = refine(inv, cost, solve(inv, cost, budget_bytes, workload, write_lp), budget_bytes, workload)
     s = solution.settings
     arms = baseline_arms(inv, cost.gpu, budget_bytes, workload, gpu_overhead_bytes(profile)) + \
         [greedy_arm(inv, cost, budget_bytes, workload, s)]
@@ -321,16 +338,32 @@ def plan_model(inv: ModelInventory, profile: Profile, budget_bytes: int, workloa
     notes = tuple(explain(inv, cost, solution, workload)) + (
         f"ubatch {s.n_ubatch}, op offload {'on' if s.op_offload else 'off'}, mmap off (host weights pinned): "
         f"best of {len(solution.candidates)} settings solved in {solution.solve_s:.2f} s",) + \
-        ((_outputs_note(s),) if s.n_outputs_max else ())
+        ((_outputs_note(s),) if s.n_outputs_max else ()) + _stream_note(inv, cost, solution, workload)
+    units = model_units(inv)
+    slot = vram_terms(inv, units, s, 0).slot([solution.devices[u.key] != CPU for u in units])
     plan = make_plan(inv, devices, n_gpu_layers=n_gpu_layers, gpu_devices=(cost.gpu,), n_ctx=workload.n_ctx,
                      n_batch=s.n_ubatch, n_ubatch=s.n_ubatch, use_mmap=False, op_offload=s.op_offload,
                      n_outputs_max=s.n_outputs_max,
                      flash_attn=True, type_k=s.type_k, type_v=s.type_v, n_threads=profile.n_threads,
                      llama_cpp_build=profile.machine.llama_cpp_build, profile_id=profile.profile_id,
-                     budget_bytes=budget_bytes, compute_bytes={cost.gpu: gpu_bytes.get("compute", 0)}, notes=notes)
+                     budget_bytes=budget_bytes, compute_bytes={cost.gpu: gpu_bytes.get("compute", 0)}, notes=notes,
+                     stream_slots=s.stream_slots if slot else 0, stream_slot_bytes=slot if s.stream_slots else 0,
+                     stream_bytes={cost.gpu: gpu_bytes["stream"]} if gpu_bytes.get("stream") else {})
     plan = dataclasses.replace(plan, workload=workload, prediction=solution.prediction, baselines=tuple(baselines),
                                placement=dict(solution.devices))
     return dataclasses.replace(plan, flags=llama_cpp_flags(plan))
+
+
+def _stream_note(inv: ModelInventory, cost: CostModel, solution, workload: Workload) -> tuple[str, ...]:
+    """What weight streaming does for the plan, with the same placement's prediction without it."""
+    s, p = solution.settings, solution.prediction
+    if not s.stream_slots or not p.gpu_bytes.get("stream"):
+        return ()
+    off = predict(cost, inv, solution.devices, workload, dataclasses.replace(s, stream_slots=0))
+    return (f"weight streaming: host weights upload on a second stream into {s.stream_slots} slots "
+            f"({format_bytes(p.gpu_bytes['stream'])} of VRAM) while the GPU computes: prefill "
+            f"{p.prefill_tokens_per_s:,.0f} tokens/s predicted, {off.prefill_tokens_per_s:,.0f} without "
+            f"(OATO_STREAM=0)",)
 
 
 def _outputs_note(s: Settings) -> str:

@@ -224,6 +224,57 @@ def _time_transfers(backend: ggml.Backend, timer: _Timer) -> list[TransferTiming
     return results
 
 
+def _time_busy_uploads(gpu: ggml.Backend, s: ModelShapes, timer: _Timer, fill) -> list[TransferTiming]:
+    """Host-to-device copies from pinned memory while the GPU computes, as weight streaming does them: a second
+    backend on the device (its own stream) copies while the first runs the model's largest matmul at 512 tokens,
+    queued back to back for twice the copy's idle time; the copy's time is from its issue to that backend's
+    synchronize ("pinned-busy")."""
+    g = ggml.lib()
+    k, n, ggml_type = _largest(s)
+    copier = g.ggml_backend_dev_init(gpu.dev, None)
+    host_buffer = g.ggml_backend_buft_alloc_buffer(g.ggml_backend_dev_host_buffer_type(gpu.dev), TRANSFER_BIG_BYTES)
+    results = []
+    try:
+        if not copier or not host_buffer:
+            raise ProfileError("could not set up a second stream and pinned memory to time copies under load")
+        pinned = g.ggml_backend_buffer_get_base(host_buffer)
+        with ggml.graph_on(gpu) as device_side, ggml.graph_on(gpu) as work:
+            tensor = device_side.tensor("I8", TRANSFER_BIG_BYTES)
+            device_side.allocate(lambda *a: None)
+            work.output(work.op("ggml_mul_mat", work.tensor(ggml_type, k, n), work.tensor("F32", k, 512)))
+            work.allocate(fill)
+            idle_us = statistics.median(ggml.time_us(
+                lambda: g.ggml_backend_tensor_set(tensor, pinned, 0, TRANSFER_BIG_BYTES), budget_s=timer.budget_s))
+            repeats = max(2, math.ceil(2 * idle_us / statistics.median(ggml.time_us(work.compute,
+                                                                                 budget_s=timer.budget_s))))
+            for n_bytes in (TRANSFER_BIG_BYTES, TRANSFER_BIG_BYTES // 4):
+                def busy() -> float:
+                    for _ in range(repeats):
+                        g.ggml_backend_graph_compute_async(gpu.handle, work.graph)
+                    t0 = time.perf_counter()
+                    g.ggml_backend_tensor_set_async(copier, tensor, pinned, 0, n_bytes)
+                    g.ggml_backend_synchronize(copier)
+                    t_us = (time.perf_counter() - t0) * 1e6
+                    g.ggml_backend_synchronize(gpu.handle)
+                    return t_us
+                busy()
+                samples = [busy() for _ in range(7)]
+                results.append(TransferTiming("h2d", "pinned-busy", n_bytes, statistics.median(samples),
+                                              tuple(round(t, 3) for t in samples)))
+    finally:
+        if host_buffer:
+            g.ggml_backend_buffer_free(host_buffer)
+        if copier:
+            g.ggml_backend_free(copier)
+    return results
+
+
+def _largest(s: ModelShapes) -> tuple[int, int, str]:
+    """(k, n, type) of the model's largest matrix."""
+    ggml_type, k, n = max(s.matrices, key=lambda m: m[1] * m[2])
+    return k, n, ggml_type
+
+
 def _time_crossing(gpu: ggml.Backend, cpu: ggml.Backend, s: ModelShapes, timer: _Timer, fill) -> float:
     """One CPU<->GPU crossing as a decode graph pays it: a GPU split, its activation copied to the host, a CPU
     split (its threadpool woken after idling through the GPU work), the result copied back. Each split is one
@@ -299,7 +350,7 @@ def measure_profile(inventory: ModelInventory | None = None, *, gpu_device: str 
         if gpu is not None:
             if progress:
                 progress("transfers", len(steps), len(steps) + 1)
-            transfers = _time_transfers(gpu, timer)
+            transfers = _time_transfers(gpu, timer) + _time_busy_uploads(gpu, shapes, timer, fill)
             crossing = _time_crossing(gpu, cpu, shapes, timer, fill)
     except (BackendError, ProfileError) as exc:
         raise ProfileError(f"profiling stopped: {exc}; measured {len(ops)} operator points and "

@@ -11,7 +11,10 @@ units (a matrix with its bias/norm, or a layer's KV cache and attention) live on
                                                           buffer: logits and activations for the ubatch, plus the
                                                           largest weight op offload copies in)
 
-with t = prefill + n_gen x decode (or one of them, by the workload's objective). The best candidate wins. `greedy`
+with t = prefill + n_gen x decode (or one of them, by the workload's objective). With weight streaming, host
+weights upload on a second stream while the GPU computes: t holds the compute stream's prefill, and a variable
+excess >= uploads - (compute stream's prefill) adds the time the uploads outlast it (ideal overlap; the prediction
+simulates the slots, cost.stream_prefill_us). The best candidate wins. `greedy`
 (best time saved per byte first) is CBC's starting point and one of the baselines (baselines.py).
 """
 
@@ -22,22 +25,26 @@ import os
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pulp
 
-from .cost import CostModel, combine, fixed_time_us, predict, ubatches, unit_time_us
+from .cost import CostModel, combine, fixed_time_us, predict, ubatches, unit_prefill_us, unit_time_us
 from .errors import OatoError, PlanInfeasibleError, SolverError
 from .files import Output, write_file
 from .graph import CPU, Unit, crossings, model_units, role
 from .memory import Settings, VramTerms, budget_for, gpu_overhead_bytes, usable_bytes, vram_terms
-from .schema import ModelInventory, Prediction, Workload
+from .schema import ModelInventory, Prediction, Profile, Workload
 from .units import BYTES_PER_MIB, format_bytes
 
 log = logging.getLogger(__name__)
 
 UBATCH_CANDIDATES = (512, 1024, 2048, 4096)
+# Weight streaming: the patch that a build must have, and the staging slots the integer program assumes (the plan
+# then tries others, streaming.refine)
+STREAM_PATCH = "weight-streaming"
+STREAM_SLOTS = 2
 # On the CPU, op offload does not take large batches elsewhere, so smaller ubatches are candidates too.
 CPU_UBATCH_CANDIDATES = (128, 256) + UBATCH_CANDIDATES
 
@@ -61,18 +68,35 @@ class _Instance:
     fixed_us: float
     terms: VramTerms               # VRAM terms (bytes)
     size_mib: list[float]          # the terms' VRAM of each unit on the GPU, in the MiB the program works in
+    # weight streaming: each unit's prefill on the compute stream (on the CPU, on the GPU) and its uploads on the copy
+    # stream (on the CPU), us; the weight of prefill in the objective; all empty / 0 without streaming
+    prefill_cpu: list[float] = field(default_factory=list)
+    prefill_gpu: list[float] = field(default_factory=list)
+    upload_cpu: list[float] = field(default_factory=list)
+    fixed_prefill_us: float = 0.0
+    prefill_weight: float = 0.0
 
 
 def instance(cost: CostModel, inv: ModelInventory, workload: Workload, s: Settings) -> _Instance:
     """The numbers of one integer program."""
     units = model_units(inv)
-    t_cpu = [combine(*unit_time_us(cost, inv, u, CPU, workload, s), workload) for u in units]
-    t_gpu = [combine(*unit_time_us(cost, inv, u, cost.gpu, workload, s), workload) for u in units]
     n_ub = len(ubatches(workload.n_prompt, s.n_ubatch))
     terms = vram_terms(inv, units, s, gpu_overhead_bytes(cost.profile))
-    return _Instance(units, t_cpu, t_gpu, combine(n_ub * cost.crossing_us, cost.decode_crossing_us, workload),
-                     combine(*fixed_time_us(cost, inv, workload, s, True), workload), terms,
-                     [b / BYTES_PER_MIB for b in terms.unit_bytes])
+    uploads = [sum(u for _, u in unit_prefill_us(cost, inv, unit, CPU, workload, s)) for unit in units] \
+        if terms.stream_slots else [0.0] * len(units)
+    times = {d: [unit_time_us(cost, inv, u, d, workload, s) for u in units] for d in (CPU, cost.gpu)}
+    t_cpu = [combine(p - up, d, workload) for (p, d), up in zip(times[CPU], uploads)]
+    t_gpu = [combine(p, d, workload) for p, d in times[cost.gpu]]
+    fixed = fixed_time_us(cost, inv, workload, s, True)
+    inst = _Instance(units, t_cpu, t_gpu, combine(n_ub * cost.crossing_us, cost.decode_crossing_us, workload),
+                     combine(*fixed, workload), terms, [b / BYTES_PER_MIB for b in terms.unit_bytes])
+    if terms.stream_slots:
+        inst.prefill_cpu = [p - up for (p, _), up in zip(times[CPU], uploads)]
+        inst.prefill_gpu = [p for p, _ in times[cost.gpu]]
+        inst.upload_cpu = uploads
+        inst.fixed_prefill_us = fixed[0]
+        inst.prefill_weight = combine(1.0, 0.0, workload)
+    return inst
 
 
 def build_problem(inst: _Instance, budget_mib: float) -> tuple[pulp.LpProblem, dict]:
@@ -89,12 +113,22 @@ def build_problem(inst: _Instance, budget_mib: float) -> tuple[pulp.LpProblem, d
     z = pulp.LpVariable.dicts("cross", range(len(pairs) + len(spans)), lowBound=0)
     compute = pulp.LpVariable("compute_mib", lowBound=0)
     copy = pulp.LpVariable("copy_mib", lowBound=0)
+    # weight streaming: the staging slots (MiB), and the time the uploads outlast the compute stream (us)
+    ring = pulp.LpVariable("stream_mib", lowBound=0)
+    excess = pulp.LpVariable("upload_excess_us", lowBound=0)
     # the time no placement changes, as a variable fixed at 1 so that CBC's relative gap is relative to the time
     base = pulp.LpVariable("base", lowBound=1, upBound=1)
 
     # Objective: unit times on their devices, crossings, and the time no placement changes (us)
     prob += (pulp.lpSum((inst.t_gpu[i] - inst.t_cpu[i]) * x[i] for i in range(n))
-             + inst.cross_us * pulp.lpSum(z.values()) + (inst.fixed_us + sum(inst.t_cpu)) * base), "time_us"
+             + inst.cross_us * pulp.lpSum(z.values()) + (inst.fixed_us + sum(inst.t_cpu)) * base
+             + inst.prefill_weight * excess), "time_us"
+
+    # Weight streaming: uploads of the host weights (x = 0) against the compute stream's prefill
+    if inst.upload_cpu and inst.prefill_weight:
+        prob += excess >= (pulp.lpSum(inst.upload_cpu[i] * (1 - x[i]) for i in range(n))
+                           - pulp.lpSum(inst.prefill_cpu[i] * (1 - x[i]) + inst.prefill_gpu[i] * x[i] for i in range(n))
+                           - inst.fixed_prefill_us), "upload_excess"
 
     # Crossings: |x[a] - x[b]| linearised for consecutive units a, b (a = -1: the token embedding lookup, on the
     # CPU). Two roles adjacent in every layer (attn_q then attn_k...) both have their GPU layers at the end, so over
@@ -126,6 +160,11 @@ def build_problem(inst: _Instance, budget_mib: float) -> tuple[pulp.LpProblem, d
     # largest host weight that op offload copies in
     out, copied = terms.output, terms.copied()
     largest_copy = max((size_mib[i] for i in copied), default=0.0)
+    if terms.stream_slots:
+        # every host weight uploads into a slot of the ring (the largest one's size), none into the compute buffer
+        for i in copied:
+            prob += ring >= terms.stream_slots * terms.slot_bytes[i] / BYTES_PER_MIB * (1 - x[i]), f"slot_{i}"
+        copied, largest_copy = [], 0.0
     if terms.offload:
         prob += compute >= output_stage_mib + terms.copy_output * size_mib[out] * (1 - x[out]), "compute_output_stage"
         # (the copy terms only matter when the layer stage can outgrow the output stage; they are left out otherwise,
@@ -138,7 +177,7 @@ def build_problem(inst: _Instance, budget_mib: float) -> tuple[pulp.LpProblem, d
     prob += compute >= layer_stage_mib + copy, "compute_layer_stage"
 
     # VRAM: weights + KV + compute buffer + pool + the process's overhead within the budget
-    prob += (pulp.lpSum(size_mib[i] * x[i] for i in range(n)) + compute
+    prob += (pulp.lpSum(size_mib[i] * x[i] for i in range(n)) + compute + ring
              + (terms.pool_bytes + terms.overhead_bytes) / BYTES_PER_MIB <= budget_mib, "vram_budget")
     return prob, x
 
@@ -215,6 +254,11 @@ def solve_instance(inst: _Instance, budget_mib: float, write_lp: Output | Path |
 def objective(inst: _Instance, chosen: list[int]) -> float:
     """The integer program's objective for a placement (the same terms, evaluated directly)."""
     t = inst.fixed_us + sum(inst.t_gpu[i] if c else inst.t_cpu[i] for i, c in enumerate(chosen))
+    if inst.upload_cpu:
+        prefill = inst.fixed_prefill_us + sum(inst.prefill_gpu[i] if c else inst.prefill_cpu[i]
+                                              for i, c in enumerate(chosen))
+        uploads = sum(inst.upload_cpu[i] for i, c in enumerate(chosen) if not c)
+        t += inst.prefill_weight * max(uploads - prefill, 0.0)
     return t + inst.cross_us * crossings(chosen, start=0)
 
 
@@ -229,10 +273,17 @@ def ubatch_candidates(workload: Workload, candidates: tuple[int, ...] = UBATCH_C
     return [ub for ub in candidates if ub <= largest]
 
 
-def candidate_settings(workload: Workload) -> list[Settings]:
+def candidate_settings(workload: Workload, stream_slots: int = 0) -> list[Settings]:
+    """Every ubatch with op offload on (and, with `stream_slots`, weight streaming on as well) and off."""
     # one logit row per ubatch: generation reads only the last prompt token's logits
-    return [Settings(ub, offload, True, workload.n_ctx, n_outputs_max=1) for ub in ubatch_candidates(workload)
-            for offload in (True, False)]
+    return [Settings(ub, offload, True, workload.n_ctx, n_outputs_max=1, stream_slots=slots)
+            for ub in ubatch_candidates(workload) for offload, slots in
+            [(True, 0)] + ([(True, stream_slots)] if stream_slots else []) + [(False, 0)]]
+
+
+def streaming_available(profile: Profile) -> bool:
+    """Whether the build the profile measured has weight streaming (patches/0005)."""
+    return STREAM_PATCH in profile.machine.llama_cpp_build
 
 
 def smallest_gpu_mib(cost: CostModel, inv: ModelInventory, workload: Workload) -> float:
@@ -258,14 +309,14 @@ def solve(inv: ModelInventory, cost: CostModel, budget_bytes: int, workload: Wor
     # Candidates in the order of their LP bounds; a candidate whose bound is no better than the best placement
     # found so far cannot win and is not solved
     bounded = []
-    for s in candidate_settings(workload):
+    for s in candidate_settings(workload, STREAM_SLOTS if streaming_available(cost.profile) else 0):
         inst = instance(cost, inv, workload, s)
         problem = build_problem(inst, budget_mib)
         bound = lower_bound(problem)
         if bound is not None:
-            bounded.append((bound, s.n_ubatch, not s.op_offload, s, inst, problem))
+            bounded.append((bound, s.n_ubatch, not s.op_offload, -s.stream_slots, s, inst, problem))
     results = []
-    for bound, _, _, s, inst, problem in sorted(bounded, key=lambda b: b[:3]):
+    for bound, _, _, _, s, inst, problem in sorted(bounded, key=lambda b: b[:4]):
         if results and bound >= min(r[0] for r in results) * (1 - GAP_REL):
             log.debug("ubatch %d op_offload %s: bound %.1f ms, skipped", s.n_ubatch, s.op_offload, bound / 1e3)
             continue
@@ -280,7 +331,8 @@ def solve(inv: ModelInventory, cost: CostModel, budget_bytes: int, workload: Wor
         raise PlanInfeasibleError(f"a VRAM budget of {format_bytes(budget_bytes)} holds no GPU placement of "
                                   f"{inv.identity.file_name}; the smallest needs {format_bytes(need)} (use --vram "
                                   f"{-(-int(need) // BYTES_PER_MIB)}MiB or more), or run it all on the CPU")
-    best_us, s, inst, chosen = min(results, key=lambda r: (r[0], r[1].n_ubatch, not r[1].op_offload))
+    best_us, s, inst, chosen = min(results, key=lambda r: (r[0], r[1].n_ubatch, not r[1].op_offload,
+                                                           -r[1].stream_slots))
     if write_lp:
         write_lp_file(build_problem(inst, budget_mib)[0], write_lp)
     devices = {u.key: (cost.gpu if c else CPU) for u, c in zip(inst.units, chosen)}

@@ -18,7 +18,9 @@ def _t(device: str, n_bytes: float, flops: float) -> float:
     return overhead + max(n_bytes / bandwidth, flops / flop_rate) * 1e6
 
 
-def synthetic_profile(gpu: bool = True, pcie_bytes_per_s: float = 50e9, crossing_us: float = 30.0) -> Profile:
+def synthetic_profile(gpu: bool = True, pcie_bytes_per_s: float = 50e9, crossing_us: float = 30.0,
+                      streaming: bool = False) -> Profile:
+    """`streaming`: the profiled build has weight streaming (patches/0005), so plans may use it."""
     devices = ["CPU", "CUDA0"] if gpu else ["CPU"]
     ops = []
     shapes = profiler.model_shapes(None)
@@ -42,8 +44,9 @@ def synthetic_profile(gpu: bool = True, pcie_bytes_per_s: float = 50e9, crossing
             for direction in ("h2d", "d2h"):
                 for n_bytes in (16 << 10, 256 << 20):
                     transfers.append(TransferTiming(direction, memory, n_bytes, 10 + n_bytes / rate * 1e6, ()))
+    build = "llama-cpp-python 0.3.36, oatoplan patches 0:0005-ggml-oato-weight-streaming" if streaming else ""
     machine = MachineIdentity("test CPU", 16, 128 << 30, "test GPU" if gpu else "", 80 << 30 if gpu else 0, "", "",
-                              "")
+                              build)
     return Profile(SCHEMA_VERSION, "synthetic-test", "2026-11-22T00:00:00+00:00", machine, 16,
                    "CUDA0" if gpu else "", tuple(ops), tuple(transfers),
                    {d: 8.0 for d in devices}, crossing_us if gpu else 0.0, 60e9, 0)

@@ -21,7 +21,7 @@ ORDER = [
     "build",                                # tool beside the pipeline: builds the patched llama-cpp-python
     "memory",                               # VRAM terms and the budget rule
     "cost",                                 # the time model
-    "solve", "baselines",                   # the integer program; named placements (Arm)
+    "solve", "streaming", "baselines",      # the integer program; weight streaming's layers and slots; named placements
     "plan",                                 # plan semantics and flags
     "load",                                 # loading with a plan
     "serve",                                # the OpenAI-compatible server, on top of load

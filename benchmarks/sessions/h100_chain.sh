@@ -48,13 +48,15 @@ for step in "$@"; do
       timeout 240 $S python3 -m benchmarks.fused_decode $MODEL --placement $placement \
         --profile $PROFILE --out $OUT/fused-$placement.json 2>&1 | tail -1
     done ;;
-  streamcheck)
-    # weight streaming on/off with FFN weights in pinned host memory: identical tokens, prefill of each, all-GPU
-    ensure_build
-    for spec in "$W/gemma3-270m.gguf 18 --gen 64" "$MODEL ${CPU_FFN:-18} --gen 32"; do
-      set -- $spec
-      timeout 240 $S python3 -m benchmarks.stream_check $1 --cpu-ffn $2 $3 $4 --ubatch ${UBATCH:-512} \
-        --prompt 512 2048 --out $OUT/stream-check.jsonl > $OUT/streamcheck.log 2>&1; echo "streamcheck $2 rc=$?"
+  streamcheck|streamsweep)
+    # weight streaming on/off with FFN weights in pinned host memory: identical tokens, prefill of each, all-GPU;
+    # streamsweep: the 7B with 2..8 slots, host blocks first or spread, against the cost model's prediction
+    if [ $step = streamcheck ]; then ensure_build; specs=("$W/gemma3-270m.gguf 18 --gen 64" "$MODEL ${CPU_FFN:-18} --gen 32")
+    else ensure_profile; specs=("$MODEL 18 --slots 2 3 4 6 --no-all-gpu" "$MODEL 18 --slots 2 3 4 6 --spread"); fi
+    prof=""; [ -f $PROFILE ] && prof="--profile $PROFILE"
+    for spec in "${specs[@]}"; do
+      timeout 240 $S python3 -m benchmarks.stream_check $spec --ubatch ${UBATCH:-512} $prof \
+        --prompt 512 2048 --out $OUT/stream-check.jsonl > $OUT/streamcheck.log 2>&1; echo "$step $spec rc=$?"
       grep -v '^{' $OUT/streamcheck.log | grep -iv "warn" | tail -4
     done
     python3 -c "import json, sys
@@ -63,7 +65,7 @@ for line in open(sys.argv[1]):
       $OUT/stream-check.jsonl ;;
   gputests)
     ensure_build
-    timeout 200 $S python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu > $OUT/gputests.log 2>&1
+    OATO_STREAM_TEST_MODELS=$W/gemma3-270m.gguf:$MODEL timeout 200 $S python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu > $OUT/gputests.log 2>&1
     echo "gputests rc=$?"; tail -3 $OUT/gputests.log ;;
   tests)
     ensure_build

@@ -1,0 +1,67 @@
+"""Weight streaming's decisions beyond the integer program (solve.py), for a solution that streams: which layers'
+weights stay in host memory, and how many staging slots.
+
+The integer program prices streaming as ideal overlap: uploads and compute add up to the larger of the two. Real
+overlap needs the copy stream to be ahead of the compute stream, and it can only be ahead by as many weights as
+there are slots. A block whose weights stream uploads for longer than it computes (an FFN matrix at 512 tokens
+takes about twice as long over PCIe as on the GPU), so host blocks in a row fall behind, and the GPU-resident blocks
+that follow them leave the copy stream idle. With the host blocks spread evenly over the model, each GPU-resident
+block gives the copy stream time to catch up. Which layers of a role are on the host changes no other term the
+program prices (each role's units differ only by their weight types), so the plan takes the spread placement when
+the cost model's prediction (cost.stream_prefill_us simulates the slots) says it is faster, and then the number of
+slots that is fastest within the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+from .cost import CostModel, combine, predict
+from .graph import CPU, model_units, role
+from .memory import fits, gpu_overhead_bytes
+from .schema import ModelInventory, Workload
+from .solve import Solution
+
+# Staging slots tried for a streaming solution.
+STREAM_SLOT_CANDIDATES = (2, 3, 4, 6, 8)
+
+
+def spread(inv: ModelInventory, devices: dict[str, str]) -> dict[str, str]:
+    """The same number of host units per role, at evenly spaced layers (KV caches and attention keep their
+    n_gpu_layers suffix)."""
+    by_role: dict[str, list[str]] = defaultdict(list)
+    for u in model_units(inv):
+        if u.layer is not None and not u.is_attention:
+            by_role[role(u)].append(u.key)
+    out = dict(devices)
+    for keys in by_role.values():
+        gpu = next((devices[k] for k in keys if devices[k] != CPU), None)
+        n_host = sum(devices[k] == CPU for k in keys)
+        if gpu is None or n_host == 0:
+            continue
+        host = {min(len(keys) - 1, int((i + 0.5) * len(keys) / n_host)) for i in range(n_host)}
+        for j, key in enumerate(keys):
+            out[key] = CPU if j in host else gpu
+    return out
+
+
+def refine(inv: ModelInventory, cost: CostModel, solution: Solution, budget_bytes: int,
+           workload: Workload) -> Solution:
+    """The fastest predicted of (the program's placement, its spread) x STREAM_SLOT_CANDIDATES that keeps to the
+    budget rule; the solution unchanged when it does not stream."""
+    if not solution.settings.stream_slots:
+        return solution
+    units = model_units(inv)
+    overhead = gpu_overhead_bytes(cost.profile)
+    best = (combine(solution.prediction.prefill_s, solution.prediction.decode_s_per_token, workload), solution)
+    for devices in (solution.devices, spread(inv, solution.devices)):
+        for slots in STREAM_SLOT_CANDIDATES:
+            s = dataclasses.replace(solution.settings, stream_slots=slots)
+            if not fits(inv, units, devices, s, budget_bytes, overhead):
+                continue
+            p = predict(cost, inv, devices, workload, s)
+            t = combine(p.prefill_s, p.decode_s_per_token, workload)
+            if t < best[0] * (1 - 1e-9):
+                best = (t, dataclasses.replace(solution, devices=devices, settings=s, prediction=p))
+    return best[1]

@@ -1,0 +1,174 @@
+"""Weight streaming (patches/0005) in the planner: the staging ring in the VRAM terms, the two-stream prefill in the
+cost model, the integer program's excess term against brute force, the spread placement and slot choice, the plan's
+fields and environment. The native side's differential test (tokens and logits identical on/off) needs a GPU:
+tests/gpu/test_stream_gpu.py."""
+
+import dataclasses
+import itertools
+import os
+
+import pytest
+
+from oatoplan.artifacts import read_json
+from oatoplan.cost import CostModel, predict, stream_prefill_us
+from oatoplan.graph import CPU, is_ffn, model_units, role
+from oatoplan.inventory import read_inventory
+from oatoplan.load import _stream_environment
+from oatoplan.memory import STREAM_SLOT_ALIGN, Settings, fits, gpu_overhead_bytes, tensor_alloc_bytes, vram_terms
+from oatoplan.plan import check_plan_numbers, llama_server_command, plan_for, plan_model, stream_env
+from oatoplan.paths import SHIPPED_PROFILES_DIR
+from oatoplan.schema import Profile, Workload
+from oatoplan.solve import (candidate_settings, instance, objective, solve, solve_instance, streaming_available,
+                            vram_mib)
+from oatoplan.streaming import refine, spread
+from conftest import write_tiny_llama
+from profiles import synthetic_profile
+
+GPU = "CUDA0"
+
+
+@pytest.fixture(scope="module")
+def one_layer(tmp_path_factory):
+    return read_inventory(write_tiny_llama(tmp_path_factory.mktemp("one") / "one.gguf", n_layer=1))
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_header_model):
+    return read_inventory(qwen_header_model)
+
+
+def host_ffn(inv, layers):
+    return {u.key: CPU if is_ffn(u) and u.layer in layers else GPU for u in model_units(inv)}
+
+
+def test_two_streams_overlap_and_slots_bound_the_lead():
+    # (compute, upload) in graph order: uploads longer than compute are the bound, GPU-only units let the copy catch up
+    assert stream_prefill_us([(1.0, 0.0), (2.0, 0.0)], 2) == 3.0
+    assert stream_prefill_us([(1.0, 3.0), (1.0, 3.0)], 2) == 7.0           # copy-bound: 3 + 3 + the last compute
+    assert stream_prefill_us([(5.0, 0.0), (1.0, 3.0)], 2) == 6.0           # the upload hides under earlier compute
+    many = [(2.0, 1.0)] * 10
+    assert stream_prefill_us(many, 2) == pytest.approx(1.0 + 20.0)        # compute-bound: one upload shows
+    # one slot: an upload waits for the previous reader, so nothing overlaps
+    assert stream_prefill_us([(1.0, 1.0)] * 4, 1) == 8.0
+
+
+def test_ring_replaces_the_copy_in_the_compute_buffer(qwen):
+    units = model_units(qwen)
+    devices = host_ffn(qwen, range(10))
+    off = Settings(512, True, True, 1024, n_outputs_max=1)
+    on = dataclasses.replace(off, stream_slots=3)
+    t_off, t_on = vram_terms(qwen, units, off, 0), vram_terms(qwen, units, on, 0)
+    on_gpu = [devices[u.key] != CPU for u in units]
+    biggest = max(qwen.tensor(n).n_bytes for u in units if devices[u.key] == CPU and u.matrices for n in u.tensors)
+    assert t_on.slot(on_gpu) == -(-biggest // STREAM_SLOT_ALIGN) * STREAM_SLOT_ALIGN
+    assert t_on.of(on_gpu)["stream"] == 3 * t_on.slot(on_gpu)
+    assert t_on.of(on_gpu)["compute"] < t_off.of(on_gpu)["compute"] and t_off.of(on_gpu)["stream"] == 0
+    assert t_on.of([True] * len(units))["stream"] == 0                     # nothing on the host: no ring
+
+
+def test_cuda_pads_quantized_rows_that_are_not_a_multiple_of_512():
+    assert tensor_alloc_bytes("Q4_K", (4096, 10), 100) == 100
+    assert tensor_alloc_bytes("Q4_K", (640, 10), 100) == 100 + 144 * (384 // 256)   # 384 values: 1.5 Q4_K blocks
+    assert tensor_alloc_bytes("F16", (640, 10), 100) == 100
+
+
+def test_streaming_prefill_is_faster_and_never_below_either_stream(qwen):
+    cost = CostModel(synthetic_profile(pcie_bytes_per_s=25e9, streaming=True))
+    w = Workload(2048, 64)
+    devices = host_ffn(qwen, range(18))
+    off = Settings(512, True, True, w.n_ctx, n_outputs_max=1)
+    p_off = predict(cost, qwen, devices, w, off)
+    p_on = predict(cost, qwen, devices, w, dataclasses.replace(off, stream_slots=4))
+    p_gpu = predict(cost, qwen, {u.key: GPU for u in model_units(qwen)}, w, off)
+    assert p_gpu.prefill_s < p_on.prefill_s < p_off.prefill_s
+    assert p_on.decode_s_per_token == p_off.decode_s_per_token            # decode batches are never op-offloaded
+
+
+@pytest.mark.parametrize("workload", [Workload(512, 128), Workload(2048, 4)])
+@pytest.mark.parametrize("share", [0.2, 0.6])
+def test_ilp_with_streaming_equals_brute_force(one_layer, workload, share):
+    cost = CostModel(synthetic_profile(crossing_us=5.0, pcie_bytes_per_s=5e9, streaming=True))
+    inst = instance(cost, one_layer, workload, Settings(512, True, True, workload.n_ctx, stream_slots=3))
+    assert inst.upload_cpu and max(inst.upload_cpu) > 0
+    low, high = vram_mib(inst, [0] * len(inst.units)), vram_mib(inst, [1] * len(inst.units))
+    budget = low + share * (high - low)
+    best = min(objective(inst, list(c)) for c in itertools.product((0, 1), repeat=len(inst.units))
+               if vram_mib(inst, list(c)) <= budget)
+    chosen, value = solve_instance(inst, budget, gap=0.0)
+    assert vram_mib(inst, chosen) <= budget + 1e-9 and value == pytest.approx(best, rel=1e-9)
+
+
+def test_streaming_is_a_candidate_only_for_builds_that_have_it():
+    assert streaming_available(synthetic_profile(streaming=True))
+    assert not streaming_available(synthetic_profile())
+    slots = {s.stream_slots for s in candidate_settings(Workload(512, 8), 4)}
+    assert slots == {0, 4} and {s.stream_slots for s in candidate_settings(Workload(512, 8))} == {0}
+
+
+def test_spread_keeps_each_roles_count_and_the_kv_suffix(qwen):
+    devices = host_ffn(qwen, range(12))
+    out = spread(qwen, devices)
+    units = model_units(qwen)
+    for name in {role(u) for u in units if u.layer is not None}:
+        keys = [u.key for u in units if u.layer is not None and role(u) == name]
+        assert sum(out[k] == CPU for k in keys) == sum(devices[k] == CPU for k in keys)
+    assert all(out[u.key] == devices[u.key] for u in units if u.is_attention)
+    host_layers = sorted(u.layer for u in units if role(u) == "ffn_up" and out[u.key] == CPU)
+    assert max(b - a for a, b in zip(host_layers, host_layers[1:])) <= 3     # 12 of 28: spread, not a block
+
+
+def h200_with_streaming():
+    """The shipped H200 profile, as if its build had weight streaming."""
+    profile = read_json(Profile, SHIPPED_PROFILES_DIR / "h200-qwen2-7b.json")
+    build = profile.machine.llama_cpp_build + ",0005-ggml-oato-weight-streaming"
+    return dataclasses.replace(profile, machine=dataclasses.replace(profile.machine, llama_cpp_build=build))
+
+
+def test_plan_streams_within_budget_and_says_so(qwen):
+    profile = h200_with_streaming()
+    w = Workload(2048, 128)
+    budget = int(2.5 * (1 << 30))
+    plan = plan_model(qwen, profile, budget, w)
+    assert plan.stream_slots > 0 and plan.stream_slot_bytes > 0
+    assert sum(plan.prediction.gpu_bytes.values()) <= int(budget * 0.97)
+    assert plan.memory.stream_bytes == {GPU: plan.stream_slots * plan.stream_slot_bytes}
+    assert any(n.startswith("weight streaming:") for n in plan.notes)
+    assert llama_server_command(plan, "m.gguf").startswith(f"OATO_STREAM=1 OATO_STREAM_SLOTS={plan.stream_slots} ")
+    # the same model without the patch in the profile's build: no streaming, and a slower predicted prefill
+    stock = plan_model(qwen, read_json(Profile, SHIPPED_PROFILES_DIR / "h200-qwen2-7b.json"), budget, w)
+    assert stock.stream_slots == 0 and stock.prediction.prefill_s > plan.prediction.prefill_s
+
+
+def test_refine_never_leaves_the_budget_nor_gets_slower(qwen):
+    cost = CostModel(h200_with_streaming())
+    w = Workload(2048, 128)
+    budget = int(1.4 * (1 << 30))
+    solved = solve(qwen, cost, budget, w)
+    refined = refine(qwen, cost, solved, budget, w)
+    assert solved.settings.stream_slots and refined.settings.stream_slots
+    assert fits(qwen, model_units(qwen), refined.devices, refined.settings, budget, gpu_overhead_bytes(cost.profile))
+    assert refined.prediction.total_s <= solved.prediction.total_s
+
+
+def test_plan_for_records_slots_only_when_something_streams(qwen):
+    profile = synthetic_profile(streaming=True)
+    s = Settings(512, True, True, 1024, n_outputs_max=1, stream_slots=3)
+    plan = plan_for(qwen, host_ffn(qwen, range(4)), s, profile, GPU)
+    assert plan.stream_slots == 3 and plan.stream_slot_bytes > 0
+    assert plan_for(qwen, host_ffn(qwen, ()), s, profile, GPU).stream_slots == 0
+    with pytest.raises(Exception, match="stream_slots 99"):
+        check_plan_numbers(qwen, dataclasses.replace(plan, stream_slots=99), "plan.json")
+
+
+def test_loader_environment_is_the_plans_and_is_restored(qwen, monkeypatch):
+    plan = plan_for(qwen, host_ffn(qwen, range(4)), Settings(512, True, True, 1024, stream_slots=3),
+                    synthetic_profile(streaming=True), GPU)
+    monkeypatch.delenv("OATO_STREAM", raising=False)
+    monkeypatch.setenv("OATO_STREAM_SLOTS", "7")
+    with _stream_environment(plan):
+        assert {k: os.environ.get(k) for k in stream_env(plan)} == stream_env(plan)
+    assert os.environ.get("OATO_STREAM") is None and os.environ["OATO_STREAM_SLOTS"] == "7"
+    monkeypatch.setenv("OATO_STREAM", "0")                 # the user's A/B switch wins
+    with _stream_environment(plan):
+        assert os.environ["OATO_STREAM"] == "0" and "OATO_STREAM_SLOTS" not in os.environ
+    assert os.environ["OATO_STREAM"] == "0"
