@@ -207,3 +207,32 @@ def test_run_bench_records_stream_stats_of_the_timed_repetitions(monkeypatch, ti
     result = run_bench(tiny_model, arms, w, 3)
     assert [a.stream_stats for a in result.arms] == [(3, 24, 21, 8000), (3, 48, 21, 16000)]
     assert not any(a.reference for a in result.arms)
+
+
+@pytest.mark.parametrize("flag", ["--reference", "--no-reference"])
+def test_bench_command_measures_references_unless_told_not_to(monkeypatch, qwen_header_model, cli, tmp_path, flag):
+    """The whole command on planned arms: the GPU's free memory admits the all-GPU reference; run_bench (which would
+    load them on a GPU) gives each arm made-up speeds, the all-GPU arm twice the others'."""
+    measured = []
+
+    def run_bench(model, arms, workload, reps, progress):
+        measured.extend(arms)
+        inv = read_inventory(model)
+        return _result(inv, arms[0].plan, [_measured(a, 2000 if a.name == ALL_GPU_ARM else 1000, 20) for a in arms])
+
+    monkeypatch.setattr(bench_module, "gpu_devices", lambda: [SimpleNamespace(name="CUDA0", type="GPU",
+                                                                              free_bytes=FREE)])
+    monkeypatch.setattr(bench_module, "run_bench", run_bench)
+    profile = write_json(synthetic_profile(), tmp_path / "profile.json")
+    result = cli(["bench", qwen_header_model, "--vram", "3GiB", "--profile", profile, "--reps", "2", flag,
+                  "-o", tmp_path / "b.json"])
+    assert result.exit_code == 0, result.stderr
+    names = [a.name for a in measured]
+    streams = measured[0].plan.stream_slots > 0
+    if flag == "--reference":
+        assert names[-1] == ALL_GPU_ARM and (STREAM_OFF_ARM in names) == streams
+        assert "pp / all-GPU" in result.stdout and "pp512 50% of all on the GPU" in result.stdout
+    else:
+        assert not {ALL_GPU_ARM, STREAM_OFF_ARM} & set(names) and not any(a.reference for a in measured)
+        assert "of all on the GPU" not in result.stdout
+    assert [a.name for a in read_json(BenchResult, tmp_path / "b.json").arms] == names
