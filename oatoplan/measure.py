@@ -108,7 +108,7 @@ def run_bench(model: str | Path, arms: list[Arm], workload: Workload, reps: int 
         item = loaded[name]
         counts_before = _stream_stats()
         samples[name].append(measure_once(item.llm, item.arm.plan, workload, rng))
-        streamed[name] = [total + after - was for total, after, was
+        streamed[name] = [count + after - was for count, after, was
                           in zip(streamed[name], _stream_stats(), counts_before)]
         done += 1
         if progress:
