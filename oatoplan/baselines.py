@@ -27,6 +27,7 @@ class Arm:
     flags: str = ""                # llama.cpp flags a user would write for it ("does not fit" without a placement)
     plan: Plan | None = None       # the Plan the loader applies (bench and calibration arms)
     prediction: Prediction | None = None
+    reference: bool = False        # measured beside the others but no rival of the plan (bench's reference arms)
 
 
 def all_on(inv: ModelInventory, device: str) -> dict[str, str]:

@@ -307,6 +307,9 @@ def bench(
                                                                "decode.")] = "total",
     out: Annotated[Path, typer.Option("--out", "-o", help="Results JSON; .md and .png are written beside it.")]
     = Path("bench.json"),
+    reference: Annotated[bool, typer.Option("--reference/--no-reference", help="Also measure the plan with weight "
+                                            "streaming off (when it streams) and all on the GPU (when that fits the "
+                                            "free VRAM), as references outside the budget comparison.")] = True,
     force: ForceOpt = False,
 ) -> None:
     """Measure a plan against llama.cpp's own choices at the same VRAM, side by side (interleaved)."""
@@ -319,7 +322,7 @@ def bench(
         check_output(target, kind)
     with _progress("bench") as update:
         result = bench_plan(model, prof, budget, workload, reps, update,
-                            command=" ".join(["oatoplan"] + sys.argv[1:]))
+                            command=" ".join(["oatoplan"] + sys.argv[1:]), reference=reference)
     path = write_json(result, targets[0])
     bounds = decode_bounds(read_inventory(model), prof, result)
     written = report.write_bench(result, targets[1], targets[2], bounds)

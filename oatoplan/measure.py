@@ -4,7 +4,8 @@ several repetitions) -> BenchResult. The bench, calibration and benchmarks/ scri
 Like llama-bench: prefill is one timed pass over n_prompt random tokens (in n_batch chunks), decode is n_gen timed
 single-token steps after it; logits only for the last token; the KV cache is cleared between repetitions. Every arm
 is loaded once; when they fit together in VRAM the repetitions are interleaved (A B A B ...), so that a drift in the
-machine (clocks, page cache) hits every arm alike.
+machine (clocks, page cache) hits every arm alike. With oatoplan's weight streaming in the build, each arm records what
+its timed repetitions streamed (the counters are process-wide: read around each repetition, so interleaving is fine).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import ggml
 from .baselines import Arm
 from .inventory import read_inventory
 from .load import load
@@ -39,6 +41,7 @@ class _Loaded:
     arm: BenchArm
     llm: object
     vram_bytes: int
+    ring_bytes: int                # VRAM of the staging rings this arm's context allocated (stream_stats()[3])
 
 
 def decode(llm, tokens: list[int]) -> None:
@@ -84,11 +87,12 @@ def run_bench(model: str | Path, arms: list[Arm], workload: Workload, reps: int 
     together = sum((a.plan.budget_bytes or _predicted_vram(a.prediction)) for a in arms) < TOGETHER_SHARE * free
     rng = np.random.default_rng(0)
     samples: dict[str, list[tuple[float, float]]] = {a.name: [] for a in arms}
+    streamed: dict[str, list[int]] = {a.name: [0, 0, 0] for a in arms}     # counts [0:3] of stream_stats
     loaded: dict[str, _Loaded] = {}
     done, total = 0, len(arms) * (reps + 1)
 
     def open_arm(arm: Arm) -> _Loaded:
-        before = gpu_used_bytes(gpu) if gpu else 0
+        before, rings_before = (gpu_used_bytes(gpu) if gpu else 0), _stream_stats()[3]
         llm = load(model, arm.plan)
         measure_once(llm, arm.plan, replace(workload, n_gen=min(workload.n_gen, 8)), rng)     # warm-up
         vram = (gpu_used_bytes(gpu) - before) if gpu else 0
@@ -96,13 +100,16 @@ def run_bench(model: str | Path, arms: list[Arm], workload: Workload, reps: int 
         for a in llm.oatoplan_memory.allocations:
             allocated[a.device] = allocated.get(a.device, 0) + a.n_bytes
         measured = BenchArm(arm.name, arm.plan.flags or llama_cpp_flags(arm.plan), arm.plan, arm.prediction, vram,
-                            (), (), allocated)
-        return _Loaded(measured, llm, vram)
+                            (), (), allocated, arm.reference)
+        return _Loaded(measured, llm, vram, _stream_stats()[3] - rings_before)
 
     def step(name: str) -> None:
         nonlocal done
         item = loaded[name]
+        counts_before = _stream_stats()
         samples[name].append(measure_once(item.llm, item.arm.plan, workload, rng))
+        streamed[name] = [count + after - was for count, after, was
+                          in zip(streamed[name], _stream_stats(), counts_before)]
         done += 1
         if progress:
             progress(name, done, total)
@@ -126,12 +133,19 @@ def run_bench(model: str | Path, arms: list[Arm], workload: Workload, reps: int 
         item = loaded[arm.name]
         prefill = tuple(round(workload.n_prompt / p, 3) for p, _ in samples[arm.name])
         decode_rates = tuple(round(workload.n_gen / d, 3) for _, d in samples[arm.name]) if workload.n_gen else ()
-        results.append(replace(item.arm, prefill_tokens_per_s=prefill, decode_tokens_per_s=decode_rates))
+        stream = (*streamed[arm.name], item.ring_bytes) if ggml.stream_stats() is not None else ()
+        results.append(replace(item.arm, prefill_tokens_per_s=prefill, decode_tokens_per_s=decode_rates,
+                               stream_stats=stream))
         if together:
             item.llm.close()
     created = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
     return BenchResult(SCHEMA_VERSION, created, machine_identity(gpu), inv.identity, workload,
                        arms[0].plan.budget_bytes, reps, "interleaved" if together else "sequential", tuple(results))
+
+
+def _stream_stats() -> tuple[int, ...]:
+    """ggml.stream_stats(), zeros on a build without weight streaming."""
+    return ggml.stream_stats() or (0, 0, 0, 0)
 
 
 def gpu_used_bytes(device: str) -> int:

@@ -16,6 +16,7 @@ from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from .bench import ALL_GPU_ARM, STREAM_OFF_ARM
 from .cost import CostModel
 from .files import Output, write_file
 from .ggml import row_bytes
@@ -38,6 +39,7 @@ class Row:
     tg: tuple[float, float]        # decode tokens/s
     total_s: float                 # n_prompt / pp + n_gen / tg
     bound: float | None            # decode bound, tokens/s
+    pp_share: float | None = None  # mean prefill tokens/s over the all-GPU reference arm's in the same run
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ COLUMNS = (
     Column("VRAM MiB", lambda r: r.arm.vram_bytes / BYTES_PER_MIB, "{:,.0f}"),
     Column("{pp} t/s", lambda r: r.pp, "{:,.1f} ± {:,.1f}"),
     Column("{tg} t/s", lambda r: r.tg, "{:,.2f} ± {:,.2f}"),
+    Column("pp / all-GPU", lambda r: r.pp_share, "{:.0%}"),
     Column("total s", lambda r: r.total_s, "{:.2f}"),
     Column("predicted {pp}", _predicted("prefill_tokens_per_s"), "{:,.0f}", missing="n/a"),
     Column("predicted {tg}", _predicted("decode_tokens_per_s"), "{:,.1f}", missing="n/a"),
@@ -66,18 +69,30 @@ COLUMNS = (
 BOUND = Column("tg / bound", lambda r: (r.tg[0] / r.bound, r.bound) if r.bound else None, "{:.0%} of {:.1f}")
 
 
+def _streamed(r: Row) -> tuple[float, int] | None:
+    """(MiB, weights) streamed per timed repetition."""
+    n = len(r.arm.prefill_tokens_per_s)
+    return (r.arm.stream_stats[1] / n / BYTES_PER_MIB, r.arm.stream_stats[0] // n) if r.arm.stream_stats and n \
+        else None
+
+
+# shown when the build streams weights (BenchArm.stream_stats recorded)
+STREAMED = Column("streamed / rep", _streamed, "{:,.0f} MiB in {:,}", missing="n/a")
+
+
 def rows(result: BenchResult, bounds: dict[str, float] | None = None) -> list[Row]:
     w = result.workload
+    base = next((stats(a.prefill_tokens_per_s)[0] for a in result.arms if a.reference and a.name == ALL_GPU_ARM), 0)
     out = []
     for arm in result.arms:
         pp, tg = stats(arm.prefill_tokens_per_s), stats(arm.decode_tokens_per_s)
         total = w.n_prompt / pp[0] + (w.n_gen / tg[0] if tg[0] else 0.0)
-        out.append(Row(arm, pp, tg, total, (bounds or {}).get(arm.name)))
+        out.append(Row(arm, pp, tg, total, (bounds or {}).get(arm.name), pp[0] / base if base else None))
     return out
 
 
-def _columns(bounds: dict[str, float] | None) -> tuple[Column, ...]:
-    return COLUMNS + ((BOUND,) if bounds else ())
+def _columns(result: BenchResult, bounds: dict[str, float] | None) -> tuple[Column, ...]:
+    return COLUMNS + ((BOUND,) if bounds else ()) + ((STREAMED,) if any(a.stream_stats for a in result.arms) else ())
 
 
 def _tests(result: BenchResult) -> dict[str, str]:
@@ -99,21 +114,29 @@ def _cell(column: Column, row: Row, markdown: bool = True) -> str:
 
 
 def summary(result: BenchResult) -> str | None:
-    """The first arm (the plan) against the best other arm, per test and in total time."""
+    """The first arm (the plan) against the best other arm that is no reference, per test and in total time; then
+    against the reference arms: streaming on / off, and prefill as a share of all on the GPU."""
     first, *others = rows(result)
-    if not others:
-        return None
-    best_pp, best_tg = max(r.pp[0] for r in others), max(r.tg[0] for r in others)
-    best_total = min(r.total_s for r in others)
+    rivals = [r for r in others if not r.arm.reference]
     tests = _tests(result)
-    return (f"{first.arm.name} / best other arm: {tests['pp']} {first.pp[0] / best_pp:.2f}x, {tests['tg']} "
-            f"{first.tg[0] / best_tg:.2f}x, total time {first.total_s / best_total:.2f}x (lower is better)")
+    parts = []
+    if rivals:
+        best_pp, best_tg = max(r.pp[0] for r in rivals), max(r.tg[0] for r in rivals)
+        best_total = min(r.total_s for r in rivals)
+        parts.append(f"{first.arm.name} / best other arm: {tests['pp']} {first.pp[0] / best_pp:.2f}x, {tests['tg']} "
+                     f"{first.tg[0] / best_tg:.2f}x, total time {first.total_s / best_total:.2f}x (lower is better)")
+    off = next((r for r in others if r.arm.reference and r.arm.name == STREAM_OFF_ARM), None)
+    if off:
+        parts.append(f"streaming on / off: {tests['pp']} {first.pp[0] / off.pp[0]:.2f}x")
+    if first.pp_share is not None:
+        parts.append(f"{tests['pp']} {first.pp_share:.0%} of all on the GPU")
+    return "; ".join(parts) or None
 
 
 def markdown(result: BenchResult, bounds: dict[str, float] | None = None) -> str:
     """llama-bench style: one row per arm, pp and tg as avg ± stdev tokens/s, predicted beside measured; with
     `bounds` (arm -> decode bound, tokens/s) the measured decode as a share of it; then the plan / best ratios."""
-    columns = _columns(bounds)
+    columns = _columns(result, bounds)
     lines = ["| " + " | ".join(_header(c, result) for c in columns) + " |",
              "|" + "|".join("---" if c.left else "---:" for c in columns) + "|"]
     lines += ["| " + " | ".join(_cell(c, r) for c in columns) + " |" for r in rows(result, bounds)]
@@ -123,7 +146,7 @@ def markdown(result: BenchResult, bounds: dict[str, float] | None = None) -> str
 
 def table(result: BenchResult, bounds: dict[str, float] | None = None) -> Table:
     """The same columns as a rich table."""
-    columns = _columns(bounds)
+    columns = _columns(result, bounds)
     out = Table(show_edge=False, box=None)
     for c in columns:
         out.add_column(_header(c, result), justify="left" if c.left else "right")
@@ -133,17 +156,23 @@ def table(result: BenchResult, bounds: dict[str, float] | None = None) -> Table:
 
 
 def plot(results: list[BenchResult], out: Output | Path) -> Path:
-    """Bars of measured prefill and decode tokens/s per arm (error bars: stdev), one panel per workload."""
+    """Bars of measured prefill and decode tokens/s per arm (error bars: stdev), one panel per workload: the plan
+    blue, the reference arms green, the rest grey; prefill bars labelled with their share of all on the GPU."""
     import matplotlib   # optional and slow to import: only for the PNG
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(len(results), 2, figsize=(12, 3.2 * len(results)), squeeze=False)
     for panels, result in zip(axes, results):
         names = [a.name for a in result.arms]
+        colors = ["C0"] + ["C2" if a.reference else "C7" for a in result.arms[1:]]
+        shares = [f"{r.pp_share:.0%}" if r.pp_share is not None else "" for r in rows(result)]
         for ax, attr, label in ((panels[0], "prefill_tokens_per_s", f"pp{result.workload.n_prompt}"),
                                 (panels[1], "decode_tokens_per_s", f"tg{result.workload.n_gen}")):
             avg_sd = [stats(getattr(a, attr)) for a in result.arms]
-            ax.barh(names, [a for a, _ in avg_sd], xerr=[s for _, s in avg_sd], color=["C0"] + ["C7"] * len(names))
+            bars = ax.barh(names, [a for a, _ in avg_sd], xerr=[s for _, s in avg_sd], color=colors)
+            if attr == "prefill_tokens_per_s" and any(shares):
+                ax.bar_label(bars, shares, fontsize=7, padding=6)
+                ax.margins(x=0.08)          # room for the longest bar's label
             ax.invert_yaxis()
             ax.set_xlabel(f"{label} tokens/s")
             ax.set_title(f"{label}, VRAM budget {(result.budget_bytes or 0) / 2**30:.2f} GiB", fontsize=9)

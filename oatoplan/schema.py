@@ -339,6 +339,12 @@ class BenchArm:
     # what llama.cpp reported allocating per device (weights, KV, compute, output buffers): unlike vram_bytes, no
     # process-wide allocations (CUDA context, library workspaces) can land in it
     allocated_bytes: dict[str, int] = field(default_factory=dict)
+    # a reference, not a rival (the plan with weight streaming off, every unit on the GPU beyond the budget): left out
+    # of every "best other arm" comparison
+    reference: bool = False
+    # weight streaming (ggml.stream_stats) over the timed repetitions: (weights streamed, bytes streamed, host weights
+    # copied the stock way while streaming was on, VRAM bytes of this arm's staging rings); () on a build without it
+    stream_stats: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
