@@ -17,7 +17,6 @@ import datetime
 import json
 import platform
 import sys
-from collections import defaultdict
 
 import numpy as np
 
@@ -92,9 +91,11 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     inv = read_inventory(args.model)
     e, k = inv.hparams.n_expert, inv.hparams.n_expert_used
+    machine = machine_identity(None)
     result = {"created_utc": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
               "command": "python -m benchmarks.moe_routing " + " ".join(argv), "node": platform.node(),
-              "cpu": machine_identity(None).cpu_model, "model": inv.identity.file_name,
+              "cpu": machine.cpu_model, "llama_cpp_build": machine.llama_cpp_build,
+              "model": inv.identity.file_name,
               "architecture": inv.hparams.architecture, "n_layer": inv.hparams.n_layer, "n_expert": e, "n_used": k,
               "batches": []}
     for n in args.tokens or [512]:

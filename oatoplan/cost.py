@@ -330,10 +330,11 @@ def predict(cost: CostModel, inv: ModelInventory, devices: dict[str, str], workl
 
 def decode_bound_tokens_per_s(cost: CostModel, inv: ModelInventory, devices: dict[str, str]) -> float:
     """What decode cannot beat for a placement: the host weight bytes one token reads (for routed experts n_used of
-    n_expert) at the host's plain memory read rate (the CPU's mat-vec streaming rate for a profile that did not
-    measure it), plus the GPU units' own weight time (no crossings, no CPU op overhead)."""
+    n_expert) at the fastest host read the profile saw (its plain memory read, or the CPU's mat-vec streaming rate
+    where that was faster or the profile did not measure a plain read), plus the GPU units' own weight time (no
+    crossings, no CPU op overhead)."""
     hp, units = inv.hparams, model_units(inv)
-    rate = cost.profile.host_read_bytes_per_s or cost.profile.cpu_read_bytes_per_s
+    rate = max(cost.profile.host_read_bytes_per_s, cost.profile.cpu_read_bytes_per_s)
     cpu_bytes = sum(active_bytes(u, hp.n_expert, hp.n_expert_used) for u in units
                     if devices[u.key] == CPU and not u.is_attention)
     gpu_us = sum(_weights_us(cost, inv, u, devices[u.key], 1) if is_expert(u) else
