@@ -13,7 +13,8 @@
 # Mixture of experts (issue #18): moemodel (the full Qwen3-30B-A3B-shaped file, 17.3 GiB, from the header that
 # `gpu_session.sh prepare` saved as .device/qwen3-30b-a3b.moeheader), moeprofile (profile run --model on it, to
 # $W/h200-qwen3moe.json), moebench (bench at each of $MOE_VRAMS x $MOE_PROMPTS with tg128; one bench per pair,
-# e.g. MOE_VRAMS=8GiB MOE_PROMPTS=512 for a single one), moerouting (the routing spread of the full file).
+# e.g. MOE_VRAMS=8GiB MOE_PROMPTS=512 for a single one; a pair already measured on this machine is skipped, so a
+# call cut short resumes), moerouting (the routing spread of the full file).
 set -uo pipefail
 W=${OATO_WORK:-/tmp/oato}
 export OATO_WORK=$W
@@ -75,7 +76,7 @@ for step in "$@"; do
         name=moe-bench-$vram-pp$n
         if [ -f $W/$name.json ]; then echo "$name: done before"; cp $W/$name.* $OUT/ 2>/dev/null; continue; fi
         echo "$name"; date
-        timeout 290 $G bench $MOE --vram $vram --profile $MOE_PROFILE --prompt $n --gen 128 --reps 3 \
+        timeout 540 $G bench $MOE --vram $vram --profile $MOE_PROFILE --prompt $n --gen 128 --reps 3 \
           --out $W/$name.json > $OUT/$name.log 2>&1; echo "$name rc=$?"
         cp $W/$name.* $OUT/ 2>/dev/null; tail -12 $OUT/$name.log
       done
