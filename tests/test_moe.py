@@ -241,3 +241,32 @@ def test_profiler_times_mul_mat_id_route_and_host_reads_on_the_cpu():
     finally:
         cpu.close()
     assert profile_moe.host_read_bytes_per_s(None, 2, 64 << 20, reps=2) > 1e8
+
+
+def test_expert_shapes_are_each_type_and_shape_once(qwen3):
+    assert profile_moe.expert_shapes(qwen3) == [("Q4_K", 768, 2048, 128, 8, False), ("Q4_K", 2048, 768, 128, 8, True),
+                                                ("Q6_K", 768, 2048, 128, 8, False)]
+
+
+def test_moe_compute_stage_and_pool(qwen3, tiny_model):
+    from oatoplan.memory import compute_stage_bytes, moe_stage_bytes, pool_bytes
+    s = Settings(2048, True, True, 4096)
+    hp = qwen3.hparams
+    assert moe_stage_bytes(hp, 2048) == 4 * 2048 * (7 * 2048 + 3 * 128)
+    assert moe_stage_bytes(read_inventory(tiny_model).hparams, 2048) == 0
+    _, layer = compute_stage_bytes(qwen3, s)
+    assert layer == 4 * 2048 * (3 * 6144 + 3 * 2048) + 2 * 2048 * 4096 + moe_stage_bytes(hp, 2048)
+    # the down experts' input: 8 rows of 768 per token (q8_1), wider than one 4096-wide attention input
+    assert pool_bytes(qwen3, s) == 2048 * 8 * 768 // 32 * 36
+
+
+def test_a_profile_with_a_flat_mul_mat_id_shape_is_refused(tmp_path, qwen3):
+    from oatoplan.artifacts import read_json
+    from oatoplan.errors import ArtifactError
+    from oatoplan.schema import Profile
+    profile = moe_profile(qwen3)
+    bad = dataclasses.replace(profile, ops=profile.ops + (OpTiming("CPU", "MUL_MAT_ID", "Q4_K", (2048, 768), 1, 5.0,
+                                                                   ()),))
+    with pytest.raises(ArtifactError, match="MUL_MAT_ID"):
+        read_json(Profile, write_json(bad, tmp_path / "bad.json"))
+    assert read_json(Profile, write_json(profile, tmp_path / "good.json")).host_read_bytes_per_s == 80e9
