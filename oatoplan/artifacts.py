@@ -26,7 +26,8 @@ T = TypeVar("T")
 
 # Ops a profile times on each of its devices (the cost model looks each one up), and the dimensions of their shapes.
 PROFILE_OPS = ("MUL_MAT", "FLASH_ATTN_EXT", "RMS_NORM", "MUL", "ADD", "GLU", "ROPE", "SET_ROWS", "GET_ROWS")
-PROFILE_OP_DIMS = {"MUL_MAT": 2, "FLASH_ATTN_EXT": 4}      # any other op: (elements per token,)
+PROFILE_OP_DIMS = {"MUL_MAT": 2, "FLASH_ATTN_EXT": 4,     # any other op: (elements per token,)
+                   "MUL_MAT_ID": 4, "MOE_ROUTE": 2, "EXPERT_UPLOAD": 2}   # profile_moe.py
 GPU_DEVICE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")   # ggml's device names: CUDA0, Vulkan0, Metal, ...
 
 
@@ -43,7 +44,7 @@ def validate_profile(p: Profile) -> None:
         _at_least(f"machine.{name}", getattr(p.machine, name), 0)
     _at_least("gpu_reserved_bytes", p.gpu_reserved_bytes, 0)
     _finite("cpu_read_bytes_per_s", p.cpu_read_bytes_per_s, positive=True)
-    for name in ("crossing_us", "duration_s", "decode_crossing_us"):
+    for name in ("crossing_us", "duration_s", "decode_crossing_us", "host_read_bytes_per_s"):
         _finite(name, getattr(p, name))
     for device, t in p.launch_us.items():
         _known_device(f"launch_us.{device}", device, devices)

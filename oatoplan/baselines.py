@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from .cost import CostModel
-from .graph import ATTENTION, CPU, MATRIX, is_ffn, model_units, role, role_info
+from .graph import ATTENTION, CPU, MATRIX, is_expert, is_ffn, is_router, model_units, role, role_info
 from .memory import Settings, fits
 from .schema import ModelInventory, Plan, Prediction, Workload
 from .solve import greedy
@@ -42,9 +42,66 @@ def layer_offload(inv: ModelInventory, gpu: str, n_gpu_layers: int) -> dict[str,
 
 
 def n_cpu_ffn(inv: ModelInventory, gpu: str, n: int) -> dict[str, str]:
-    """All layers on the GPU, the FFN weights of the first n blocks on the CPU (llama.cpp's --n-cpu-moe idea for
-    dense models: -ot 'blk\\.(0|..|n-1)\\.ffn_(gate|up|down)=CPU')."""
-    return {u.key: CPU if is_ffn(u) and u.layer < n else gpu for u in model_units(inv)}
+    """All layers on the GPU, the FFN weights of the first n blocks on the CPU (llama.cpp's --n-cpu-ffn for dense
+    models: -ot 'blk\\.(0|..|n-1)\\.ffn_(gate|up|down)=CPU'). A router stays on the GPU."""
+    return {u.key: CPU if is_ffn(u) and not is_router(u) and u.layer < n else gpu for u in model_units(inv)}
+
+
+def experts_on_cpu(inv: ModelInventory, gpu: str, layers: range, partial: int | None = None) -> dict[str, str]:
+    """All layers on the GPU, the routed experts (gate, up, down) of `layers` on the CPU; `partial`: one more block
+    whose gate and down experts and router go to the CPU, its up experts staying (--fit's one extra layer,
+    LAYER_FRACTION_UP: 'blk\\.N\\.ffn_(gate|gate_up|down).*', which also matches ffn_gate_inp)."""
+    def device(u) -> str:
+        if u.layer in layers and is_expert(u):
+            return CPU
+        if u.layer == partial and (is_router(u) or is_expert(u) and role(u) != "ffn_up_exps"):
+            return CPU
+        return gpu
+    return {u.key: device(u) for u in model_units(inv)}
+
+
+def _layers_flag(layers: range, what: str) -> str:
+    return f"blk\\.({'|'.join(map(str, layers))})\\.{what}=CPU"
+
+
+def moe_arms(inv: ModelInventory, gpu: str, fits_with, default: Settings, strong: Settings) -> list[Arm]:
+    """The mixture-of-experts baselines: llama.cpp's --n-cpu-moe N (experts of the first N blocks on the CPU) with the
+    smallest N that fits, as users run it (mmap, ubatch 512) and pinned with ubatch 2048; ik_llama.cpp's habit of
+    putting the last N blocks' experts on the CPU (pinned, ubatch 2048); llama.cpp --fit's MoE order (every block's
+    dense weights on the GPU, experts spilled, then the front blocks filled back with their experts while they fit,
+    then part of one more: its up experts) with llama.cpp's defaults. `fits_with(placement, settings)`: the budget
+    rule. --fit's own margin (1 GiB free) is not applied: every arm is held to the same budget."""
+    n_layer = inv.hparams.n_layer
+
+    def fewest(make, s: Settings) -> int | None:
+        return next((n for n in range(n_layer + 1) if fits_with(make(n), s)), None)
+    first = lambda n: experts_on_cpu(inv, gpu, range(n))                      # noqa: E731
+    last = lambda n: experts_on_cpu(inv, gpu, range(n_layer - n, n_layer))    # noqa: E731
+    arms = []
+    n = fewest(first, default)
+    arms.append(Arm("--n-cpu-moe", first(n) if n is not None else None, default,
+                    f"-ngl 99 --n-cpu-moe {n} -ub 512 -b 2048" if n is not None else "does not fit"))
+    n_last = fewest(last, default)
+    if n_last is not None:     # --fit: experts of the last n_last blocks on the CPU, then part of one more if it fits
+        full_front = n_layer - n_last
+        partial = full_front if n_last and fits_with(
+            experts_on_cpu(inv, gpu, range(full_front + 1, n_layer), full_front), default) else None
+        cpu_layers = range(full_front + (partial is not None), n_layer)
+        patterns = ([_layers_flag(cpu_layers, "ffn_(up|down|gate)_exps")] if len(cpu_layers) else []) + \
+            ([f"blk\\.{partial}\\.ffn_(gate|down).*=CPU"] if partial is not None else [])
+        override = f" -ot '{','.join(patterns)}'" if patterns else ""
+        arms.append(Arm("llama.cpp --fit (MoE order)", experts_on_cpu(inv, gpu, cpu_layers, partial), default,
+                        f"-ngl 99{override} -ub 512 -b 2048"))
+    n = fewest(first, strong)
+    if n is not None:
+        arms.append(Arm("--n-cpu-moe, pinned, ubatch 2048", first(n), strong,
+                        f"-ngl 99 --n-cpu-moe {n} --no-mmap -ub 2048 -b 2048"))
+    n = fewest(last, strong)
+    if n is not None:
+        flag = f" -ot '{_layers_flag(range(n_layer - n, n_layer), 'ffn_(up|down|gate)_exps')}'" if n else ""
+        arms.append(Arm("last-N experts on CPU (ik_llama.cpp style), pinned, ubatch 2048", last(n), strong,
+                        f"-ngl 99{flag} --no-mmap -ub 2048 -b 2048"))
+    return arms
 
 
 def _ffn_flag(n: int) -> str:
@@ -69,6 +126,9 @@ def baseline_arms(inv: ModelInventory, gpu: str, budget_bytes: int, workload: Wo
                      if fits(inv, units, n_cpu_ffn(inv, gpu, n), s, budget_bytes, overhead_bytes)), None)
 
     default = Settings(512, True, False, workload.n_ctx)
+    strong = Settings(2048, True, True, workload.n_ctx)
+    if inv.hparams.n_expert:
+        return moe_baselines(inv, gpu, units, budget_bytes, overhead_bytes, default, strong)
     ngl, n_ffn = largest_ngl(default), fewest_cpu_ffn(default)
     offload = layer_offload(inv, gpu, ngl) if ngl is not None else None
     arms = [Arm("llama-cpp-python defaults", offload, default,
@@ -77,7 +137,6 @@ def baseline_arms(inv: ModelInventory, gpu: str, budget_bytes: int, workload: Wo
                 f"-ngl {ngl} -ub 512 -b 2048" if ngl is not None else "does not fit"),
             Arm("--n-cpu-ffn", n_cpu_ffn(inv, gpu, n_ffn) if n_ffn is not None else None, default,
                 f"-ngl 99 {_ffn_flag(n_ffn)} -ub 512" if n_ffn is not None else "does not fit")]
-    strong = Settings(2048, True, True, workload.n_ctx)
     ngl, n_ffn = largest_ngl(strong), fewest_cpu_ffn(strong)
     if ngl is not None:
         arms.append(Arm("-ngl, pinned, ubatch 2048", layer_offload(inv, gpu, ngl), strong,
@@ -85,6 +144,27 @@ def baseline_arms(inv: ModelInventory, gpu: str, budget_bytes: int, workload: Wo
     if n_ffn is not None:
         arms.append(Arm("--n-cpu-ffn, pinned, ubatch 2048", n_cpu_ffn(inv, gpu, n_ffn), strong,
                         f"-ngl 99 {_ffn_flag(n_ffn)} -lm none -ub 2048 -b 2048"))
+    return arms
+
+
+def moe_baselines(inv: ModelInventory, gpu: str, units, budget_bytes: int, overhead_bytes: int, default: Settings,
+                  strong: Settings) -> list[Arm]:
+    """A mixture-of-experts model's baselines: llama-cpp-python's defaults with the largest -ngl that fits (and the
+    same pinned with ubatch 2048), then moe_arms. The dense --n-cpu-ffn arms are left out (they move no experts)."""
+    def fits_with(placement: dict[str, str], s: Settings) -> bool:
+        return fits(inv, units, placement, s, budget_bytes, overhead_bytes)
+
+    def largest_ngl(s: Settings) -> int | None:
+        return next((n for n in range(inv.hparams.n_layer + 1, -1, -1)
+                     if fits_with(layer_offload(inv, gpu, n), s)), None)
+    ngl = largest_ngl(default)
+    arms = [Arm("llama-cpp-python defaults", layer_offload(inv, gpu, ngl) if ngl is not None else None, default,
+                f"-ngl {ngl} -ub 512 -b 512" if ngl is not None else "does not fit")]
+    arms += moe_arms(inv, gpu, fits_with, default, strong)
+    ngl = largest_ngl(strong)
+    if ngl is not None:
+        arms.append(Arm("-ngl, pinned, ubatch 2048", layer_offload(inv, gpu, ngl), strong,
+                        f"-ngl {ngl} -lm none -ub 2048 -b 2048"))
     return arms
 
 

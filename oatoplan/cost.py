@@ -14,7 +14,7 @@ import math
 from collections import defaultdict
 
 from .ggml import row_bytes
-from .graph import CPU, Unit, crossings, model_units
+from .graph import CPU, Unit, active_bytes, crossings, expected_touched, is_expert, is_router, model_units
 from .inventory import kv_bytes_per_token
 from .memory import OP_OFFLOAD_MIN_TOKENS, Settings, gpu_memory, gpu_overhead_bytes
 from .schema import ModelInventory, Prediction, Profile, Workload
@@ -94,6 +94,50 @@ class CostModel:
         if measured_type != ggml_type and n_tokens < OP_OFFLOAD_MIN_TOKENS:   # small batches are bandwidth-bound
             t *= _bytes_per_weight(ggml_type) / _bytes_per_weight(measured_type)
         return t
+
+    def _moe_points(self) -> dict:
+        """MUL_MAT_ID, EXPERT_UPLOAD points by (op, device, type) -> shape -> series (profile_moe.py); built once."""
+        if not hasattr(self, "_moe"):
+            points = defaultdict(list)
+            for o in self.profile.ops:
+                if o.op in ("MUL_MAT_ID", "EXPERT_UPLOAD"):
+                    points[(o.op, o.device, o.ggml_type, o.shape)].append((o.n_tokens, o.t_us))
+            self._moe: dict = defaultdict(dict)
+            for (op, device, ggml_type, shape), pts in points.items():
+                pts.sort()
+                self._moe[(op, device, ggml_type)][shape] = ([float(x) for x, _ in pts], [y for _, y in pts])
+        return self._moe
+
+    def mul_mat_id_us(self, device: str, ggml_type: str, k: int, n: int, n_expert: int, n_used: int,
+                      n_tokens: int) -> float:
+        """MUL_MAT_ID of n_tokens tokens, n_used of n_expert (K, N) experts each, routed uniformly: measured
+        (profile_moe.py; another shape scaled by its weights per expert, another type from the nearest by bytes per
+        weight), else, for a profile without it, the dense matmul of n_used experts' rows."""
+        measured = {t: shapes for (op, d, t), shapes in self._moe_points().items() if op == "MUL_MAT_ID" and d == device}
+        if not measured:
+            return self.matmul_us(device, ggml_type, k, n * n_used, n_tokens)
+        measured_type = ggml_type if ggml_type in measured else min(
+            measured, key=lambda t: abs(_bytes_per_weight(t) - _bytes_per_weight(ggml_type)))
+        shapes = measured[measured_type]
+        shape = (k, n, n_expert, n_used)
+        if shape not in shapes:
+            shape = min(shapes, key=lambda s: (s[2:] != (n_expert, n_used), abs(math.log(s[0] * s[1] / (k * n)))))
+        t = _loglog(*shapes[shape], n_tokens) * (k * n) / (shape[0] * shape[1])
+        if measured_type != ggml_type and n_tokens < OP_OFFLOAD_MIN_TOKENS:
+            t *= _bytes_per_weight(ggml_type) / _bytes_per_weight(measured_type)
+        return t
+
+    def expert_upload_us(self, n_touched: float, expert_bytes: int, n_expert: int, pinned: bool) -> float:
+        """Op offload's copy of n_touched experts of expert_bytes each from host memory: measured for this expert
+        size (pinned; pageable memory scaled by the measured pageable/pinned rate), else one transfer of their
+        bytes."""
+        n_bytes = n_touched * expert_bytes
+        measured = [s for (op, d, _), shapes in self._moe_points().items() if op == "EXPERT_UPLOAD" and d == self.gpu
+                    for s in shapes.items() if s[0] == (expert_bytes, n_expert)]
+        if not measured:
+            return self.transfer_us(int(n_bytes), "h2d", pinned)
+        t = _loglog(*measured[0][1], max(n_touched, 1.0))
+        return t if pinned else t * self.transfer_us(int(n_bytes), "h2d", False) / self.transfer_us(int(n_bytes))
 
     def attention_us(self, device: str, head_dim: int, n_head: int, n_head_kv: int, n_kv: int,
                      n_tokens: int) -> float:
@@ -188,6 +232,8 @@ def unit_ubatch_us(cost: CostModel, inv: ModelInventory, unit: Unit, device: str
         t += cost.attention_us(cost.gpu if offload else device, hp.head_dim_k, hp.n_head, head_kv,
                                depth + n_tokens // 2, n_tokens)
         return t + sum(cost.elementwise_us(device, op, width * n_tokens) for op, width in unit.elementwise), 0.0
+    if is_expert(unit) or is_router(unit):
+        return _moe_ubatch_us(cost, inv, unit, device, s, n_tokens)
     moved = offload and bool(unit.matrices)
     compute = sum(cost.matmul_us(cost.gpu if moved else device, *m, n_tokens) for m in unit.matrices)
     # with op offload every op that reads a host weight at >= 32 tokens moves to the GPU, and the scheduler puts the
@@ -208,14 +254,14 @@ def unit_time_us(cost: CostModel, inv: ModelInventory, unit: Unit, device: str, 
     if unit.is_attention:
         decode_depth = workload.n_depth + workload.n_prompt + workload.n_gen / 2   # attention is linear in depth
         decode = cost.attention_us(device, hp.head_dim_k, hp.n_head, hp.n_head_kv[unit.layer], int(decode_depth), 1)
-        decode += sum(cost.elementwise_us(device, op, width) for op, width in unit.elementwise)
-        decode *= cost.decode_factor(decode_class(unit, device))
+    elif is_expert(unit) or is_router(unit):
+        decode = _weights_us(cost, inv, unit, device, 1)      # one token reads n_used experts
     else:
         decode = sum(cost.matmul_us(device, *m, 1) for m in unit.matrices)
-        decode += sum(cost.elementwise_us(device, op, width) for op, width in unit.elementwise)
-        decode *= cost.decode_factor(decode_class(unit, device))
-        if unit.is_output:     # logits only for the last prompt token
-            return decode, decode
+    decode += sum(cost.elementwise_us(device, op, width) for op, width in unit.elementwise)
+    decode *= cost.decode_factor(decode_class(unit, device))
+    if unit.is_output:     # logits only for the last prompt token
+        return decode, decode
     return sum(c + u for c, u in unit_prefill_us(cost, inv, unit, device, workload, s)), decode
 
 
@@ -248,6 +294,45 @@ def stream_prefill_us(parts: list[tuple[float, float]], n_slots: int) -> float:
         else:
             compute_done += compute
     return compute_done
+
+
+def _expert_matrices(inv: ModelInventory, unit: Unit) -> list[tuple[str, int, int, int]]:
+    """(type, K, N, n_expert) of each routed-expert weight of a unit."""
+    return [(t.ggml_type, t.shape[0], t.shape[1], t.shape[2]) for t in map(inv.tensor, unit.tensors)
+            if t.op == "MUL_MAT_ID" and len(t.shape) == 3]
+
+
+def _weights_us(cost: CostModel, inv: ModelInventory, unit: Unit, device: str, n_tokens: int) -> float:
+    """The weight ops of an expert or router unit for a batch: MUL_MAT_ID (at the batch's touched experts), or the
+    router's MUL_MAT and its top-k selection (MOE_ROUTE, where the profile measured it)."""
+    hp = inv.hparams
+    if is_expert(unit):
+        return sum(cost.mul_mat_id_us(device, t, k, n, e, hp.n_expert_used, n_tokens)
+                   for t, k, n, e in _expert_matrices(inv, unit))
+    route = cost.elementwise_us(device, "MOE_ROUTE", hp.n_expert * n_tokens) \
+        if (device, "MOE_ROUTE") in cost._elementwise else 0.0
+    return sum(cost.matmul_us(device, *m, n_tokens) for m in unit.matrices) + route
+
+
+def _moe_ubatch_us(cost: CostModel, inv: ModelInventory, unit: Unit, device: str, s: Settings,
+                   n_tokens: int) -> tuple[float, float]:
+    """unit_ubatch_us of a block's routed experts (one of gate/up/down) or its router: MUL_MAT_ID at the ubatch's
+    touched experts. A host expert tensor with op offload on is copied to the GPU: the stock scheduler copies only
+    the touched experts' rows, E * (1 - (1 - k/E)^T) of them, on the compute stream; weight streaming uploads the
+    whole tensor on the copy stream (the touched experts are known only once the router has run)."""
+    offload = _offloaded(cost, device, s, n_tokens)
+    run_on = cost.gpu if offload else device
+    compute = _weights_us(cost, inv, unit, run_on, n_tokens)
+    compute += sum(cost.elementwise_us(run_on, op, width * n_tokens) for op, width in unit.elementwise)
+    if streamed(cost, unit, device, s, n_tokens):
+        return compute, cost.stream_upload_us(unit.n_bytes)
+    if offload and is_expert(unit):
+        touched = expected_touched(inv.hparams.n_expert, inv.hparams.n_expert_used, n_tokens)
+        compute += sum(cost.expert_upload_us(touched, row_bytes(t, k) * n_out, e, s.pinned)
+                       for t, k, n_out, e in _expert_matrices(inv, unit))
+    elif offload:
+        compute += cost.transfer_us(unit.n_bytes, "h2d", s.pinned)
+    return compute, 0.0
 
 
 def fixed_time_us(cost: CostModel, inv: ModelInventory, workload: Workload, s: Settings,
@@ -296,10 +381,15 @@ def predict(cost: CostModel, inv: ModelInventory, devices: dict[str, str], workl
 
 
 def decode_bound_tokens_per_s(cost: CostModel, inv: ModelInventory, devices: dict[str, str]) -> float:
-    """What decode cannot beat for a placement: host weight bytes read at the CPU's measured mat-vec streaming rate,
-    plus the GPU units' own decode time (no crossings, no CPU op overhead)."""
-    units = model_units(inv)
-    cpu_bytes = sum(u.n_bytes for u in units if devices[u.key] == CPU and not u.is_attention)
-    gpu_us = sum(sum(cost.matmul_us(devices[u.key], *m, 1) for m in u.matrices)
+    """What decode cannot beat for a placement: the host weight bytes one token reads (for routed experts n_used of
+    n_expert) at the fastest host read the profile saw (its plain memory read, or the CPU's mat-vec streaming rate
+    where that was faster or the profile did not measure a plain read), plus the GPU units' own weight time (no
+    crossings, no CPU op overhead)."""
+    hp, units = inv.hparams, model_units(inv)
+    rate = max(cost.profile.host_read_bytes_per_s, cost.profile.cpu_read_bytes_per_s)
+    cpu_bytes = sum(active_bytes(u, hp.n_expert, hp.n_expert_used) for u in units
+                    if devices[u.key] == CPU and not u.is_attention)
+    gpu_us = sum(_weights_us(cost, inv, u, devices[u.key], 1) if is_expert(u) else
+                 sum(cost.matmul_us(devices[u.key], *m, 1) for m in u.matrices)
                  for u in units if devices[u.key] != CPU)
-    return 1e6 / (cpu_bytes / cost.profile.cpu_read_bytes_per_s * 1e6 + gpu_us)
+    return 1e6 / (cpu_bytes / rate * 1e6 + gpu_us)

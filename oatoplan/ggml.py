@@ -77,6 +77,14 @@ _DECLARATIONS = [
     ("ggml_set_rows", p, [p, p, p, p]),
     ("ggml_rope_ext", p, [p, p, p, p, ctypes.c_int, ctypes.c_int, ctypes.c_int] + [_f32] * 6),
     ("ggml_flash_attn_ext", p, [p, p, p, p, p, _f32, _f32, _f32]),
+    # a mixture-of-experts FFN as llama.cpp's build_moe_ffn writes it (profile_moe.py)
+    ("ggml_mul_mat_id", p, [p, p, p, p]),
+    ("ggml_soft_max", p, [p, p]),
+    ("ggml_argsort_top_k", p, [p, p, ctypes.c_int]),
+    ("ggml_sum_rows", p, [p, p]),
+    ("ggml_div", p, [p, p, p]),
+    ("ggml_reshape_2d", p, [p, p, _i64, _i64]),
+    ("ggml_reshape_3d", p, [p, p, _i64, _i64, _i64]),
     ("ggml_new_graph_custom", p, [p, _sz, ctypes.c_bool]),
     ("ggml_build_forward_expand", None, [p, p]),
 ]
@@ -221,9 +229,9 @@ def row_bytes(ggml_type: str, n_elements: int) -> int:
     return n_elements // block_elements * block_bytes
 
 
-def random_bytes(ggml_type: str, n_bytes: int, rng: np.random.Generator) -> bytes:
+def random_bytes(ggml_type: str, n_bytes: int, rng: np.random.Generator, block_scale: float = 2e-4) -> bytes:
     """`n_bytes` of valid `ggml_type` data: small finite floats, or random quantized blocks with small fp16 scales
-    (random scale bytes could be inf/NaN, which no real weight is)."""
+    `block_scale` (random scale bytes could be inf/NaN, which no real weight is)."""
     qtype = GGMLQuantizationType[ggml_type.upper()]
     block_elements, block_bytes = GGML_QUANT_SIZES[qtype]
     n_elements = n_bytes // block_bytes * block_elements
@@ -237,12 +245,31 @@ def random_bytes(ggml_type: str, n_bytes: int, rng: np.random.Generator) -> byte
         floats = (rng.standard_normal(n_elements, dtype=np.float32) * 0.02).view(np.uint32)
         return (floats >> 16).astype(np.uint16).tobytes()
     blocks = rng.integers(0, 256, size=(n_elements // block_elements, block_bytes), dtype=np.uint8)
-    scale = np.frombuffer(np.float16(2e-4).tobytes(), np.uint8)
+    scale = np.frombuffer(np.float16(block_scale).tobytes(), np.uint8)
     if qtype.name == "Q6_K":   # int8 sub-block scales, kept small
         blocks[:, 192:208] = rng.integers(-24, 24, size=(len(blocks), 16)).astype(np.int8).view(np.uint8)
     for pos in SCALE_FIELDS.get(qtype.name, ()):
         blocks[:, pos:pos + 2] = scale
+    if qtype.name in _CENTRED_MIN:
+        _centre_k_quant(blocks, _CENTRED_MIN[qtype.name])
     return blocks.tobytes()
+
+
+# K-quants with a sub-block minimum (y = d * sc * q - dmin * m): the quant midpoint (q in 0..15 or 0..31) as
+# dmin / d. Random 6-bit scales and minimums would give every weight a positive mean, and a model made of such
+# matrices adds the same vector to every token's hidden state, so its router sends every token to the same experts
+# (benchmarks/results/*-moe-routing-*.json).
+_CENTRED_MIN = {"Q4_K": 7.5, "Q5_K": 15.5}
+
+
+def _centre_k_quant(blocks: np.ndarray, midpoint: float) -> None:
+    """Make each sub-block's minimum equal its scale (m == sc in the 12 packed scale bytes at 4..15) and dmin =
+    midpoint * d, so that y = d * sc * (q - midpoint): zero-mean weights, as a real quantized model's are."""
+    blocks[:, 8:12] = blocks[:, 4:8]                                  # m[0..3] = sc[0..3], same high bits
+    low = blocks[:, 12:16] & 0x0F
+    blocks[:, 12:16] = low | (low << 4)                               # m[4..7] = sc[4..7]
+    d = np.frombuffer(blocks[:, 0:2].tobytes(), np.float16)
+    blocks[:, 2:4] = (d.astype(np.float32) * midpoint).astype(np.float16).view(np.uint8).reshape(-1, 2)
 
 
 # Byte ranges of the fp16 scale fields in one block, per type.

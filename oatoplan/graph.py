@@ -40,8 +40,9 @@ LAYER_ORDER = tuple(ROLES)
 # tensors that ride with another unit (applied right after it, on its device)
 UNIT_OF_ROLE = {"attn_q_norm": "attn_q", "attn_k_norm": "attn_k"}
 # roles whose op is followed by the gated activation, and roles whose output is added to the residual stream
-_GLU_AFTER = ("ffn_gate", "ffn_gate_exps", "ffn_gate_up_exps")
-_RESIDUAL_AFTER = ("attn_output", "ffn_down", "ffn_down_exps")
+_GLU_AFTER = ("ffn_gate", "ffn_gate_exps", "ffn_gate_up_exps", "ffn_gate_shexp")
+_RESIDUAL_AFTER = ("attn_output", "ffn_down", "ffn_down_exps", "ffn_down_shexp")   # the shared experts' output is
+# added to the routed experts' output
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,25 @@ def is_ffn(unit: Unit) -> bool:
 def is_expert(unit: Unit) -> bool:
     """A block's routed experts (MUL_MAT_ID): what llama.cpp's --n-cpu-moe moves to the CPU."""
     return unit.layer is not None and role_info(role(unit))[1] == EXPERTS
+
+
+def is_router(unit: Unit) -> bool:
+    """A block's expert router (ffn_gate_inp): a small dense matrix, then the top-k selection."""
+    return unit.layer is not None and role_info(role(unit))[1] == ROUTER
+
+
+def expected_touched(n_expert: int, n_used: int, n_tokens: float) -> float:
+    """Distinct experts a batch of n_tokens touches when each token picks n_used of n_expert uniformly:
+    E * (1 - (1 - k/E)^T). Measured routing of the shape-faithful models follows it
+    (benchmarks/results/*-moe-routing-*.json)."""
+    if not n_expert:
+        return 0.0
+    return n_expert * (1 - (1 - n_used / n_expert) ** n_tokens)
+
+
+def active_bytes(unit: Unit, n_expert: int, n_used: int) -> float:
+    """Weight bytes one token reads from a unit: n_used of n_expert experts for routed experts, else all."""
+    return unit.n_bytes * n_used / n_expert if is_expert(unit) and n_expert else unit.n_bytes
 
 
 def crossings(devices: Iterable, start=CPU) -> int:
@@ -137,8 +157,13 @@ def _unit(key: str, layer: int | None, tensors: list[TensorInfo], hp: Hyperparam
         elif t.op in ("ADD", "MUL"):
             elementwise.append((t.op, t.flops_per_token))
     name = key.rsplit(".", 1)[-1]
-    if name in _GLU_AFTER:
-        elementwise.append(("GLU", hp.n_ff))
+    if name in _GLU_AFTER:    # routed experts: n_used rows of the expert width per token; shared: its own width
+        shape = tensors[0].shape
+        width = (shape[1] * hp.n_expert_used if name.endswith("_exps") and len(shape) > 2 else
+                 shape[1] if name.endswith("_shexp") and len(shape) > 1 else hp.n_ff)
+        elementwise.append(("GLU", width))
+    if name == "ffn_down_exps":   # each token's n_used expert outputs weighted by the router, then summed
+        elementwise += [("MUL", hp.n_embd * hp.n_expert_used), ("ADD", hp.n_embd * (hp.n_expert_used - 1))]
     if name in _RESIDUAL_AFTER:
         elementwise.append(("ADD", hp.n_embd))          # the residual
     return Unit(key, layer, tuple(t.name for t in tensors), sum(t.n_bytes for t in tensors), tuple(matrices),

@@ -99,8 +99,9 @@ def run_bench(model: str | Path, arms: list[Arm], workload: Workload, reps: int 
         allocated: dict[str, int] = {}
         for a in llm.oatoplan_memory.allocations:
             allocated[a.device] = allocated.get(a.device, 0) + a.n_bytes
-        measured = BenchArm(arm.name, arm.plan.flags or llama_cpp_flags(arm.plan), arm.plan, arm.prediction, vram,
-                            (), (), allocated, arm.reference)
+        # the flags a user would type for a named baseline (--n-cpu-moe N), else the loader plan's own
+        measured = BenchArm(arm.name, arm.flags or arm.plan.flags or llama_cpp_flags(arm.plan), arm.plan,
+                            arm.prediction, vram, (), (), allocated, arm.reference)
         return _Loaded(measured, llm, vram, _stream_stats()[3] - rings_before)
 
     def step(name: str) -> None:

@@ -108,8 +108,18 @@ def compute_stage_bytes(inv: ModelInventory, s: Settings) -> tuple[int, int]:
     hp, u = inv.hparams, effective_ubatch(s)
     n_ctx = -(-s.n_ctx // 256) * 256
     output_stage = 4 * n_outputs(s) * hp.n_vocab + 4 * u * hp.n_embd
-    layer_stage = 4 * u * (3 * hp.n_ff + 3 * hp.n_embd) + 2 * u * n_ctx
+    layer_stage = 4 * u * (3 * hp.n_ff + 3 * hp.n_embd) + 2 * u * n_ctx + moe_stage_bytes(hp, u)
     return output_stage, layer_stage
+
+
+def moe_stage_bytes(hp: Hyperparameters, n_ubatch: int) -> int:
+    """What a mixture-of-experts block adds to the layer stage (f32): the down experts' output before the weighted
+    sum, n_used rows of n_embd per token where a dense block has one, and the router's logits, probabilities and
+    top-k order (n_expert each). Read from llama.cpp's build_moe_ffn, not measured on its own; of the size of the
+    overshoot the H200 bench saw for a Qwen3-30B-A3B-shaped model (issue #18: 32-88 MiB)."""
+    if not hp.n_expert:
+        return 0
+    return 4 * n_ubatch * ((hp.n_expert_used - 1) * hp.n_embd + 3 * hp.n_expert)
 
 
 def pool_bytes(inv: ModelInventory, s: Settings) -> int:
@@ -117,10 +127,17 @@ def pool_bytes(inv: ModelInventory, s: Settings) -> int:
     matrix input (quantized weights: q8_1 activations for the integer kernels, 36 bytes per 32 values; f16/bf16
     weights: f16 activations for cuBLAS). It grows to its high-water mark and stays allocated; the slope per ubatch
     token matches the q8_1 row of the widest input (benchmarks/results/2026-12-01-h200-vram-overhead-qwen2-7b.jsonl)."""
-    per_token = max((_q8_1_bytes(t.shape[0]) if t.ggml_type not in ("F16", "BF16", "F32") else 2 * t.shape[0]
-                     for t in inv.tensors if t.op in ("MUL_MAT", "MUL_MAT_ID") and len(t.shape) >= 2),
+    per_token = max((_input_bytes(t, inv.hparams) for t in inv.tensors
+                     if t.op in ("MUL_MAT", "MUL_MAT_ID") and len(t.shape) >= 2),
                     default=_q8_1_bytes(inv.hparams.n_embd))
     return effective_ubatch(s) * per_token
+
+
+def _input_bytes(t, hp: Hyperparameters) -> int:
+    """One token's converted input of a weight's op: a row of K values (q8_1, or f16 for f16/bf16/f32 weights);
+    n_used rows for the down experts (gate and up read the layer input once, broadcast over the experts)."""
+    rows = hp.n_expert_used if t.op == "MUL_MAT_ID" and "down" in t.role else 1
+    return rows * (_q8_1_bytes(t.shape[0]) if t.ggml_type not in ("F16", "BF16", "F32") else 2 * t.shape[0])
 
 
 def _q8_1_bytes(n_values: int) -> int:

@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import ggml
+from . import ggml, profile_moe
 from .artifacts import read_json
 from .errors import ArtifactError, BackendError, ProfileError
 from .machine import default_threads, gpu_devices, machine_identity
@@ -352,6 +352,8 @@ def measure_profile(inventory: ModelInventory | None = None, *, gpu_device: str 
                 progress("transfers", len(steps), len(steps) + 1)
             transfers = _time_transfers(gpu, timer) + _time_busy_uploads(gpu, shapes, timer, fill)
             crossing = _time_crossing(gpu, cpu, shapes, timer, fill)
+        ops += profile_moe.measure_moe(inventory, cpu, gpu, budget_s, progress)
+        host_read = profile_moe.host_read_bytes_per_s(gpu, n_threads)
     except (BackendError, ProfileError) as exc:
         raise ProfileError(f"profiling stopped: {exc}; measured {len(ops)} operator points and "
                            f"{len(transfers)} transfers before that, nothing written") from None
@@ -368,7 +370,7 @@ def measure_profile(inventory: ModelInventory | None = None, *, gpu_device: str 
     notes = () if gpu is not None else ("no GPU: only the CPU side was profiled",)
     return Profile(SCHEMA_VERSION, f"{name}-{n_threads}t-{created[:10]}-{digest}", created, machine, n_threads,
                    gpu_device or "", tuple(ops), tuple(transfers), launch, round(crossing, 3), round(cpu_read),
-                   gpu_reserved, round(time.perf_counter() - started, 1), notes)
+                   gpu_reserved, round(time.perf_counter() - started, 1), notes, host_read_bytes_per_s=round(host_read))
 
 
 def find_profile(path: Path | None = None) -> Profile:

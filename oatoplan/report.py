@@ -246,7 +246,8 @@ def profile_view(prof: Profile) -> list[RenderableType]:
     out: list[RenderableType] = [Text.assemble(
         (prof.profile_id, "bold"), f": {prof.machine.cpu_model} ({prof.n_threads} threads), "
         f"{prof.machine.gpu_name or 'no GPU'}; crossing {prof.crossing_us:.1f} us, CPU mat-vec stream "
-        f"{prof.cpu_read_bytes_per_s / 1e9:.1f} GB/s")]
+        f"{prof.cpu_read_bytes_per_s / 1e9:.1f} GB/s" +
+        (f", plain host read {prof.host_read_bytes_per_s / 1e9:.1f} GB/s" if prof.host_read_bytes_per_s else ""))]
     if prof.decode_factors:
         out.append(Text(f"decode calibrated on {prof.calibration_model}: " + ", ".join(
             f"{c} x{f:.2f}" for c, f in prof.decode_factors.items()) +

@@ -322,6 +322,9 @@ class Profile:
     # fresh processes by the calibration; 0: not measured (memory.gpu_overhead_bytes then assumes a value)
     gpu_overhead_bytes: int = 0
     gpu_overhead: tuple[GpuOverheadSample, ...] = ()
+    # bytes per second the CPU threads read from host memory in a plain sum (profile_moe.host_read_bytes_per_s): what
+    # bounds decode from host weights; 0: not measured (the bound then uses cpu_read_bytes_per_s)
+    host_read_bytes_per_s: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,12 +5,17 @@ comparisons between placements. Not used by the pipeline.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
+import struct
+import tempfile
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
 from .inventory import open_gguf
 
@@ -44,6 +49,139 @@ def write_sparse(header: bytes, out: Path) -> Path:
     del reader
     os.truncate(out, end)
     return out
+
+
+@dataclass(frozen=True)
+class MoeShape:
+    """A mixture-of-experts family's shapes and its Q4_K_M type mix (llama.cpp's llama-quant.cpp rules: attn_v and
+    ffn_down(_exps) one step up on the use_more_bits layers, 8-expert models' attn_k/attn_v Q8_0 and attn_output Q5_K).
+    Shapes in ggml order (row length first)."""
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff_exp: int
+    n_expert: int
+    n_expert_used: int
+    n_vocab: int
+    n_ctx_train: int
+    rope_base: float
+    qk_norm: bool               # qwen3moe: per-head RMS norms of Q and K
+    tokenizer: str              # "qwen2" (the Qwen2-7B header's 151,936-token BPE) or "spm" (a made-up SentencePiece)
+
+
+MOE_SHAPES = {
+    # Qwen3-30B-A3B: 128 experts of 768, 8 used. Its tokenizer is the Qwen2-7B header's, whose token list has 152,064
+    # entries (Qwen3's files have 151,936): token_embd and output follow the token list, 0.1% larger than Qwen3's
+    "qwen3-30b-a3b": MoeShape("qwen3moe", 48, 2048, 32, 4, 128, 768, 128, 8, 152064, 40960, 1e6, True, "qwen2"),
+    # Mixtral 8x7B: 8 experts of 14336, 2 used, llama architecture, a 32,000-token SentencePiece vocabulary
+    "mixtral-8x7b": MoeShape("llama", 32, 4096, 32, 8, 128, 14336, 8, 2, 32000, 32768, 1e6, False, "spm"),
+}
+
+
+def _use_more_bits(il: int, n_layer: int) -> bool:
+    return il < n_layer // 8 or il >= 7 * n_layer // 8 or (il - n_layer // 8) % 3 == 2
+
+
+def moe_tensors(m: MoeShape, n_layer: int) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, ggml type, ggml shape) of every tensor of `m` with `n_layer` blocks, in llama.cpp's file order. The
+    use_more_bits pattern follows the full model's layer count, so the first blocks of a cut-down file match the
+    full file's first blocks."""
+    q_dim, kv_dim, e = m.n_head * m.head_dim, m.n_head_kv * m.head_dim, m.n_expert
+    eight = m.n_expert == 8
+    out = [("token_embd.weight", "Q4_K", (m.n_embd, m.n_vocab))]
+    for il in range(n_layer):
+        more = _use_more_bits(il, m.n_layer)
+        b = f"blk.{il}."
+        out += [(b + "attn_norm.weight", "F32", (m.n_embd,)),
+                (b + "attn_q.weight", "Q4_K", (m.n_embd, q_dim)),
+                (b + "attn_k.weight", "Q8_0" if eight else "Q4_K", (m.n_embd, kv_dim)),
+                (b + "attn_v.weight", "Q8_0" if eight else "Q6_K" if more else "Q4_K", (m.n_embd, kv_dim)),
+                (b + "attn_output.weight", "Q5_K" if eight else "Q4_K", (q_dim, m.n_embd))]
+        if m.qk_norm:
+            out += [(b + "attn_q_norm.weight", "F32", (m.head_dim,)), (b + "attn_k_norm.weight", "F32", (m.head_dim,))]
+        out += [(b + "ffn_norm.weight", "F32", (m.n_embd,)),
+                (b + "ffn_gate_inp.weight", "F32", (m.n_embd, e)),
+                (b + "ffn_gate_exps.weight", "Q4_K", (m.n_embd, m.n_ff_exp, e)),
+                (b + "ffn_up_exps.weight", "Q4_K", (m.n_embd, m.n_ff_exp, e)),
+                (b + "ffn_down_exps.weight", "Q6_K" if more else "Q4_K", (m.n_ff_exp, m.n_embd, e))]
+    return out + [("output_norm.weight", "F32", (m.n_embd,)), ("output.weight", "Q6_K", (m.n_embd, m.n_vocab))]
+
+
+@functools.lru_cache(maxsize=1)
+def _qwen2_tokenizer_kv() -> tuple[int, bytes]:
+    """(number of keys, raw bytes) of the tokenizer.* metadata of the Qwen2-7B header, copied byte for byte (parsing
+    151,936 tokens and merges with gguf's reader takes many seconds)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        reader = open_gguf(write_sparse(qwen2_7b_header(), Path(tmp) / "h.gguf"))
+        offsets = [(f.offset, key) for key, f in reader.fields.items() if not key.startswith("GGUF.")]
+        del reader
+    offsets.sort()
+    header = qwen2_7b_header()
+    keys = [i for i, (_, key) in enumerate(offsets) if key.startswith("tokenizer.")]
+    if keys != list(range(keys[0], keys[-1] + 1)) or keys[-1] + 1 >= len(offsets):
+        raise ValueError("the Qwen2-7B header's tokenizer keys are not contiguous")
+    return len(keys), header[offsets[keys[0]][0]:offsets[keys[-1] + 1][0]]
+
+
+def _spm_tokenizer(writer: GGUFWriter, n_vocab: int) -> None:
+    """A SentencePiece vocabulary of exactly n_vocab tokens: <unk> <s> </s>, the 256 byte tokens, then filler pieces
+    (any text tokenizes through byte fallback)."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += [f"\u2581t{i}" for i in range(n_vocab - len(tokens))]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([-float(i) for i in range(n_vocab)])
+    writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * (n_vocab - 259))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+
+
+def moe_header(family: str, n_layer: int | None = None) -> bytes:
+    """The header (metadata, tokenizer, tensor table, alignment) of a mixture-of-experts model of MOE_SHAPES with
+    `n_layer` blocks (default: the real count); benchmarks/make_model.py fills in the weights."""
+    m = MOE_SHAPES[family]
+    n_layer = n_layer or m.n_layer
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "header.gguf"
+        w = GGUFWriter(path, m.arch)
+        w.add_name(f"{family} shape ({n_layer} of {m.n_layer} layers, random weights)")
+        w.add_block_count(n_layer)
+        w.add_context_length(m.n_ctx_train)
+        w.add_embedding_length(m.n_embd)
+        w.add_feed_forward_length(m.n_ff_exp * m.n_expert_used if m.arch == "qwen3moe" else m.n_ff_exp)
+        w.add_head_count(m.n_head)
+        w.add_head_count_kv(m.n_head_kv)
+        w.add_rope_freq_base(m.rope_base)
+        w.add_layer_norm_rms_eps(1e-6 if m.arch == "qwen3moe" else 1e-5)
+        w.add_expert_count(m.n_expert)
+        w.add_expert_used_count(m.n_expert_used)
+        if m.arch == "qwen3moe":
+            w.add_key_length(m.head_dim)
+            w.add_value_length(m.head_dim)
+            w.add_expert_feed_forward_length(m.n_ff_exp)
+        w.add_file_type(15)             # LLAMA_FTYPE_MOSTLY_Q4_K_M
+        n_extra_kv, extra_kv = (0, b"")
+        if m.tokenizer == "spm":
+            _spm_tokenizer(w, m.n_vocab)
+        else:
+            n_extra_kv, extra_kv = _qwen2_tokenizer_kv()
+        for name, ggml_type, shape in moe_tensors(m, n_layer):
+            qtype = GGMLQuantizationType[ggml_type]
+            block, size = GGML_QUANT_SIZES[qtype]
+            w.add_tensor_info(name, tuple(reversed(shape)), np.float32, int(np.prod(shape)) // block * size, qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        kv_end = w.fout[0].tell()
+        w.write_ti_data_to_file()
+        w.close()
+        raw = path.read_bytes()
+    n_kv = struct.unpack_from("<Q", raw, 16)[0] + n_extra_kv
+    header = raw[:16] + struct.pack("<Q", n_kv) + raw[24:kv_end] + extra_kv + raw[kv_end:]
+    return header + bytes(-len(header) % 32)
 
 
 @contextlib.contextmanager

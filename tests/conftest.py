@@ -40,23 +40,37 @@ def _tokenizer(writer: GGUFWriter) -> int:
     return len(tokens)
 
 
+def _tiny_writer(path: Path, arch: str, n_layer: int, shape: dict) -> GGUFWriter:
+    """A GGUF writer with what every tiny model's metadata has: name, context, widths, blocks, heads, RoPE base."""
+    writer = GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny-{arch}")
+    writer.add_context_length(shape["n_ctx"])
+    writer.add_embedding_length(shape["n_embd"])
+    writer.add_block_count(n_layer)
+    writer.add_head_count(shape["n_head"])
+    writer.add_head_count_kv(shape["n_head_kv"])
+    writer.add_rope_freq_base(10000.0)
+    return writer
+
+
+def _finish(writer: GGUFWriter, path: Path) -> Path:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def write_tiny_llama(path: Path, *, n_layer: int = TINY["n_layer"], tied: bool = False,
                      matrix_type: GGMLQuantizationType = GGMLQuantizationType.F16, seed: int = 0) -> Path:
     """A llama-architecture GGUF that llama.cpp loads and runs; random weights (the text it writes is noise)."""
     rng = np.random.default_rng(seed)
     n_embd, n_head, n_head_kv, n_ff = TINY["n_embd"], TINY["n_head"], TINY["n_head_kv"], TINY["n_ff"]
     head_dim = n_embd // n_head
-    writer = GGUFWriter(str(path), "llama")
-    writer.add_name("tiny-llama")
-    writer.add_context_length(TINY["n_ctx"])
-    writer.add_embedding_length(n_embd)
-    writer.add_block_count(n_layer)
+    writer = _tiny_writer(path, "llama", n_layer, TINY)
     writer.add_feed_forward_length(n_ff)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_head_kv)
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_freq_base(10000.0)
     n_vocab = _tokenizer(writer)
 
     def matrix(name: str, n_out: int, n_in: int, kind=matrix_type) -> None:
@@ -86,11 +100,54 @@ def write_tiny_llama(path: Path, *, n_layer: int = TINY["n_layer"], tied: bool =
     norm("output_norm.weight")
     if not tied:
         matrix("output.weight", n_vocab, n_embd)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return _finish(writer, path)
+
+
+TINY_MOE = dict(n_layer=4, n_embd=64, n_head=4, n_head_kv=2, n_ff_exp=32, n_expert=8, n_expert_used=2, n_ctx=4096)
+
+
+def write_tiny_moe(path: Path, *, n_layer: int = TINY_MOE["n_layer"], shared_expert: bool = False,
+                   seed: int = 0) -> Path:
+    """A qwen3moe-architecture GGUF (8 experts, 2 used; a shared expert optional, as qwen2moe has) with random F16
+    weights and an F32 router, for the planner's mixture-of-experts paths."""
+    rng = np.random.default_rng(seed)
+    t = TINY_MOE
+    n_embd, n_head, n_head_kv, n_ff, n_expert = t["n_embd"], t["n_head"], t["n_head_kv"], t["n_ff_exp"], t["n_expert"]
+    head_dim = n_embd // n_head
+    writer = _tiny_writer(path, "qwen3moe", n_layer, t)
+    writer.add_feed_forward_length(n_ff * t["n_expert_used"])
+    writer.add_expert_feed_forward_length(n_ff)
+    writer.add_expert_count(n_expert)
+    writer.add_expert_used_count(t["n_expert_used"])
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(1e-6)
+    n_vocab = _tokenizer(writer)
+
+    def weight(name: str, *shape: int, kind=np.float16) -> None:     # numpy order: (experts, rows, row length)
+        writer.add_tensor(name, rng.normal(0, 0.5 / np.sqrt(shape[-1]), size=shape).astype(kind))
+
+    weight("token_embd.weight", n_vocab, n_embd)
+    for i in range(n_layer):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, np.float32))
+        weight(f"blk.{i}.attn_q.weight", n_embd, n_embd)
+        weight(f"blk.{i}.attn_k.weight", n_head_kv * head_dim, n_embd)
+        weight(f"blk.{i}.attn_v.weight", n_head_kv * head_dim, n_embd)
+        weight(f"blk.{i}.attn_output.weight", n_embd, n_embd)
+        writer.add_tensor(f"blk.{i}.attn_q_norm.weight", np.ones(head_dim, np.float32))
+        writer.add_tensor(f"blk.{i}.attn_k_norm.weight", np.ones(head_dim, np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, np.float32))
+        weight(f"blk.{i}.ffn_gate_inp.weight", n_expert, n_embd, kind=np.float32)
+        weight(f"blk.{i}.ffn_gate_exps.weight", n_expert, n_ff, n_embd)
+        weight(f"blk.{i}.ffn_up_exps.weight", n_expert, n_ff, n_embd)
+        weight(f"blk.{i}.ffn_down_exps.weight", n_expert, n_embd, n_ff)
+        if shared_expert:
+            weight(f"blk.{i}.ffn_gate_shexp.weight", 2 * n_ff, n_embd)
+            weight(f"blk.{i}.ffn_up_shexp.weight", 2 * n_ff, n_embd)
+            weight(f"blk.{i}.ffn_down_shexp.weight", n_embd, 2 * n_ff)
+    writer.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
+    weight("output.weight", n_vocab, n_embd)
+    return _finish(writer, path)
 
 
 # --- GGUF files byte by byte: values gguf's writer refuses to write (wrong types, invalid UTF-8, empty arrays) ----
@@ -155,6 +212,11 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tied_model(tmp_path_factory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama-tied.gguf", tied=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_model(tmp_path_factory) -> Path:
+    return write_tiny_moe(tmp_path_factory.mktemp("models") / "tiny-moe.gguf")
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ ORDER = [
     "load",                                 # loading with a plan
     "serve",                                # the OpenAI-compatible server, on top of load
     "measure",                              # the timing harness
+    "profile_moe",                          # mixture-of-experts and host memory measurements, for profile
     "profile", "calibrate", "bench",        # the stages that measure
     "report",                               # tables and charts
     "doctor",                               # tool beside the pipeline: what this installation can do

@@ -10,6 +10,11 @@
 # cputrace (where the CPU half of a decode loses time), tests (the fused-ops and dot-product tests on this CPU),
 # matvec (benchmarks/matvec_kernel.sh against the built libggml-cpu), gemma (real Gemma 3 270M, GPU vs CPU: the file
 # travels in parts, appended to $W/gemma.part by earlier calls, see benchmarks/results/README.md).
+# Mixture of experts (issue #18): moemodel (the full Qwen3-30B-A3B-shaped file, 17.3 GiB, from the header that
+# `gpu_session.sh prepare` saved as .device/qwen3-30b-a3b.moeheader), moeprofile (profile run --model on it, to
+# $W/h200-qwen3moe.json), moebench (bench at each of $MOE_VRAMS x $MOE_PROMPTS with tg128; one bench per pair,
+# e.g. MOE_VRAMS=8GiB MOE_PROMPTS=512 for a single one; a pair already measured on this machine is skipped, so a
+# call cut short resumes), moerouting (the routing spread of the full file).
 set -uo pipefail
 W=${OATO_WORK:-/tmp/oato}
 export OATO_WORK=$W
@@ -18,6 +23,10 @@ G="$S python3 -m oatoplan"
 MODEL=$W/qwen2-7b.gguf
 PROFILE=${PROFILE:-$W/h100.json}   # PROFILE=oatoplan/profiles/h100-qwen2-7b.json: bench with the shipped profile
 VRAM=${VRAM:-2.5GiB}
+MOE=$W/qwen3moe.gguf
+MOE_PROFILE=${MOE_PROFILE:-$W/h200-qwen3moe.json}
+MOE_VRAMS=${MOE_VRAMS:-8GiB 12GiB}
+MOE_PROMPTS=${MOE_PROMPTS:-512 2048}
 ensure_build() {
   if [ ! -d $W/site/llama_cpp ]; then
     $S start-patched > $OUT/start.log 2>&1
@@ -33,8 +42,45 @@ ensure_profile() {
     $G profile show $PROFILE 2>&1 | head -8
   fi
 }
+ensure_moe_model() {
+  if [ ! -f $MOE ]; then
+    [ -f .device/qwen3-30b-a3b.moeheader ] || { echo "no .device/qwen3-30b-a3b.moeheader: run gpu_session.sh prepare"; exit 1; }
+    echo "moemodel: writing $MOE (17.3 GiB of random blocks)"; date
+    timeout 400 $S python3 -m benchmarks.make_model .device/qwen3-30b-a3b.moeheader $MOE.part && mv $MOE.part $MOE \
+      || { echo "moemodel failed"; exit 1; }
+    date
+  fi
+  ls -la $MOE
+}
+ensure_moe_profile() {
+  ensure_build; ensure_moe_model
+  if [ ! -f $MOE_PROFILE ]; then
+    echo "moeprofile: profile run --model $MOE"; date
+    timeout 560 $G -v profile run --model $MOE --out $MOE_PROFILE > $OUT/moeprofile.log 2>&1; echo "moeprofile rc=$?"
+    date; tail -3 $OUT/moeprofile.log
+  fi
+  [ -f $MOE_PROFILE ] && cp $MOE_PROFILE $OUT/ && $G profile show $MOE_PROFILE 2>&1 | head -8
+}
 for step in "$@"; do
   case $step in
+  moemodel) ensure_moe_model ;;
+  moeprofile) ensure_moe_profile ;;
+  moerouting)
+    ensure_build; ensure_moe_model
+    timeout 300 $S python3 -m benchmarks.moe_routing $MOE --tokens 16 --tokens 512 --threads 16 \
+      --out $OUT/moe-routing.json 2>&1 | grep -v "^llama\|^load\|^print_info" | tail -3 ;;
+  moebench)
+    ensure_moe_profile
+    for vram in $MOE_VRAMS; do
+      for n in $MOE_PROMPTS; do
+        name=moe-bench-$vram-pp$n
+        if [ -f $W/$name.json ]; then echo "$name: done before"; cp $W/$name.* $OUT/ 2>/dev/null; continue; fi
+        echo "$name"; date
+        timeout 540 $G bench $MOE --vram $vram --profile $MOE_PROFILE --prompt $n --gen 128 --reps 3 \
+          --out $W/$name.json > $OUT/$name.log 2>&1; echo "$name rc=$?"
+        cp $W/$name.* $OUT/ 2>/dev/null; tail -12 $OUT/$name.log
+      done
+    done ;;
   build) ensure_build ;;
   profile) ensure_profile ;;
   validate|validate2048)
