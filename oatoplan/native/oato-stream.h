@@ -9,9 +9,11 @@
 //   copy stream:    wait done[k] -> H2D copy weight -> slot k -> record ready[k]
 //   compute stream: wait ready[k] -> the split's kernels read slot k -> record done[k]
 //
-// done[k] orders a slot's reuse after its last reader, ready[k] orders each op after its upload. Only the GPU waits;
-// the host thread never blocks, so the copy stream runs up to n_slots weights ahead of the compute stream. The
-// kernels and the bytes they read are the same as without streaming, only the address differs.
+// done[k] orders a slot's reuse after its last reader, ready[k] orders each op after its upload. Only the GPU waits:
+// with pinned host weights (oatoplan's plans pin them) the host thread never blocks, so the copy stream runs up to
+// n_slots weights ahead of the compute stream (from pageable memory, cudaMemcpyAsync returns only once the data is
+// staged). The kernels and the bytes they read are the same as without streaming, only the address differs.
+// CUDA/HIP backends only: each backend instance has its own stream and waits on another instance's events there.
 //
 // Switches (read when a scheduler is created): OATO_STREAM=0 turns it off; OATO_STREAM_SLOTS (2..16, default 3)
 // slots; OATO_STREAM_SLOT_BYTES the size of one slot (default: the largest streamed weight of the first graph that
@@ -25,6 +27,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <unordered_map>
 #include <vector>
@@ -67,6 +70,8 @@ struct oato_stream_ring {
 struct oato_stream {
     bool enabled = true;
     bool measuring = false;                   // inside ggml_backend_sched_reserve_size: allocate nothing
+    int8_t backend_ok[OATO_STREAM_MAX_BACKENDS];   // -1 not asked yet (asking the device is slow), 0 no, 1 yes
+    size_t measured_ring_bytes[OATO_STREAM_MAX_BACKENDS];   // what reserve_size adds: the ring it would allocate
     int n_slots = 3;
     size_t slot_bytes = 0;                    // 0: sized by the first graph
     oato_stream_ring rings[OATO_STREAM_MAX_BACKENDS];
@@ -75,6 +80,10 @@ struct oato_stream {
 
 static oato_stream * oato_stream_new(void) {
     oato_stream * st = new oato_stream();
+    for (int b = 0; b < OATO_STREAM_MAX_BACKENDS; b++) {
+        st->backend_ok[b] = -1;
+        st->measured_ring_bytes[b] = 0;
+    }
     const char * on = getenv("OATO_STREAM");
     st->enabled = !(on && on[0] == '0');
     const char * slots = getenv("OATO_STREAM_SLOTS");
@@ -123,22 +132,33 @@ static void oato_stream_free(oato_stream * st) {
     delete st;
 }
 
-// A weight in a host buffer: what op offload copies to the GPU for every large batch.
+// A weight in a host buffer: what op offload copies to the GPU for every large batch (not a memory-fit probe's
+// dummy weight, which has no data).
 static bool oato_stream_is_host_weight(const ggml_tensor * t) {
-    return t->buffer != nullptr && t->view_src == nullptr &&
+    return t->buffer != nullptr && t->data != nullptr && t->view_src == nullptr &&
            ggml_backend_buffer_get_usage(t->buffer) == GGML_BACKEND_BUFFER_USAGE_WEIGHTS &&
            ggml_backend_buffer_is_host(t->buffer);
 }
 
-// A GPU-like backend with async copies and events.
-static bool oato_stream_backend_ok(ggml_backend_t backend) {
-    ggml_backend_dev_t dev = ggml_backend_get_device(backend);
-    if (dev == nullptr || ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
+// A CUDA/HIP GPU backend with async copies and events (asked once per scheduler backend: the CUDA backend answers
+// through several device-property calls).
+static bool oato_stream_backend_ok(oato_stream * st, int b, ggml_backend_t backend) {
+    if (b >= OATO_STREAM_MAX_BACKENDS) {
         return false;
     }
-    ggml_backend_dev_props props;
-    ggml_backend_dev_get_props(dev, &props);
-    return props.caps.async && props.caps.events;
+    if (st->backend_ok[b] < 0) {
+        ggml_backend_dev_t dev = ggml_backend_get_device(backend);
+        const char * name = ggml_backend_name(backend);
+        bool ok = dev != nullptr && ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU &&
+                  (strncmp(name, "CUDA", 4) == 0 || strncmp(name, "ROCm", 4) == 0 || strncmp(name, "HIP", 3) == 0);
+        if (ok) {
+            ggml_backend_dev_props props;
+            ggml_backend_dev_get_props(dev, &props);
+            ok = props.caps.async && props.caps.events;
+        }
+        st->backend_ok[b] = ok ? 1 : 0;
+    }
+    return st->backend_ok[b] == 1;
 }
 
 // Set up backend b's ring with slots of slot_bytes; false (and stock copies from then on) if the device cannot.
@@ -152,6 +172,9 @@ static bool oato_stream_ring_init(oato_stream * st, int b, ggml_backend_t backen
     ring.copy_backend = ggml_backend_dev_init(dev, nullptr);
     ring.buffer = ring.copy_backend ? ggml_backend_buft_alloc_buffer(buft, ring.slot_bytes * ring.n_slots) : nullptr;
     bool ok = ring.buffer != nullptr;
+    if (ok) {
+        oato_stream_counters[3] += (int64_t) ggml_backend_buffer_get_size(ring.buffer);
+    }
     for (int k = 0; ok && k < ring.n_slots; k++) {
         ring.ready[k] = ggml_backend_event_new(dev);
         ring.done[k] = ggml_backend_event_new(dev);
@@ -167,7 +190,6 @@ static bool oato_stream_ring_init(oato_stream * st, int b, ggml_backend_t backen
     // the compute buffer holds no weight copies for these tensors any more; like it, the ring is compute memory
     ggml_backend_buffer_set_usage(ring.buffer, GGML_BACKEND_BUFFER_USAGE_COMPUTE);
     ggml_backend_buffer_clear(ring.buffer, 0);
-    oato_stream_counters[3] += (int64_t) ggml_backend_buffer_get_size(ring.buffer);
     GGML_LOG_INFO("%s: oato weight streaming: %d slots x %.2f MiB on %s\n", __func__, ring.n_slots,
                   ring.slot_bytes / 1048576.0, ggml_backend_name(backend));
     return true;
