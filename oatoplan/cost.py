@@ -281,16 +281,19 @@ def unit_prefill_us(cost: CostModel, inv: ModelInventory, unit: Unit, device: st
 def stream_prefill_us(parts: list[tuple[float, float]], n_slots: int) -> float:
     """One ubatch on two streams, units in graph order, parts[i] = (compute, upload) of unit i: the copy stream
     uploads in order, each into the next of n_slots slots once that slot's last reader has run; the compute stream
-    runs each unit once its upload is done."""
+    runs each unit once its upload is done. A slot's reader is the scheduler's split that copied the weight in,
+    which runs on to the next host weight (a host matrix starts a split; the GPU-resident ops after it join it):
+    its slot is free only when the compute stream reaches the next streamed unit."""
     copy_done = compute_done = 0.0
     slot_free = [0.0] * max(n_slots, 1)
-    k = 0
+    k, reading = 0, None
     for compute, upload in parts:
         if upload > 0:
+            if reading is not None:
+                slot_free[reading] = compute_done
             copy_done = max(copy_done, slot_free[k]) + upload
             compute_done = max(compute_done, copy_done) + compute
-            slot_free[k] = compute_done
-            k = (k + 1) % len(slot_free)
+            reading, k = k, (k + 1) % len(slot_free)
         else:
             compute_done += compute
     return compute_done

@@ -42,9 +42,9 @@ log = logging.getLogger(__name__)
 
 UBATCH_CANDIDATES = (512, 1024, 2048, 4096)
 # Weight streaming: the patch that a build must have, and the staging slots the integer program assumes (the plan
-# then tries others, streaming.refine)
+# then tries others, streaming.refine; never fewer than 3, see there)
 STREAM_PATCH = "weight-streaming"
-STREAM_SLOTS = 2
+STREAM_SLOTS = 3
 # On the CPU, op offload does not take large batches elsewhere, so smaller ubatches are candidates too.
 CPU_UBATCH_CANDIDATES = (128, 256) + UBATCH_CANDIDATES
 

@@ -23,8 +23,11 @@ from .memory import fits, gpu_overhead_bytes
 from .schema import ModelInventory, Workload
 from .solve import Solution
 
-# Staging slots tried for a streaming solution.
-STREAM_SLOT_CANDIDATES = (2, 3, 4, 6, 8)
+# Staging slots tried for a streaming solution. At least 3: with 2 the copy stream is at most one weight ahead, and
+# the two 2-slot plans measured in benches fell 12-15% short of stream_prefill_us's simulation (single-arm runs of 2
+# to 6 slots came within 3%: benchmarks/results/2026-12-01-h200-stream-sweep-qwen2-7b.jsonl,
+# 2026-12-01-h200-bench-pp2048-stream-{2.5,1.4}GiB.json).
+STREAM_SLOT_CANDIDATES = (3, 4, 6, 8)
 
 
 def spread(inv: ModelInventory, devices: dict[str, str]) -> dict[str, str]:

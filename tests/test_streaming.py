@@ -50,6 +50,9 @@ def test_two_streams_overlap_and_slots_bound_the_lead():
     assert stream_prefill_us(many, 2) == pytest.approx(1.0 + 20.0)        # compute-bound: one upload shows
     # one slot: an upload waits for the previous reader, so nothing overlaps
     assert stream_prefill_us([(1.0, 1.0)] * 4, 1) == 8.0
+    # a slot's reader is the whole split: the GPU-resident unit after a streamed one keeps its slot busy
+    assert stream_prefill_us([(1.0, 2.0), (3.0, 0.0), (1.0, 2.0), (3.0, 0.0)], 1) == 12.0
+    assert stream_prefill_us([(1.0, 2.0), (3.0, 0.0), (1.0, 2.0), (3.0, 0.0)], 2) == 10.0
 
 
 def test_ring_replaces_the_copy_in_the_compute_buffer(qwen):
@@ -117,15 +120,16 @@ def test_spread_keeps_each_roles_count_and_the_kv_suffix(qwen):
     assert max(b - a for a, b in zip(host_layers, host_layers[1:])) <= 3     # 12 of 28: spread, not a block
 
 
-def h200_with_streaming():
-    """The shipped H200 profile, as if its build had weight streaming."""
+def h200(streaming: bool = True):
+    """The shipped H200 profile, its build with weight streaming or without."""
     profile = read_json(Profile, SHIPPED_PROFILES_DIR / "h200-qwen2-7b.json")
-    build = profile.machine.llama_cpp_build + ",0005-ggml-oato-weight-streaming"
+    build = profile.machine.llama_cpp_build.replace(",0005-ggml-oato-weight-streaming", "")
+    build += ",0005-ggml-oato-weight-streaming" if streaming else ""
     return dataclasses.replace(profile, machine=dataclasses.replace(profile.machine, llama_cpp_build=build))
 
 
 def test_plan_streams_within_budget_and_says_so(qwen):
-    profile = h200_with_streaming()
+    profile = h200()
     w = Workload(2048, 128)
     budget = int(2.5 * (1 << 30))
     plan = plan_model(qwen, profile, budget, w)
@@ -135,12 +139,12 @@ def test_plan_streams_within_budget_and_says_so(qwen):
     assert any(n.startswith("weight streaming:") for n in plan.notes)
     assert llama_server_command(plan, "m.gguf").startswith(f"OATO_STREAM=1 OATO_STREAM_SLOTS={plan.stream_slots} ")
     # the same model without the patch in the profile's build: no streaming, and a slower predicted prefill
-    stock = plan_model(qwen, read_json(Profile, SHIPPED_PROFILES_DIR / "h200-qwen2-7b.json"), budget, w)
+    stock = plan_model(qwen, h200(streaming=False), budget, w)
     assert stock.stream_slots == 0 and stock.prediction.prefill_s > plan.prediction.prefill_s
 
 
 def test_refine_never_leaves_the_budget_nor_gets_slower(qwen):
-    cost = CostModel(h200_with_streaming())
+    cost = CostModel(h200())
     w = Workload(2048, 128)
     budget = int(1.4 * (1 << 30))
     solved = solve(qwen, cost, budget, w)

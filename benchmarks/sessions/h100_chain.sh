@@ -97,8 +97,8 @@ for step in "$@"; do
   streamcheck|streamsweep)
     # weight streaming on/off with FFN weights in pinned host memory: identical tokens, prefill of each, all-GPU;
     # streamsweep: the 7B with 2..8 slots, host blocks first or spread, against the cost model's prediction
-    if [ $step = streamcheck ]; then ensure_build; specs=("$W/gemma3-270m.gguf 18 --gen 64" "$MODEL ${CPU_FFN:-18} --gen 32")
-    else ensure_profile; specs=("$MODEL 18 --slots 2 3 4 6 --no-all-gpu" "$MODEL 18 --slots 2 3 4 6 --spread"); fi
+    if [ $step = streamcheck ]; then ensure_build; specs=("$W/gemma3-270m.gguf --cpu-ffn 18 --gen 64" "$MODEL --cpu-ffn ${CPU_FFN:-18} --gen 32")
+    else ensure_profile; specs=("$MODEL --cpu-ffn 18 --slots 2 3 6 --no-all-gpu" "$MODEL --cpu-ffn 18 --slots 2 3 6 --spread"); fi
     prof=""; [ -f $PROFILE ] && prof="--profile $PROFILE"
     for spec in "${specs[@]}"; do
       timeout 240 $S python3 -m benchmarks.stream_check $spec --ubatch ${UBATCH:-512} $prof \

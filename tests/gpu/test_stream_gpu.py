@@ -72,10 +72,10 @@ def test_streaming_is_bit_identical_to_stock_copies(model, monkeypatch):
             runs[stream] = _run(llm, prompt, 32) + (ggml.stream_stats(), ring)
         finally:
             llm.close()
+        assert ggml.stream_stats()[3] == 0, "the staging ring outlived its context"
     (tokens_off, logits_off, stats_off, ring_off), (tokens_on, logits_on, stats_on, ring_on) = runs["0"], runs["1"]
     assert stats_off[:3] == (0, 0, 0) and ring_off == 0
     assert ring_on == sum(plan.memory.stream_bytes.values()) > 0
     assert stats_on[0] > 0 and stats_on[2] == 0, f"streamed {stats_on[0]}, stock copies {stats_on[2]}"
     assert tokens_on == tokens_off
     assert np.array_equal(logits_on, logits_off, equal_nan=True)
-    assert stats_on[3] == 0                      # the ring is freed with the context
