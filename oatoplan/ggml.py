@@ -130,10 +130,14 @@ def stream_stats() -> tuple[int, int, int, int] | None:
     """Weight streaming since the last reset_stream_stats(): (weights streamed, bytes streamed, host weights of GPU
     splits copied the stock way while streaming was on, VRAM bytes of the staging rings allocated now), or None for a
     build without weight streaming."""
-    fn = _oato_base("oato_sched_stream_stats")
+    return _counts(_oato_base("oato_sched_stream_stats"), 4)
+
+
+def _counts(fn, n: int) -> tuple[int, ...] | None:
+    """What an oatoplan counter function `void f(int64_t * out)` writes into n values (None without the function)."""
     if fn is None:
         return None
-    counts = (_i64 * 4)()
+    counts = (_i64 * n)()
     fn.restype, fn.argtypes = None, [ctypes.POINTER(_i64)]
     fn(counts)
     return tuple(counts)
@@ -149,13 +153,7 @@ def reset_stream_stats() -> None:
 def fusion_counts() -> tuple[int, ...] | None:
     """Nodes run through each of oatoplan's fused CPU ops since load (gate+up+GLU, mat-vec+ADD, RMS_NORM+MUL+ADD),
     or None when the loaded libggml-cpu is not our patched one."""
-    fn = _oato_cpu("oato_cpu_fusion_counts")
-    if fn is None:
-        return None
-    counts = (_i64 * 3)()
-    fn.restype, fn.argtypes = None, [ctypes.POINTER(_i64)]
-    fn(counts)
-    return tuple(counts)
+    return _counts(_oato_cpu("oato_cpu_fusion_counts"), 3)
 
 
 def _set_enabled(symbol: str, what: str, enabled: bool) -> None:
