@@ -21,7 +21,7 @@ from .graph import model_units
 from .inventory import read_inventory
 from .machine import gpu_devices
 from .measure import run_bench
-from .memory import fits, gpu_overhead_bytes
+from .memory import fits, gpu_memory, gpu_overhead_bytes
 from .plan import llama_cpp_flags, plan_for, plan_model, plan_settings
 from .schema import BenchResult, ModelInventory, Plan, Profile, Workload
 from .units import format_bytes
@@ -66,7 +66,10 @@ def reference_arms(inv: ModelInventory, plan: Plan, profile: Profile, gpu_free_b
     off = dataclasses.replace(plan_settings(plan), stream_slots=0)
     arms = []
     if plan.stream_slots > 0:
-        memory = dataclasses.replace(plan.memory, stream_bytes={}) if plan.memory else None
+        # without streaming the compute buffer holds the largest host weight's copy again
+        compute = gpu_memory(inv, model_units(inv), plan.placement, off, gpu_overhead_bytes(profile))["compute"]
+        memory = dataclasses.replace(plan.memory, stream_bytes={}, compute_bytes={cost.gpu: compute}) \
+            if plan.memory else None
         prediction = predict(cost, inv, plan.placement, workload, off)
         unstreamed = dataclasses.replace(plan, stream_slots=0, stream_slot_bytes=0, memory=memory,
                                          prediction=prediction)

@@ -299,6 +299,16 @@ def stream_prefill_us(parts: list[tuple[float, float]], n_slots: int) -> float:
     return compute_done
 
 
+def _per_tensor(cost: CostModel, inv: ModelInventory, unit: Unit, part: tuple[float, float]) -> list[tuple[float, float]]:
+    """A streamed unit's (compute, upload) as the scheduler runs it: each host tensor (a matrix, its bias) is an upload
+    of its own into a slot of its own, the unit's compute after the largest one's."""
+    compute, upload = part
+    if upload <= 0 or len(unit.tensors) < 2:
+        return [part]
+    sizes = sorted((inv.tensor(name).n_bytes for name in unit.tensors), reverse=True)
+    return [(compute, cost.stream_upload_us(sizes[0]))] + [(0.0, cost.stream_upload_us(b)) for b in sizes[1:]]
+
+
 def _expert_matrices(inv: ModelInventory, unit: Unit) -> list[tuple[str, int, int, int]]:
     """(type, K, N, n_expert) of each routed-expert weight of a unit."""
     return [(t.ggml_type, t.shape[0], t.shape[1], t.shape[2]) for t in map(inv.tensor, unit.tensors)
@@ -368,7 +378,8 @@ def predict(cost: CostModel, inv: ModelInventory, devices: dict[str, str], workl
         prefill, decode = prefill + p, decode + d
     if s.stream_slots:     # the two streams overlap: each ubatch's prefill is its pipeline's, not the sum
         per_unit = [unit_prefill_us(cost, inv, u, devices[u.key], workload, s) for u in units]
-        prefill = sum(stream_prefill_us([parts[ub] for parts in per_unit], s.stream_slots)
+        prefill = sum(stream_prefill_us([p for u, parts in zip(units, per_unit) for p in
+                                         _per_tensor(cost, inv, u, parts[ub])], s.stream_slots)
                       for ub in range(len(ubatches(workload.n_prompt, s.n_ubatch))))
     uses_gpu = cost.gpu is not None      # a GPU build runs graph splits (and op offload) there even at -ngl 0
     n_crossings = crossings(devices[u.key] for u in units)

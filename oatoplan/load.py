@@ -107,22 +107,22 @@ def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_o
                   n_threads=threads, n_threads_batch=threads, swa_full=plan.swa_full, verbose=False)
     kwargs.update(llama_kwargs)
     lines: list[str] = []
-    ring_before = (ggml.stream_stats() or (0, 0, 0, 0))[3]
     with _load_lock, _default_params_with(overrides if plan.tensor_overrides else None, plan.n_outputs_max), \
             _stream_environment(plan), _capture_log(lines):
+        ring_before = (ggml.stream_stats() or (0, 0, 0, 0))[3]
         try:
             llm = llama_cpp.Llama(str(model_path), **kwargs)
         except ValueError as exc:
             raise LoadError(f"{model_path}: llama.cpp could not load the model with this plan ({exc}); run with "
                             f"--debug to see llama.cpp's log") from None
+        ring = (ggml.stream_stats() or (0, 0, 0, 0))[3] - ring_before
     llm._oatoplan_overrides = (overrides, patterns)
     report = dataclasses.replace(memory_report(lines, plan.memory or predict_memory(inventory, plan), plan.use_mmap),
                                  misplaced=tuple(misplaced_tensors(lines, plan)))
     llm.oatoplan_memory = report
     llm.oatoplan_plan = plan
-    ring = (ggml.stream_stats() or (0, 0, 0, 0))[3] - ring_before
     predicted_ring = sum(plan.memory.stream_bytes.values()) if plan.memory else 0
-    if ring != predicted_ring and os.environ.get("OATO_STREAM") != "0":
+    if ring != predicted_ring and not _user_turned_off():
         log.warning("weight streaming's staging slots take %.1f MiB of VRAM, the plan expected %.1f MiB%s",
                     ring / BYTES_PER_MIB, predicted_ring / BYTES_PER_MIB,
                     "" if ggml.stream_stats() else " (this build has no weight streaming: run `oatoplan build`)")
@@ -145,12 +145,17 @@ def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_o
     return llm
 
 
+def _user_turned_off() -> bool:
+    """OATO_STREAM set to 0 (natively: any value that starts with 0)."""
+    return os.environ.get("OATO_STREAM", "").startswith("0")
+
+
 @contextmanager
 def _stream_environment(plan: Plan):
     """The plan's weight-streaming settings in the environment while llama.cpp creates the context (it reads them
     then). OATO_STREAM=0 set by the user wins: it turns streaming off for A/B runs."""
     env = stream_env(plan)
-    if os.environ.get("OATO_STREAM") == "0" and plan.stream_slots:
+    if _user_turned_off() and plan.stream_slots:
         log.info("OATO_STREAM=0: weight streaming off for this load, though the plan has it")
         env = {"OATO_STREAM": "0"}
     keys = ("OATO_STREAM", "OATO_STREAM_SLOTS", "OATO_STREAM_SLOT_BYTES")

@@ -229,11 +229,14 @@ def check_plan_numbers(inv: ModelInventory, plan: Plan, source: str) -> None:
                         f"the context you need (--ctx-over-train to go past the training length)")
     bounds = {"n_ubatch": (1, MAX_N_CTX), "n_batch": (1, MAX_N_CTX), "n_gpu_layers": (-1, MAX_INT32),
               "n_outputs_max": (0, MAX_INT32), "n_threads": (1, 4096), "stream_slots": (0, MAX_STREAM_SLOTS),
-              "stream_slot_bytes": (0, 1 << 40)}
+              "stream_slot_bytes": (1 if plan.stream_slots else 0, 1 << 40 if plan.stream_slots else 0)}
     for name, (low, high) in bounds.items():
         value = getattr(plan, name)
         if not (value is None and name == "n_threads") and not low <= value <= high:
             raise PlanError(f"{source}: {name} {value} is outside {low}..{high}; plan again, or fix the number")
+    if plan.stream_slots == 1:
+        raise PlanError(f"{source}: stream_slots 1 is not a ring (the patched llama.cpp takes 2 at least); plan "
+                        f"again, or set 0 (off) or 2..{MAX_STREAM_SLOTS}")
 
 
 def llama_cpp_flags(plan: Plan) -> str:
@@ -265,10 +268,11 @@ def stream_env(plan: Plan) -> dict[str, str]:
 def llama_server_command(plan: Plan, model_path: str | Path, host: str = "127.0.0.1", port: int = 8000) -> str:
     """llama.cpp's own llama-server serving the same placement as `oatoplan serve`: llama_cpp_flags, one slot holding
     the whole context (`-np 1`: its default is 4 slots sharing a unified KV cache) and `-fit off` (else it may change
-    what the plan left at llama.cpp's defaults to fit free memory). n_outputs_max has no flag: llama-server sets it
+    what the plan left at llama.cpp's defaults to fit free memory), after the weight-streaming environment. n_outputs_max has no flag: llama-server sets it
     from its slots itself."""
     flags = llama_cpp_flags(plan)
-    env = "".join(f"{k}={v} " for k, v in stream_env(plan).items()) if plan.stream_slots else ""
+    # always: oatoplan's build streams by default, and a plan without streaming did not count the ring
+    env = "".join(f"{k}={v} " for k, v in stream_env(plan).items())
     return (f"{env}llama-server -m {shlex.quote(str(model_path))} {flags} -np 1 -fit off "
             f"-a {shlex.quote(Path(model_path).stem)} --host {host} --port {port}")
 

@@ -23,7 +23,7 @@ from .ggml import row_bytes
 from .graph import CPU
 from .inventory import kv_bytes_per_token
 from .measure import stats
-from .plan import llama_server_command
+from .plan import llama_server_command, stream_env
 from .schema import BenchArm, BenchResult, Diagnosis, MemoryReport, ModelInventory, Plan, Profile
 from .units import BYTES_PER_MIB, format_bytes, format_flops, mib
 
@@ -303,7 +303,8 @@ def plan_view(p: Plan, path: Path) -> list[RenderableType]:
         f"op_offload={p.op_offload}, flash_attn={p.flash_attn}, type_k={p.type_k!r}, type_v={p.type_v!r}, "
         f"n_threads={p.n_threads}, n_threads_batch={p.n_threads})"
         + (" with the -ot overrides above" if p.tensor_overrides else "")
-        + (f" and n_outputs_max={p.n_outputs_max}" if p.n_outputs_max else "")),
+        + (f" and n_outputs_max={p.n_outputs_max}" if p.n_outputs_max else "")
+        + ", in the environment " + " ".join(f"{k}={v}" for k, v in stream_env(p).items())),
         Text(f"llama-server: {llama_server_command(p, p.model.file_name)}")]
 
 

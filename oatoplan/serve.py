@@ -87,7 +87,10 @@ def serving_plan(model: str | Path, plan: Plan | str | Path | None,
                                 f"with --prompt/--gen/--depth adding up to {n_ctx}, or serve at most {plan.n_ctx}")
     plan = dataclasses.replace(plan, n_ctx=n_ctx)
     compute = plan.memory.compute_bytes if plan.memory else None
-    return dataclasses.replace(plan, memory=predict_memory(inventory, plan, compute))
+    memory = predict_memory(inventory, plan, compute)
+    if plan.memory:                     # the staging ring does not depend on the context
+        memory = dataclasses.replace(memory, stream_bytes=dict(plan.memory.stream_bytes))
+    return dataclasses.replace(plan, memory=memory)
 
 
 def make_app(model: str | Path, plan: Plan | str | Path | None = None, *, alias: str | None = None,

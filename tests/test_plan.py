@@ -145,6 +145,8 @@ def test_llama_server_command(qwen):
     plan = make_plan(qwen, {"output.weight": CPU}, n_gpu_layers=-1, gpu_devices=("CUDA0",), n_ubatch=2048,
                      n_threads=6, n_outputs_max=1)
     argv = shlex.split(llama_server_command(plan, "/models/my model.gguf", port=8081))
+    assert argv[0] == "OATO_STREAM=0"             # oatoplan's build streams by default; this plan does not
+    argv = argv[1:]
     options, i = {}, 1
     while i < len(argv):                          # flags with one value each, but for the two switches
         switch = argv[i] in ("--swa-full", "--no-op-offload")

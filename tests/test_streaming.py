@@ -18,6 +18,7 @@ from oatoplan.memory import STREAM_SLOT_ALIGN, Settings, fits, gpu_overhead_byte
 from oatoplan.plan import check_plan_numbers, llama_server_command, plan_for, plan_model, stream_env
 from oatoplan.paths import SHIPPED_PROFILES_DIR
 from oatoplan.schema import Profile, Workload
+from oatoplan.serve import serving_plan
 from oatoplan.solve import (candidate_settings, instance, objective, solve, solve_instance, streaming_available,
                             vram_mib)
 from oatoplan.streaming import refine, spread
@@ -141,6 +142,8 @@ def test_plan_streams_within_budget_and_says_so(qwen):
     # the same model without the patch in the profile's build: no streaming, and a slower predicted prefill
     stock = plan_model(qwen, h200(streaming=False), budget, w)
     assert stock.stream_slots == 0 and stock.prediction.prefill_s > plan.prediction.prefill_s
+    # oatoplan's build streams by default: a plan without streaming says so to llama-server too
+    assert llama_server_command(stock, "m.gguf").startswith("OATO_STREAM=0 llama-server ")
 
 
 def test_refine_never_leaves_the_budget_nor_gets_slower(qwen):
@@ -162,6 +165,10 @@ def test_plan_for_records_slots_only_when_something_streams(qwen):
     assert plan_for(qwen, host_ffn(qwen, ()), s, profile, GPU).stream_slots == 0
     with pytest.raises(Exception, match="stream_slots 99"):
         check_plan_numbers(qwen, dataclasses.replace(plan, stream_slots=99), "plan.json")
+    with pytest.raises(Exception, match="stream_slots 1 is not a ring"):
+        check_plan_numbers(qwen, dataclasses.replace(plan, stream_slots=1), "plan.json")
+    with pytest.raises(Exception, match="stream_slot_bytes 0"):
+        check_plan_numbers(qwen, dataclasses.replace(plan, stream_slot_bytes=0), "plan.json")
 
 
 def test_loader_environment_is_the_plans_and_is_restored(qwen, monkeypatch):
@@ -176,3 +183,10 @@ def test_loader_environment_is_the_plans_and_is_restored(qwen, monkeypatch):
     with _stream_environment(plan):
         assert os.environ["OATO_STREAM"] == "0" and "OATO_STREAM_SLOTS" not in os.environ
     assert os.environ["OATO_STREAM"] == "0"
+
+
+def test_serving_a_smaller_context_keeps_the_ring(qwen, qwen_header_model):
+    plan = plan_for(qwen, host_ffn(qwen, range(4)), Settings(512, True, True, 2048, stream_slots=3),
+                    synthetic_profile(streaming=True), GPU)
+    served = serving_plan(qwen_header_model, plan, 1024)
+    assert served.n_ctx == 1024 and served.memory.stream_bytes == plan.memory.stream_bytes != {}
