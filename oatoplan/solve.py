@@ -307,7 +307,9 @@ def solve(inv: ModelInventory, cost: CostModel, budget_bytes: int, workload: Wor
     started = time.perf_counter()
     budget_mib = usable_bytes(budget_bytes) / BYTES_PER_MIB
     # Candidates in the order of their LP bounds; a candidate whose bound is no better than the best placement
-    # found so far cannot win and is not solved
+    # found so far cannot win and is not solved. Placements compare by their predicted time: the same as the program's
+    # objective without streaming, and never below it with (the program prices ideal overlap), so a bound still
+    # bounds what a candidate can reach
     bounded = []
     for s in candidate_settings(workload, STREAM_SLOTS if streaming_available(cost.profile) else 0):
         inst = instance(cost, inv, workload, s)
@@ -324,19 +326,22 @@ def solve(inv: ModelInventory, cost: CostModel, budget_bytes: int, workload: Wor
         found = solve_instance(inst, budget_mib, start=start if vram_mib(inst, start) <= budget_mib else None,
                                problem=problem)
         if found:
-            results.append((found[1], s, inst, found[0]))
-            log.debug("ubatch %d op_offload %s: %.1f ms", s.n_ubatch, s.op_offload, found[1] / 1e3)
+            devices = {u.key: (cost.gpu if c else CPU) for u, c in zip(inst.units, found[0])}
+            p = predict(cost, inv, devices, workload, s)
+            results.append((combine(p.prefill_s, p.decode_s_per_token, workload) * 1e6, s, inst, found[0], p))
+            log.debug("ubatch %d op_offload %s stream slots %d: %.1f ms", s.n_ubatch, s.op_offload, s.stream_slots,
+                      results[-1][0] / 1e3)
     if not results:
         need = budget_for(smallest_gpu_mib(cost, inv, workload) * BYTES_PER_MIB)
         raise PlanInfeasibleError(f"a VRAM budget of {format_bytes(budget_bytes)} holds no GPU placement of "
                                   f"{inv.identity.file_name}; the smallest needs {format_bytes(need)} (use --vram "
                                   f"{-(-int(need) // BYTES_PER_MIB)}MiB or more), or run it all on the CPU")
-    best_us, s, inst, chosen = min(results, key=lambda r: (r[0], r[1].n_ubatch, not r[1].op_offload,
-                                                           -r[1].stream_slots))
+    best_us, s, inst, chosen, prediction = min(results, key=lambda r: (r[0], r[1].n_ubatch, not r[1].op_offload,
+                                                                       -r[1].stream_slots))
     if write_lp:
         write_lp_file(build_problem(inst, budget_mib)[0], write_lp)
     devices = {u.key: (cost.gpu if c else CPU) for u, c in zip(inst.units, chosen)}
-    return Solution(devices, s, predict(cost, inv, devices, workload, s), best_us, time.perf_counter() - started,
+    return Solution(devices, s, prediction, best_us, time.perf_counter() - started,
                     tuple((r[1], r[0]) for r in results))
 
 
