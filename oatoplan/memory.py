@@ -115,8 +115,9 @@ def compute_stage_bytes(inv: ModelInventory, s: Settings) -> tuple[int, int]:
 def moe_stage_bytes(hp: Hyperparameters, n_ubatch: int) -> int:
     """What a mixture-of-experts block adds to the layer stage (f32): the down experts' output before the weighted
     sum, n_used rows of n_embd per token where a dense block has one, and the router's logits, probabilities and
-    top-k order (n_expert each). Read from llama.cpp's build_moe_ffn, not measured on its own; of the size of the
-    overshoot the H200 bench saw for a Qwen3-30B-A3B-shaped model (issue #18: 32-88 MiB)."""
+    top-k order (n_expert each). Read from llama.cpp's build_moe_ffn, not measured on its own. With it, a
+    Qwen3-30B-A3B-shaped plan's compute buffer came out as predicted at ubatch 2048 but 141 MiB short at ubatch 512
+    with no weight copy in the buffer (benchmarks/results/2026-12-01-h200-moe-bench-*.json): not understood yet."""
     if not hp.n_expert:
         return 0
     return 4 * n_ubatch * ((hp.n_expert_used - 1) * hp.n_embd + 3 * hp.n_expert)
