@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                                  host_weight_bytes=sum(u.n_bytes for u in model_units(inv)
                                                        if plan.placement[u.key] == "CPU" and not u.is_attention),
                                  pp_tok_s=round(p.prefill_tokens_per_s), tg_tok_s=round(p.decode_tokens_per_s, 2),
-                                 total_s=round(p.total_s, 3), pp_without_streaming_tok_s=round(off.prefill_tokens_per_s),
+                                 total_s=round(p.total_s, 3),
+                                 pp_without_streaming_tok_s=round(off.prefill_tokens_per_s),
                                  all_gpu_pp_tok_s=round(ref.prefill_tokens_per_s),
                                  pp_share_of_all_gpu=round(p.prefill_tokens_per_s / ref.prefill_tokens_per_s, 3)))
                 print(json.dumps(rows[-1]), flush=True)

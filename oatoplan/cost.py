@@ -299,7 +299,8 @@ def stream_prefill_us(parts: list[tuple[float, float]], n_slots: int) -> float:
     return compute_done
 
 
-def _per_tensor(cost: CostModel, inv: ModelInventory, unit: Unit, part: tuple[float, float]) -> list[tuple[float, float]]:
+def _per_tensor(cost: CostModel, inv: ModelInventory, unit: Unit,
+                part: tuple[float, float]) -> list[tuple[float, float]]:
     """A streamed unit's (compute, upload) as the scheduler runs it: each host tensor (a matrix, its bias) is an upload
     of its own into a slot of its own, the unit's compute after the largest one's."""
     compute, upload = part

@@ -131,7 +131,8 @@ def make_plan(inv: ModelInventory, devices: dict[str, str], *, n_gpu_layers: int
               n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int = 512, use_mmap: bool | None = None,
               op_offload: bool = True, flash_attn: bool = True, type_k: str = "f16", type_v: str = "f16",
               swa_full: bool = True, n_outputs_max: int = 0, stream_slots: int = 0, stream_slot_bytes: int = 0,
-              stream_bytes: dict[str, int] | None = None, n_threads: int | None = None, llama_cpp_build: str = "", profile_id: str = "",
+              stream_bytes: dict[str, int] | None = None, n_threads: int | None = None, llama_cpp_build: str = "",
+              profile_id: str = "",
               budget_bytes: int | None = None, compute_bytes: dict[str, int] | None = None,
               notes: tuple[str, ...] = ()) -> Plan:
     """A Plan that puts each tensor where `devices` says (tensors it leaves out follow n_gpu_layers). Overrides are
@@ -268,8 +269,8 @@ def stream_env(plan: Plan) -> dict[str, str]:
 def llama_server_command(plan: Plan, model_path: str | Path, host: str = "127.0.0.1", port: int = 8000) -> str:
     """llama.cpp's own llama-server serving the same placement as `oatoplan serve`: llama_cpp_flags, one slot holding
     the whole context (`-np 1`: its default is 4 slots sharing a unified KV cache) and `-fit off` (else it may change
-    what the plan left at llama.cpp's defaults to fit free memory), after the weight-streaming environment. n_outputs_max has no flag: llama-server sets it
-    from its slots itself."""
+    what the plan left at llama.cpp's defaults to fit free memory), after the weight-streaming environment.
+    n_outputs_max has no flag: llama-server sets it from its slots itself."""
     flags = llama_cpp_flags(plan)
     # always: oatoplan's build streams by default, and a plan without streaming did not count the ring
     env = "".join(f"{k}={v} " for k, v in stream_env(plan).items())
