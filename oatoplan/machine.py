@@ -70,6 +70,11 @@ def loaded_series() -> str | None:
     return fn().decode()
 
 
+def llama_cpp_available() -> bool:
+    """Whether llama-cpp-python is installed (everything but `oatoplan build` needs it)."""
+    return llama_cpp is not None and ggml.libggml is not None
+
+
 def llama_cpp_build() -> str:
     """Identity of the llama.cpp build at hand; a plan solved for one build is refused by another. The llama.cpp
     sources are those llama-cpp-python's version vendors, so the version and oatoplan's patch series name them; ggml's

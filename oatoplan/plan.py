@@ -21,7 +21,7 @@ from .cost import CostModel, cpu_cost_model, predict
 from .errors import PlanError, PlanMismatchError
 from .graph import CPU, model_units
 from .inventory import BLOCK_NAME, KV_CACHE_TYPES
-from .machine import default_threads, logical_cpus
+from .machine import default_threads, llama_cpp_available, llama_cpp_build, logical_cpus
 from .memory import Settings, gpu_memory, gpu_overhead_bytes, kv_layer_bytes, vram_terms
 from .schema import (SCHEMA_VERSION, BaselinePrediction, MemoryPrediction, ModelInventory, Plan, Profile,
                      TensorOverride, Workload)
@@ -216,6 +216,13 @@ MAX_INT32 = (1 << 31) - 1     # llama.cpp's int32 parameters
 MAX_STREAM_SLOTS = 16         # native/oato-stream.h's OATO_STREAM_MAX_SLOTS
 
 
+def target_build(profile: Profile) -> str:
+    """The llama.cpp build a plan is solved for, and that `load` will insist on: the one installed here, where plans
+    are made to be loaded (a profile measured on another build of the same llama.cpp still prices it: plan_model
+    notes the difference), or the profile's where no llama-cpp-python is installed."""
+    return llama_cpp_build() if llama_cpp_available() else profile.machine.llama_cpp_build
+
+
 def check_plan_numbers(inv: ModelInventory, plan: Plan, source: str) -> None:
     """Refuse plan fields (a plan.json edited by hand) that llama.cpp would reject, misread or try to allocate."""
     for name in ("type_k", "type_v"):
@@ -308,7 +315,7 @@ def plan_for(inv: ModelInventory, unit_devices: dict[str, str], s: Settings, pro
     plan = make_plan(inv, devices, n_gpu_layers=n_gpu_layers, gpu_devices=(gpu,) if gpu else (), n_ctx=s.n_ctx,
                      n_batch=s.n_ubatch, n_ubatch=s.n_ubatch, use_mmap=not s.pinned, op_offload=s.op_offload,
                      type_k=s.type_k, type_v=s.type_v, n_outputs_max=s.n_outputs_max, n_threads=profile.n_threads,
-                     llama_cpp_build=profile.machine.llama_cpp_build, profile_id=profile.profile_id,
+                     llama_cpp_build=target_build(profile), profile_id=profile.profile_id,
                      compute_bytes={gpu: vram["compute"]} if gpu else {},
                      stream_slots=s.stream_slots if slot else 0, stream_slot_bytes=slot if s.stream_slots else 0,
                      stream_bytes={gpu: vram["stream"]} if gpu and vram["stream"] else {})
@@ -343,14 +350,15 @@ def plan_model(inv: ModelInventory, profile: Profile, budget_bytes: int, workloa
     notes = tuple(explain(inv, cost, solution, workload)) + (
         f"ubatch {s.n_ubatch}, op offload {'on' if s.op_offload else 'off'}, mmap off (host weights pinned): "
         f"best of {len(solution.candidates)} settings solved in {solution.solve_s:.2f} s",) + \
-        ((_outputs_note(s),) if s.n_outputs_max else ()) + _stream_note(inv, cost, solution, workload)
+        ((_outputs_note(s),) if s.n_outputs_max else ()) + _stream_note(inv, cost, solution, workload) + \
+        _build_note(profile)
     units = model_units(inv)
     slot = vram_terms(inv, units, s, 0).slot([solution.devices[u.key] != CPU for u in units])
     plan = make_plan(inv, devices, n_gpu_layers=n_gpu_layers, gpu_devices=(cost.gpu,), n_ctx=workload.n_ctx,
                      n_batch=s.n_ubatch, n_ubatch=s.n_ubatch, use_mmap=False, op_offload=s.op_offload,
                      n_outputs_max=s.n_outputs_max,
                      flash_attn=True, type_k=s.type_k, type_v=s.type_v, n_threads=profile.n_threads,
-                     llama_cpp_build=profile.machine.llama_cpp_build, profile_id=profile.profile_id,
+                     llama_cpp_build=target_build(profile), profile_id=profile.profile_id,
                      budget_bytes=budget_bytes, compute_bytes={cost.gpu: gpu_bytes.get("compute", 0)}, notes=notes,
                      stream_slots=s.stream_slots if slot else 0, stream_slot_bytes=slot if s.stream_slots else 0,
                      stream_bytes={cost.gpu: gpu_bytes["stream"]} if gpu_bytes.get("stream") else {})
@@ -369,6 +377,15 @@ def _stream_note(inv: ModelInventory, cost: CostModel, solution, workload: Workl
             f"({format_bytes(p.gpu_bytes['stream'])} of VRAM) while the GPU computes: prefill "
             f"{p.prefill_tokens_per_s:,.0f} tokens/s predicted, {off.prefill_tokens_per_s:,.0f} without "
             f"(OATO_STREAM=0)",)
+
+
+def _build_note(profile: Profile) -> tuple[str, ...]:
+    """Says so when the profile was measured with another build than the one the plan is for."""
+    build = target_build(profile)
+    if build == profile.machine.llama_cpp_build:
+        return ()
+    return (f"profile {profile.profile_id} was measured with {profile.machine.llama_cpp_build or 'an unnamed build'}, "
+            f"this plan is for {build}: its timings may differ (`oatoplan profile run` measures this build)",)
 
 
 def _outputs_note(s: Settings) -> str:
@@ -391,9 +408,9 @@ def plan_cpu(inv: ModelInventory, profile: Profile, workload: Workload, budget_b
     s, n_threads = solution.settings, default_threads()
     plan = make_plan(inv, {}, n_gpu_layers=0, n_ctx=workload.n_ctx, n_batch=s.n_ubatch, n_ubatch=s.n_ubatch,
                      use_mmap=True, op_offload=False, flash_attn=True, n_outputs_max=s.n_outputs_max,
-                     n_threads=n_threads, llama_cpp_build=profile.machine.llama_cpp_build,
+                     n_threads=n_threads, llama_cpp_build=target_build(profile),
                      profile_id=profile.profile_id, budget_bytes=0,
-                     notes=_cpu_notes(profile, solution, budget_bytes, n_threads))
+                     notes=_cpu_notes(profile, solution, budget_bytes, n_threads) + _build_note(profile))
     plan = dataclasses.replace(plan, workload=workload, prediction=solution.prediction,
                                baselines=(_cpu_defaults(inv, cost, workload),),
                                placement={u.key: CPU for u in model_units(inv)})

@@ -14,6 +14,7 @@ from oatoplan.cost import CostModel, predict, stream_prefill_us
 from oatoplan.graph import CPU, is_ffn, model_units, role
 from oatoplan.inventory import read_inventory
 from oatoplan.load import _stream_environment
+from oatoplan.machine import llama_cpp_build
 from oatoplan.memory import STREAM_SLOT_ALIGN, Settings, fits, gpu_overhead_bytes, tensor_alloc_bytes, vram_terms
 from oatoplan.plan import check_plan_numbers, llama_server_command, plan_for, plan_model, stream_env
 from oatoplan.paths import SHIPPED_PROFILES_DIR
@@ -190,3 +191,11 @@ def test_serving_a_smaller_context_keeps_the_ring(qwen, qwen_header_model):
                     synthetic_profile(streaming=True), GPU)
     served = serving_plan(qwen_header_model, plan, 1024)
     assert served.n_ctx == 1024 and served.memory.stream_bytes == plan.memory.stream_bytes != {}
+
+
+def test_a_plan_is_for_the_build_at_hand_and_says_when_its_profile_is_not(qwen):
+    profile = h200(streaming=False)
+    old = dataclasses.replace(profile, machine=dataclasses.replace(profile.machine, llama_cpp_build="an older build"))
+    plan = plan_model(qwen, old, int(2.5 * (1 << 30)), Workload(512, 64))
+    assert plan.llama_cpp_build == llama_cpp_build()           # what load will compare against
+    assert any("was measured with an older build" in n for n in plan.notes)
