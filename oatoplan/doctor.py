@@ -3,11 +3,13 @@ memory, and a profile for this machine. Entry point: `diagnose()` -> Diagnosis."
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
+from . import ggml
 from .build import series, series_hash
 from .errors import OatoError
 from .machine import devices, llama_cpp_build, loaded_series
@@ -59,6 +61,11 @@ def diagnose() -> Diagnosis:
                         f"series {carried}" if carried else "none: this is the stock llama.cpp",
                         f"oatoplan build --cpu (or --cuda) builds and installs the patched library (series "
                         f"{expected}); everything else works without it"))
+    streaming = ggml.stream_stats() is not None
+    detail = ("not in this build" if not streaming else "off: OATO_STREAM=0 is set"
+              if os.environ.get("OATO_STREAM", "").startswith("0") else "on for plans that use it (OATO_STREAM=0: off)")
+    checks.append(Check("weight streaming", streaming, detail,
+                        "oatoplan build --cpu (or --cuda) builds the patched library with it (patches/0005)"))
     info = llama_cpp.llama_print_system_info().decode(errors="replace")
     features = sorted(set(re.findall(r"(\w+) = 1", info)))
     checks.append(Check("CPU features", True, ", ".join(features) or info.strip()))

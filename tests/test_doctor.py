@@ -81,3 +81,11 @@ def test_doctor_without_a_profile_says_where_profile_writes(cpu_only, monkeypatc
     checks = {c.name: c for c in doctor.diagnose().checks}
     assert not checks["profile"].ok and "Some Unprofiled GPU" in checks["profile"].detail
     assert f"oatoplan profile run --model MODEL.gguf (writes to {user_profile_dir})" in checks["profile"].fix
+
+
+def test_doctor_says_whether_weight_streaming_is_there_and_on(monkeypatch):
+    monkeypatch.delenv("OATO_STREAM", raising=False)
+    check = {c.name: c for c in doctor.diagnose().checks}["weight streaming"]
+    assert check.ok and "on for plans" in check.detail           # this suite runs on oatoplan's build
+    monkeypatch.setenv("OATO_STREAM", "0")
+    assert "off: OATO_STREAM=0" in {c.name: c for c in doctor.diagnose().checks}["weight streaming"].detail
