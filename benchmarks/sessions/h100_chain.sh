@@ -17,8 +17,8 @@
 # call cut short resumes), moerouting (the routing spread of the full file).
 # Weight streaming (issue #17): streamcheck (on/off identity and prefill, Gemma 3 270M and Qwen2-7B shapes, FFN of
 # $CPU_FFN blocks on the host), streamsweep (2/3/6 slots, host blocks first or spread, against predictions); gputests
-# runs tests/gpu/test_stream_gpu.py on both shapes. Measured together on 2026-12-01: build + profile + gputests in one
-# call (390 s), bench2048 + bench512 in the next (240 s).
+# runs tests/gpu/test_stream_gpu.py on both shapes. build + profile + gputests fit one call (about 390 s on the H200
+# machine), bench2048 + bench512 the next (about 240 s).
 set -uo pipefail
 W=${OATO_WORK:-/tmp/oato}
 export OATO_WORK=$W
