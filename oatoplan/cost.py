@@ -172,6 +172,16 @@ class CostModel:
         return self.profile.launch_us.get(device, 0.0)
 
     @property
+    def stream_split_us(self) -> float:
+        """The fixed cost of one streamed upload, calibrated on a real model (calibrate.measure_stream_split), paid on
+        both streams: by its split on the compute stream (the scheduler's split switch, the event wait and record, the
+        small kernels around it) and by the upload on the copy stream (its slot wait, copy issue and event); the three
+        streamed bench arms fit that form, not the compute stream alone (benchmarks/stream_predict_check.py).
+        0: not measured (streamed splits are then priced by crossings)."""
+        split = self.profile.stream_split
+        return max(split.split_us, 0.0) if split else 0.0
+
+    @property
     def crossing_us(self) -> float:
         """One CPU<->GPU crossing in a prefill graph (measured back to back)."""
         return self.profile.crossing_us
@@ -207,9 +217,28 @@ def _offloaded(cost: CostModel, device: str, s: Settings, n_tokens: int) -> bool
 
 
 def streamed(cost: CostModel, unit: Unit, device: str, s: Settings, n_tokens: int) -> bool:
-    """Whether a unit's weights are uploaded by weight streaming (on the copy stream) in a batch of n_tokens."""
-    return bool(s.stream_slots) and bool(unit.matrices) and not unit.is_output and not unit.is_attention \
+    """Whether a unit's weights are uploaded by weight streaming (on the copy stream) in a batch of n_tokens. A norm's
+    weight streams too: op offload takes its MUL to the GPU like a matmul, and the scheduler gives it a split."""
+    return bool(s.stream_slots) and bool(unit.tensors) and not unit.is_output and not unit.is_attention \
         and _offloaded(cost, device, s, n_tokens)
+
+
+def split_priced(cost: CostModel, s: Settings, n_tokens: int) -> bool:
+    """Whether a ubatch of n_tokens prices its streamed splits by the profile's stream_split_us rather than by
+    CPU/GPU crossings: it streams, and the profile measured that cost."""
+    return bool(s.stream_slots) and cost.stream_split_us > 0 and _offloaded(cost, CPU, s, n_tokens)
+
+
+def prefill_crossings(cost: CostModel, units: list[Unit], devices: dict[str, str], s: Settings,
+                      n_tokens: int) -> int:
+    """CPU<->GPU crossings of one prefill ubatch of n_tokens. Where it is split_priced, op offload runs every host
+    unit but the output matrix on the GPU, and each host tensor's split is priced by stream_split_us
+    (unit_ubatch_us): only the graph's real changes of device count (from the input lookup on the CPU, to a host
+    output matrix), not each alternation of units, which would count those splits twice. Otherwise every CPU/GPU
+    alternation of units counts, as in decode."""
+    if split_priced(cost, s, n_tokens):
+        return crossings(cost.gpu if devices[u.key] == CPU and not u.is_output else devices[u.key] for u in units)
+    return crossings(devices[u.key] for u in units)
 
 
 def unit_ubatch_us(cost: CostModel, inv: ModelInventory, unit: Unit, device: str, s: Settings, n_tokens: int,
@@ -240,8 +269,9 @@ def unit_ubatch_us(cost: CostModel, inv: ModelInventory, unit: Unit, device: str
     # element-wise ops around it there too
     compute += sum(cost.elementwise_us(cost.gpu if offload else device, op, width * n_tokens)
                    for op, width in unit.elementwise)
-    if streamed(cost, unit, device, s, n_tokens):
-        return compute, cost.stream_upload_us(unit.n_bytes)
+    if streamed(cost, unit, device, s, n_tokens):    # each host tensor its own upload and split
+        split = len(unit.tensors) * cost.stream_split_us
+        return compute + split, cost.stream_upload_us(unit.n_bytes) + split
     return compute + (cost.transfer_us(unit.n_bytes, "h2d", s.pinned) if moved else 0.0), 0.0
 
 
@@ -302,12 +332,15 @@ def stream_prefill_us(parts: list[tuple[float, float]], n_slots: int) -> float:
 def _per_tensor(cost: CostModel, inv: ModelInventory, unit: Unit,
                 part: tuple[float, float]) -> list[tuple[float, float]]:
     """A streamed unit's (compute, upload) as the scheduler runs it: each host tensor (a matrix, its bias) is an upload
-    of its own into a slot of its own, the unit's compute after the largest one's."""
+    of its own into a slot of its own and a split of its own (stream_split_us each on both streams), the unit's
+    compute after the largest one's."""
     compute, upload = part
     if upload <= 0 or len(unit.tensors) < 2:
         return [part]
+    split = cost.stream_split_us
     sizes = sorted((inv.tensor(name).n_bytes for name in unit.tensors), reverse=True)
-    return [(compute, cost.stream_upload_us(sizes[0]))] + [(0.0, cost.stream_upload_us(b)) for b in sizes[1:]]
+    return [(compute - split * (len(sizes) - 1), cost.stream_upload_us(sizes[0]) + split)] + \
+        [(split, cost.stream_upload_us(b) + split) for b in sizes[1:]]
 
 
 def _expert_matrices(inv: ModelInventory, unit: Unit) -> list[tuple[str, int, int, int]]:
@@ -339,7 +372,8 @@ def _moe_ubatch_us(cost: CostModel, inv: ModelInventory, unit: Unit, device: str
     compute = _weights_us(cost, inv, unit, run_on, n_tokens)
     compute += sum(cost.elementwise_us(run_on, op, width * n_tokens) for op, width in unit.elementwise)
     if streamed(cost, unit, device, s, n_tokens):
-        return compute, cost.stream_upload_us(unit.n_bytes)
+        split = len(unit.tensors) * cost.stream_split_us
+        return compute + split, cost.stream_upload_us(unit.n_bytes) + split
     if offload and is_expert(unit):
         touched = expected_touched(inv.hparams.n_expert, inv.hparams.n_expert_used, n_tokens)
         compute += sum(cost.expert_upload_us(touched, row_bytes(t, k) * n_out, e, s.pinned)
@@ -385,8 +419,8 @@ def predict(cost: CostModel, inv: ModelInventory, devices: dict[str, str], workl
     uses_gpu = cost.gpu is not None      # a GPU build runs graph splits (and op offload) there even at -ngl 0
     n_crossings = crossings(devices[u.key] for u in units)
     fixed_prefill, fixed_decode = fixed_time_us(cost, inv, workload, s, uses_gpu)
-    n_ub = len(ubatches(workload.n_prompt, s.n_ubatch))
-    prefill += fixed_prefill + n_ub * n_crossings * cost.crossing_us
+    prefill_cross = sum(prefill_crossings(cost, units, devices, s, n) for n in ubatches(workload.n_prompt, s.n_ubatch))
+    prefill += fixed_prefill + prefill_cross * cost.crossing_us
     decode += fixed_decode + n_crossings * cost.decode_crossing_us
     gpu_bytes = gpu_memory(inv, units, devices, s, gpu_overhead_bytes(cost.profile)) if uses_gpu else {}
     return Prediction(prefill_s=prefill * 1e-6, decode_s_per_token=decode * 1e-6,

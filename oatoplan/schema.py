@@ -297,6 +297,24 @@ class GpuOverheadSample:
 
 
 @dataclass(frozen=True)
+class StreamSplitSample:
+    """One placement of the weight-streaming calibration (calibrate.measure_stream_split): one prefill ubatch of the
+    profiled model with some small host tensors (norms) streamed, each its own upload and its own scheduler split."""
+    name: str
+    n_uploads: float              # streamed uploads per ubatch, as the build counted them (oato_sched_stream_stats)
+    n_tokens: int                 # the ubatch
+    prefill_us: tuple[float, ...]    # the ubatch's prefill, one sample per repetition
+
+
+@dataclass(frozen=True)
+class StreamSplitCalibration:
+    """The fixed cost of one streamed upload's split on the compute stream (the scheduler's split switch, the event
+    wait and record, the small kernels around it), fitted to the samples: prefill = split_us x uploads + constant."""
+    split_us: float
+    samples: tuple[StreamSplitSample, ...] = ()
+
+
+@dataclass(frozen=True)
 class Profile:
     schema_version: int
     profile_id: str
@@ -325,6 +343,9 @@ class Profile:
     # bytes per second the CPU threads read from host memory in a plain sum (profile_moe.host_read_bytes_per_s): what
     # bounds decode from host weights; 0: not measured (the bound then uses cpu_read_bytes_per_s)
     host_read_bytes_per_s: float = 0.0
+    # weight streaming's fixed cost per streamed upload (calibrate.measure_stream_split); None: not measured (the cost
+    # model then prices streamed splits as before it, by crossings)
+    stream_split: StreamSplitCalibration | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,9 @@ units (a matrix with its bias/norm, or a layer's KV cache and attention) live on
 with t = prefill + n_gen x decode (or one of them, by the workload's objective). With weight streaming, host
 weights upload on a second stream while the GPU computes: t holds the compute stream's prefill, and a variable
 excess >= uploads - (compute stream's prefill) adds the time the uploads outlast it (ideal overlap; the prediction
-simulates the slots, cost.stream_prefill_us). The best candidate wins. `greedy`
+simulates the slots, cost.stream_prefill_us). Each streamed host tensor, a norm as much as a matrix, also costs the
+profile's stream_split_us on both streams, which replaces the crossings of a streaming ubatch (cost.prefill_crossings):
+a small host tensor then costs a split and saves almost no VRAM. The best candidate wins. `greedy`
 (best time saved per byte first) is CBC's starting point and one of the baselines (baselines.py).
 """
 
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import pulp
 
-from .cost import CostModel, combine, fixed_time_us, predict, ubatches, unit_prefill_us, unit_time_us
+from .cost import CostModel, combine, fixed_time_us, predict, split_priced, ubatches, unit_prefill_us, unit_time_us
 from .errors import OatoError, PlanInfeasibleError, SolverError
 from .files import Output, write_file
 from .graph import CPU, Unit, crossings, model_units, role
@@ -87,8 +89,13 @@ def instance(cost: CostModel, inv: ModelInventory, workload: Workload, s: Settin
     times = {d: [unit_time_us(cost, inv, u, d, workload, s) for u in units] for d in (CPU, cost.gpu)}
     t_cpu = [combine(p - up, d, workload) for (p, d), up in zip(times[CPU], uploads)]
     t_gpu = [combine(p, d, workload) for p, d in times[cost.gpu]]
+    # a split_priced ubatch crosses only from the input lookup to the GPU (its host units' splits are in their
+    # times: cost.prefill_crossings); any other ubatch crosses wherever units alternate
+    n_priced = sum(split_priced(cost, s, n) for n in ubatches(workload.n_prompt, s.n_ubatch))
     fixed = fixed_time_us(cost, inv, workload, s, True)
-    inst = _Instance(units, t_cpu, t_gpu, combine(n_ub * cost.crossing_us, cost.decode_crossing_us, workload),
+    fixed = (fixed[0] + n_priced * cost.crossing_us, fixed[1])
+    inst = _Instance(units, t_cpu, t_gpu, combine((n_ub - n_priced) * cost.crossing_us, cost.decode_crossing_us,
+                                                  workload),
                      combine(*fixed, workload), terms, [b / BYTES_PER_MIB for b in terms.unit_bytes])
     if terms.stream_slots:
         inst.prefill_cpu = [p - up for (p, _), up in zip(times[CPU], uploads)]
