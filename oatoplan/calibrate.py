@@ -17,6 +17,12 @@ Without a GPU one placement (all on the CPU) gives k_cpu alone. The bench checks
 
 With a GPU the calibration also measures the GPU memory a process uses beyond llama.cpp's buffers (kernel code loaded
 on first use, cuBLAS handles, the pool), in fresh processes, for the memory model's overhead term.
+
+With a GPU build that has weight streaming (patches/0005) it measures the fixed cost of one streamed upload
+(cost.CostModel.stream_split_us): one ubatch of prefill with the model on the GPU but for the norms of the first 0,
+half and all but the last block in pinned host memory. Each norm weight is a streamed upload of a few KiB and a
+scheduler split of its own, so the time per upload is that fixed cost alone; the build counts the uploads
+(oato_sched_stream_stats), and a least-squares line through (uploads per ubatch, median prefill) gives it.
 """
 
 from __future__ import annotations
@@ -31,15 +37,18 @@ from typing import Callable
 import numpy as np
 from scipy.optimize import nnls
 
-from .baselines import all_on, calibration_arms
-from .cost import DECODE_CLASSES, CostModel, decode_class, fixed_time_us, unit_time_us
-from .graph import crossings, model_units
+from .baselines import Arm, all_on, calibration_arms
+from .cost import DECODE_CLASSES, CostModel, decode_class, fixed_time_us, ubatches, unit_time_us
+from .errors import OatoError
+from .graph import CPU, NORM, crossings, model_units, role, role_info
 from .inventory import read_inventory
 from .load import load
 from .measure import gpu_used_bytes, measure_once, run_bench
 from .memory import Settings, pool_bytes
 from .plan import plan_for
-from .schema import CalibrationArm, GpuOverheadSample, ModelInventory, Profile, Workload
+from .schema import (CalibrationArm, GpuOverheadSample, ModelInventory, Profile, StreamSplitCalibration,
+                     StreamSplitSample, Workload)
+from .solve import STREAM_SLOTS, streaming_available
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +60,13 @@ MIN_REPS = 5
 SETTINGS = Settings(n_ubatch=512, op_offload=True, pinned=True, n_ctx=WORKLOAD.n_ctx, n_outputs_max=1)
 # ubatches at which the GPU overhead is measured: the pool grows with the ubatch, the rest does not
 OVERHEAD_UBATCHES = (512, 2048)
+# The streamed-upload cost: one ubatch of prefill per repetition (a few decode steps, unused), interleaved
+# repetitions of the placements, and the shares of blocks whose norms are in host memory
+STREAM_SPLIT_WORKLOAD = Workload(n_prompt=512, n_gen=4)
+STREAM_SPLIT_SETTINGS = Settings(n_ubatch=512, op_offload=True, pinned=True, n_ctx=STREAM_SPLIT_WORKLOAD.n_ctx,
+                                 n_outputs_max=1, stream_slots=STREAM_SLOTS)
+STREAM_SPLIT_SHARES = (0.0, 0.5, 1.0)
+STREAM_SPLIT_MIN_REPS = 10
 
 
 def decode_components(cost: CostModel, inv: ModelInventory, devices: dict[str, str], workload: Workload,
@@ -97,9 +113,67 @@ def calibrate(model: str | Path, profile: Profile, reps: int = 3,
     log.info("decode factors %s, decode crossing %.1f us", factors, crossing_us)
     identity = f"{inv.identity.file_name} tensor table sha256:{inv.identity.tensor_table_sha256[:16]}"
     overhead, overhead_samples = measure_gpu_overhead(model, bare) if cost.gpu else (0, ())
+    stream_split = measure_stream_split(model, bare, reps, progress) if cost.gpu else None
     return dataclasses.replace(profile, decode_factors=factors, decode_crossing_us=crossing_us,
                                calibration=tuple(measured), calibration_model=identity,
-                               gpu_overhead_bytes=overhead, gpu_overhead=overhead_samples)
+                               gpu_overhead_bytes=overhead, gpu_overhead=overhead_samples, stream_split=stream_split)
+
+
+def stream_split_arms(inv: ModelInventory, gpu: str) -> list[Arm]:
+    """The placements of the streamed-upload measurement: all on the GPU but the norms of the first k blocks, k at
+    each of STREAM_SPLIT_SHARES of all blocks but the last (whose FFN half runs on the output rows only, too few
+    tokens for op offload)."""
+    arms = []
+    for share in STREAM_SPLIT_SHARES:
+        k = round(share * (inv.hparams.n_layer - 1))
+        placement = {u.key: CPU if u.layer is not None and u.layer < k and role_info(role(u))[1] == NORM else gpu
+                     for u in model_units(inv)}
+        arms.append(Arm(f"norms of blocks 0-{k - 1} in host memory" if k else "all on GPU", placement,
+                        STREAM_SPLIT_SETTINGS))
+    return arms
+
+
+def fit_stream_split(samples: list[StreamSplitSample] | tuple[StreamSplitSample, ...]) -> float:
+    """The fixed cost of one streamed upload (us): the slope of the least-squares line through (uploads per ubatch,
+    median prefill per ubatch) of the samples, at least 0. Raises ValueError with fewer than two upload counts."""
+    if len({x.n_uploads for x in samples}) < 2:
+        raise ValueError("the streamed-upload fit needs samples at two or more upload counts")
+    uploads = np.array([x.n_uploads for x in samples])
+    prefill = np.array([statistics.median(x.prefill_us) for x in samples])
+    slope, _ = np.polyfit(uploads, prefill, 1)
+    return round(max(float(slope), 0.0), 2)
+
+
+def measure_stream_split(model: str | Path, profile: Profile, reps: int = 3,
+                         progress: Callable[[str, int, int], None] | None = None) -> StreamSplitCalibration | None:
+    """The fixed cost of one streamed upload on this machine and build, and its samples (stream_split_arms, one
+    ubatch of prefill each). None, logged, where it cannot be measured: no GPU in the profile, a build without
+    weight streaming, or a run that streamed nothing (OATO_STREAM=0) or failed."""
+    if not profile.gpu_device or not streaming_available(profile):
+        log.info("streamed-upload cost not measured: the build has no weight streaming on a GPU")
+        return None
+    inv = read_inventory(model)
+    arms = [dataclasses.replace(arm, plan=dataclasses.replace(
+        plan_for(inv, arm.placement, arm.settings, profile, profile.gpu_device), workload=STREAM_SPLIT_WORKLOAD))
+        for arm in stream_split_arms(inv, profile.gpu_device)]
+    try:
+        result = run_bench(model, arms, STREAM_SPLIT_WORKLOAD, max(reps, STREAM_SPLIT_MIN_REPS), progress)
+    except OatoError as exc:
+        log.warning("streamed-upload cost not measured: %s", exc)
+        return None
+    n_ubatches = result.reps * len(ubatches(STREAM_SPLIT_WORKLOAD.n_prompt, STREAM_SPLIT_SETTINGS.n_ubatch))
+    samples = tuple(StreamSplitSample(arm.name, round(arm.stream_stats[0] / n_ubatches, 2) if arm.stream_stats else 0.0,
+                                      STREAM_SPLIT_SETTINGS.n_ubatch,
+                                      tuple(round(1e6 * STREAM_SPLIT_WORKLOAD.n_prompt / t, 1)
+                                            for t in arm.prefill_tokens_per_s))
+                    for arm in result.arms)
+    if len({x.n_uploads for x in samples}) < 2:
+        log.warning("streamed-upload cost not measured: the host norms did not stream (OATO_STREAM=0?)")
+        return None
+    split_us = fit_stream_split(samples)
+    log.info("streamed upload: %.1f us each (%s)", split_us,
+             ", ".join(f"{x.n_uploads:g} uploads {statistics.median(x.prefill_us):.0f} us" for x in samples))
+    return StreamSplitCalibration(split_us, samples)
 
 
 def _overhead_in_fresh_process(model: str, profile: Profile, n_ubatch: int) -> tuple[int, int]:

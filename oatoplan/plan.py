@@ -373,10 +373,14 @@ def _stream_note(inv: ModelInventory, cost: CostModel, solution, workload: Workl
     if not s.stream_slots or not p.gpu_bytes.get("stream"):
         return ()
     off = predict(cost, inv, solution.devices, workload, dataclasses.replace(s, stream_slots=0))
+    unmeasured = () if cost.stream_split_us else (
+        f"profile {cost.profile.profile_id} did not measure the fixed cost of a streamed upload (`oatoplan profile "
+        f"run --model` on a build with weight streaming does): the prediction leaves it out, and prefill with many "
+        f"host tensors is slower than predicted",)
     return (f"weight streaming: host weights upload on a second stream into {s.stream_slots} slots "
             f"({format_bytes(p.gpu_bytes['stream'])} of VRAM) while the GPU computes: prefill "
             f"{p.prefill_tokens_per_s:,.0f} tokens/s predicted, {off.prefill_tokens_per_s:,.0f} without "
-            f"(OATO_STREAM=0)",)
+            f"(OATO_STREAM=0)",) + unmeasured
 
 
 def _build_note(profile: Profile) -> tuple[str, ...]:

@@ -1,14 +1,15 @@
 """The cost model: interpolation between measured points, and VRAM terms checked against llama.cpp's allocations."""
 
+import dataclasses
 import math
 
 import pytest
 
-from oatoplan.cost import CostModel, _loglog, predict
-from oatoplan.graph import model_units
+from oatoplan.cost import CostModel, _loglog, predict, prefill_crossings, unit_ubatch_us
+from oatoplan.graph import NORM, crossings, model_units, role, role_info
 from oatoplan.memory import Settings, compute_stage_bytes, gpu_memory
 from oatoplan.inventory import read_inventory
-from oatoplan.schema import Workload
+from oatoplan.schema import StreamSplitCalibration, Workload
 from oatoplan.units import BYTES_PER_MIB
 from profiles import synthetic_profile
 
@@ -95,3 +96,58 @@ def test_one_logit_row_shrinks_the_output_stage(qwen_header_model):
     assert compute_stage_bytes(inv, every)[1] == compute_stage_bytes(inv, one)[1]
     output_on_cpu = {u.key: "CPU" if u.is_output else "CUDA0" for u in units}
     assert gpu_memory(inv, units, output_on_cpu, one, 0)["compute"] < gpu_memory(inv, units, output_on_cpu, every, 0)["compute"] / 3
+
+
+def host_norms(inv, n_blocks):
+    """All on the GPU but the norms of the first n_blocks blocks (each norm weight a streamed upload of its own)."""
+    return {u.key: "CPU" if u.layer is not None and u.layer < n_blocks and role_info(role(u))[1] == NORM else "CUDA0"
+            for u in model_units(inv)}
+
+
+def with_split(profile, split_us):
+    return dataclasses.replace(profile, stream_split=StreamSplitCalibration(split_us) if split_us is not None else None)
+
+
+def test_each_streamed_upload_costs_the_profiles_split_on_both_streams(qwen_header_model):
+    inv = read_inventory(qwen_header_model)
+    s = Settings(512, True, True, 2048, n_outputs_max=1, stream_slots=3)
+    norm = next(u for u in model_units(inv) if role(u) == "attn_norm")
+    q = next(u for u in model_units(inv) if role(u) == "attn_q")
+    assert len(norm.tensors) == 1 and len(q.tensors) == 2                # a matrix and its bias: two uploads
+    bare = CostModel(synthetic_profile(streaming=True))
+    priced = CostModel(with_split(synthetic_profile(streaming=True), 80.0))
+    assert bare.stream_split_us == 0.0 and priced.stream_split_us == 80.0
+    for unit in (norm, q):
+        (c0, u0), (c1, u1) = (unit_ubatch_us(c, inv, unit, "CPU", s, 512, 0) for c in (bare, priced))
+        assert u0 > 0 and c1 - c0 == pytest.approx(80.0 * len(unit.tensors)) and u1 - u0 == pytest.approx(
+            80.0 * len(unit.tensors))
+    # the same unit on the GPU streams nothing and pays nothing
+    assert unit_ubatch_us(priced, inv, q, "CUDA0", s, 512, 0) == unit_ubatch_us(bare, inv, q, "CUDA0", s, 512, 0)
+
+
+def test_more_streamed_splits_predict_a_longer_prefill(qwen_header_model):
+    inv = read_inventory(qwen_header_model)
+    w, s = Workload(512, 16), Settings(512, True, True, 1024, n_outputs_max=1, stream_slots=3)
+    cost = CostModel(with_split(synthetic_profile(streaming=True), 80.0))
+    prefill = [predict(cost, inv, host_norms(inv, k), w, s).prefill_s * 1e6 for k in (0, 4, 8, 16)]
+    assert prefill == sorted(prefill) and len(set(prefill)) == 4
+    # compute-bound: each host norm adds its split (two norms per block), and no crossings on top
+    assert prefill[3] - prefill[2] == pytest.approx(8 * 2 * 80.0, rel=0.02)
+
+
+def test_without_a_measured_split_prefill_is_priced_by_crossings_as_before(qwen_header_model):
+    inv = read_inventory(qwen_header_model)
+    w, s = Workload(1024, 16), Settings(512, True, True, 2048, n_outputs_max=1, stream_slots=3)
+    profile = synthetic_profile(streaming=True)
+    units = model_units(inv)
+    devices = host_norms(inv, 8)
+    bare, zero = CostModel(profile), CostModel(with_split(profile, 0.0))
+    assert predict(bare, inv, devices, w, s) == predict(zero, inv, devices, w, s)
+    # each of the two ubatches: every alternation of units is a crossing; with a measured split, only the input's
+    n_alternations = crossings(devices[u.key] for u in units)
+    assert prefill_crossings(bare, units, devices, s, 512) == n_alternations > 1
+    assert prefill_crossings(CostModel(with_split(profile, 50.0)), units, devices, s, 512) == 1
+    # streaming off, or a ubatch too small for op offload: crossings as before whatever the profile
+    off = dataclasses.replace(s, stream_slots=0)
+    assert prefill_crossings(CostModel(with_split(profile, 50.0)), units, devices, off, 512) == n_alternations
+    assert prefill_crossings(CostModel(with_split(profile, 50.0)), units, devices, s, 16) == n_alternations

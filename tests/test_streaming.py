@@ -11,14 +11,14 @@ import pytest
 
 from oatoplan.artifacts import read_json
 from oatoplan.cost import CostModel, predict, stream_prefill_us
-from oatoplan.graph import CPU, is_ffn, model_units, role
+from oatoplan.graph import CPU, NORM, is_ffn, model_units, role, role_info
 from oatoplan.inventory import read_inventory
 from oatoplan.load import _stream_environment
 from oatoplan.machine import llama_cpp_build
 from oatoplan.memory import STREAM_SLOT_ALIGN, Settings, fits, gpu_overhead_bytes, tensor_alloc_bytes, vram_terms
 from oatoplan.plan import check_plan_numbers, llama_server_command, plan_for, plan_model, stream_env
 from oatoplan.paths import SHIPPED_PROFILES_DIR
-from oatoplan.schema import Profile, Workload
+from oatoplan.schema import Profile, StreamSplitCalibration, Workload
 from oatoplan.serve import serving_plan
 from oatoplan.solve import (candidate_settings, instance, objective, solve, solve_instance, streaming_available,
                             vram_mib)
@@ -91,8 +91,10 @@ def test_streaming_prefill_is_faster_and_never_below_either_stream(qwen):
 
 @pytest.mark.parametrize("workload", [Workload(512, 128), Workload(2048, 4)])
 @pytest.mark.parametrize("share", [0.2, 0.6])
-def test_ilp_with_streaming_equals_brute_force(one_layer, workload, share):
-    cost = CostModel(synthetic_profile(crossing_us=5.0, pcie_bytes_per_s=5e9, streaming=True))
+@pytest.mark.parametrize("split_us", [None, 40.0])
+def test_ilp_with_streaming_equals_brute_force(one_layer, workload, share, split_us):
+    profile = synthetic_profile(crossing_us=5.0, pcie_bytes_per_s=5e9, streaming=True)
+    cost = CostModel(dataclasses.replace(profile, stream_split=split_us and StreamSplitCalibration(split_us)))
     inst = instance(cost, one_layer, workload, Settings(512, True, True, workload.n_ctx, stream_slots=3))
     assert inst.upload_cpu and max(inst.upload_cpu) > 0
     low, high = vram_mib(inst, [0] * len(inst.units)), vram_mib(inst, [1] * len(inst.units))
@@ -145,6 +147,20 @@ def test_plan_streams_within_budget_and_says_so(qwen):
     assert stock.stream_slots == 0 and stock.prediction.prefill_s > plan.prediction.prefill_s
     # oatoplan's build streams by default: a plan without streaming says so to llama-server too
     assert llama_server_command(stock, "m.gguf").startswith("OATO_STREAM=0 llama-server ")
+
+
+def test_a_measured_split_cost_keeps_norms_off_the_host_when_streaming(qwen):
+    """pp512 with --objective ttft at 2.5 GiB: without the per-upload cost, norms on the host cost the plan nothing
+    and save VRAM, so the plan puts dozens there (each a streamed upload and split of its own on the GPU machine)."""
+    w, budget = Workload(512, 128, objective="ttft"), int(2.5 * (1 << 30))
+
+    def host_norms(profile, says_unmeasured):
+        plan = plan_model(qwen, profile, budget, w)
+        assert plan.stream_slots > 0
+        assert any("did not measure the fixed cost of a streamed upload" in n for n in plan.notes) == says_unmeasured
+        return [u.key for u in model_units(qwen) if plan.placement[u.key] == CPU and role_info(role(u))[1] == NORM]
+    assert len(host_norms(h200(), True)) > 10
+    assert host_norms(dataclasses.replace(h200(), stream_split=StreamSplitCalibration(80.0)), False) == []
 
 
 def test_refine_never_leaves_the_budget_nor_gets_slower(qwen):
