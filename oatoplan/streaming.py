@@ -9,7 +9,9 @@ that follow them leave the copy stream idle. With the host blocks spread evenly 
 block gives the copy stream time to catch up. Which layers of a role are on the host changes no other term the
 program prices (each role's units differ only by their weight types), so the plan takes the spread placement when
 the cost model's prediction (cost.stream_prefill_us simulates the slots) says it is faster, and then the number of
-slots that is fastest within the budget.
+slots that is fastest within the budget. Both the program and the prediction charge every streamed host tensor the
+profile's fixed cost per upload (cost.CostModel.stream_split_us), so a norm or a bias on the host, which saves almost
+no VRAM, stays there only where that pays (in decode crossings, say).
 """
 
 from __future__ import annotations
