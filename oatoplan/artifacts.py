@@ -29,15 +29,29 @@ PROFILE_OPS = ("MUL_MAT", "FLASH_ATTN_EXT", "RMS_NORM", "MUL", "ADD", "GLU", "RO
 PROFILE_OP_DIMS = {"MUL_MAT": 2, "FLASH_ATTN_EXT": 4,     # any other op: (elements per token,)
                    "MUL_MAT_ID": 4, "MOE_ROUTE": 2, "EXPERT_UPLOAD": 2}   # profile_moe.py
 GPU_DEVICE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")   # ggml's device names: CUDA0, Vulkan0, Metal, ...
+RPC_DEVICE_NAME = re.compile(r"^RPC\[([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:]+\]):([0-9]{1,5})\]$")   # RPC[host:port]
 
 
 def validate_profile(p: Profile) -> None:
     """Raise ValueError naming the field where `p` cannot drive the cost model: a time or rate that is not a finite
     positive number (NaN, negative, zero), a device other than CPU and the profiled GPU, an op missing on a device,
     too few transfer sizes to fit a line to where a GPU is named."""
-    devices = ("CPU",) + ((p.gpu_device,) if p.gpu_device else ())
+    devices = ("CPU",) + ((p.gpu_device,) if p.gpu_device else ()) + tuple(d.device for d in p.devices)
     if p.gpu_device and (p.gpu_device == "CPU" or not GPU_DEVICE_NAME.match(p.gpu_device)):
         raise ValueError(f"gpu_device {p.gpu_device!r} is not a ggml GPU device name (e.g. CUDA0)")
+    if p.devices and not p.gpu_device:
+        raise ValueError("devices: more accelerators are listed, but gpu_device (the first) is empty")
+    for i, link in enumerate(p.devices):
+        where = f"devices[{i}]"
+        if not (GPU_DEVICE_NAME.match(link.device) or RPC_DEVICE_NAME.match(link.device)):
+            raise ValueError(f"{where}.device {link.device!r} is not a ggml GPU name (CUDA1) or RPC[host:port]")
+        if devices.count(link.device) > 1:
+            raise ValueError(f"{where}.device {link.device!r} is listed twice")
+        _at_least(f"{where}.total_bytes", link.total_bytes, 0)
+        for name in ("crossing_us", "decode_crossing_us"):
+            _finite(f"{where}.{name}", getattr(link, name))
+        for name in ("h2d_bytes_per_s", "d2h_bytes_per_s"):
+            _finite(f"{where}.{name}", getattr(link, name), positive=True)
     _at_least("n_threads", p.n_threads, 1)
     _at_least("machine.n_cpu_threads", p.machine.n_cpu_threads, 1)
     for name in ("ram_bytes", "gpu_total_bytes"):

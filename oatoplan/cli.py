@@ -29,8 +29,9 @@ from .inventory import read_inventory
 from .load import generate, load, run_stats
 from .machine import gpu_devices
 from .paths import user_profile_dir
-from .memory import budget_bytes
+from .memory import budget_bytes, parse_budgets
 from .plan import MAX_N_CTX, plan_model
+from .split import plan_split
 from .profile import find_profile, measure_profile
 from .serve import serve as serve_model
 from .artifacts import dumps, read_json, write_json
@@ -271,7 +272,9 @@ def profile_validate(
 def plan(
     model: ModelArg,
     vram: Annotated[str, typer.Option("--vram", help="VRAM budget, e.g. 6GiB, 4500MiB, 0 (all on the CPU), or auto "
-                                                     "(free VRAM - 5%; 0 without a GPU).")],
+                                                     "(free VRAM - 5%; 0 without a GPU); for several devices, one "
+                                                     "per device in split order: "
+                                                     "CUDA0=20GiB,CUDA1=auto,RPC[host:50052]=8GiB.")],
     use: ProfileOpt = None,
     prompt: PromptOpt = 512, gen: GenOpt = 128, depth: DepthOpt = 0, ctx_over_train: CtxOverTrainOpt = False,
     objective: Annotated[str, typer.Option("--objective", help="total, ttft or decode.")] = "total",
@@ -289,7 +292,13 @@ def plan(
     if lp:
         check_output(lp, "lp")
     workload = _workload(prompt, gen, depth, objective, inv, ctx_over_train)
-    result = plan_model(inv, prof, _budget(vram, prof), workload, lp)
+    budgets = parse_budgets(vram)
+    if budgets and list(budgets) != [prof.gpu_device]:
+        if lp:
+            raise OatoError("--write-lp: a plan over several devices writes no LP file yet; leave --write-lp out")
+        result = plan_split(inv, prof, budgets, workload)
+    else:
+        result = plan_model(inv, prof, budgets[prof.gpu_device] if budgets else _budget(vram, prof), workload, lp)
     path = write_json(result, target)
     _print(report.plan_view(result, path))
     stdout.print(f"wrote {path}" + (f" and {write_lp}" if write_lp else ""))

@@ -14,7 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from .errors import ProfileError
+from .artifacts import RPC_DEVICE_NAME
+from .errors import OatoError, ProfileError
 from .ggml import row_bytes
 from .graph import CPU, Unit
 from .inventory import kv_bytes_per_token, kv_cells
@@ -78,6 +79,32 @@ def budget_bytes(vram: str, profile: Profile) -> int:
         raise ProfileError(f"--vram auto needs {profile.gpu_device} of the profile {profile.profile_id}, but this "
                            f"llama.cpp build has {', '.join(d.name for d in gpus)}; give a size, e.g. --vram 6GiB, "
                            f"or profile this machine")
+    return int(found[0].free_bytes * AUTO_BUDGET_SHARE)
+
+
+def parse_budgets(text: str) -> dict[str, int] | None:
+    """`--vram CUDA0=20GiB,CUDA1=10GiB,RPC[host:50052]=8GiB` -> {device: bytes}, in the order given (the order of
+    llama.cpp's layer split); None for a single budget ("6GiB", "auto")."""
+    if "=" not in text:
+        return None
+    budgets: dict[str, int] = {}
+    for item in text.split(","):
+        device, _, size = item.strip().partition("=")
+        if not size or not (device.isidentifier() or RPC_DEVICE_NAME.match(device)) or device == CPU:
+            raise OatoError(f"--vram {item.strip()!r}: give DEVICE=SIZE for each accelerator, e.g. "
+                            f"CUDA0=20GiB,CUDA1=10GiB,RPC[192.168.1.20:50052]=8GiB")
+        if device in budgets:
+            raise OatoError(f"--vram names {device} twice; give each device once")
+        budgets[device] = _auto_budget(device) if size == "auto" else parse_size_bytes(size)
+    return budgets
+
+
+def _auto_budget(device: str) -> int:
+    """`DEVICE=auto`: that device's free memory less 5%, as llama.cpp reports it here."""
+    found = [d for d in devices() if d.name == device]
+    if not found:
+        raise OatoError(f"--vram {device}=auto: this llama.cpp build has no device {device} (it has "
+                        f"{', '.join(d.name for d in devices())}); give a size, e.g. {device}=8GiB")
     return int(found[0].free_bytes * AUTO_BUDGET_SHARE)
 
 

@@ -11,22 +11,23 @@ baselines beside it (`plan_cpu` when nothing goes to a GPU); `plan_for` turns an
 from __future__ import annotations
 
 import dataclasses
-import re
 import shlex
 from collections import defaultdict
 from pathlib import Path
+
 
 from .baselines import baseline_arms, greedy_arm
 from .cost import CostModel, cpu_cost_model, predict
 from .errors import PlanError, PlanMismatchError
 from .graph import CPU, model_units
-from .inventory import BLOCK_NAME, KV_CACHE_TYPES
+from .inventory import KV_CACHE_TYPES
+from .names import buffer_type_flag, device_flag, override_pattern, split_device
 from .machine import default_threads, llama_cpp_available, llama_cpp_build, logical_cpus
 from .memory import Settings, gpu_memory, gpu_overhead_bytes, kv_layer_bytes, vram_terms
 from .schema import (SCHEMA_VERSION, BaselinePrediction, MemoryPrediction, ModelInventory, Plan, Profile,
                      TensorOverride, Workload)
 from .solve import CpuSolution, explain, solve, solve_cpu
-from .streaming import refine
+from .streaming import refine, stream_note
 from .units import format_bytes
 
 # Key of the second copy of token_embd.weight that llama.cpp makes as the output matrix of a tied-embedding model.
@@ -36,27 +37,32 @@ TIED_OUTPUT = "token_embd.weight (output copy)"
 ALIGNMENT_SLACK_BYTES = 1024
 
 
-def default_device(inv: ModelInventory, group: str, layer: int | None, n_gpu_layers: int, gpu: str | None) -> str:
+def default_device(inv: ModelInventory, group: str, layer: int | None, n_gpu_layers: int, gpu: str | None,
+                   gpus: tuple[str, ...] = (), tensor_split: tuple[int, ...] = ()) -> str:
     """Device llama.cpp gives a tensor without overrides: the input layer always stays on the CPU; block il and
-    `output` (layer n_layer) go to the GPU when il >= n_layer + 1 - n_gpu_layers."""
+    `output` (layer n_layer) go to the GPU when il >= n_layer + 1 - n_gpu_layers; with several devices (`gpus`,
+    `tensor_split`), to the one the split gives that layer."""
     if gpu is None or group == "input":
         return CPU
     n_layer = inv.hparams.n_layer
     ngl = n_layer + 1 if n_gpu_layers < 0 else min(n_gpu_layers, n_layer + 1)
     il = n_layer if group == "output" else layer if layer is not None else 0
+    if len(gpus) > 1 and tensor_split:
+        return split_device(il, n_layer, ngl, gpus, tensor_split)
     return gpu if il >= n_layer + 1 - ngl else CPU
 
 
 def tensor_devices(inv: ModelInventory, plan: Plan) -> dict[str, str]:
     """Device of every tensor (and of TIED_OUTPUT) under the plan, by llama.cpp's rules."""
     gpu = plan.gpu_devices[0] if plan.gpu_devices else None
+    split = (plan.gpu_devices, plan.tensor_split)
     overridden = {}
     for o in plan.tensor_overrides:
         for name in o.tensors:
             overridden.setdefault(name, o.device)      # as llama.cpp applies them: the first override wins
 
     def place(name: str, group: str, layer: int | None) -> str:
-        return overridden.get(name) or default_device(inv, group, layer, plan.n_gpu_layers, gpu)
+        return overridden.get(name) or default_device(inv, group, layer, plan.n_gpu_layers, gpu, *split)
 
     devices = {t.name: place(t.name, t.group, t.layer) for t in inv.tensors}
     if inv.tied_output:
@@ -67,7 +73,8 @@ def tensor_devices(inv: ModelInventory, plan: Plan) -> dict[str, str]:
 def layer_devices(inv: ModelInventory, plan: Plan) -> list[str]:
     """Device of each block's KV cache and attention (n_gpu_layers alone decides it)."""
     gpu = plan.gpu_devices[0] if plan.gpu_devices else None
-    return [default_device(inv, "layer", il, plan.n_gpu_layers, gpu) for il in range(inv.hparams.n_layer)]
+    return [default_device(inv, "layer", il, plan.n_gpu_layers, gpu, plan.gpu_devices, plan.tensor_split)
+            for il in range(inv.hparams.n_layer)]
 
 
 def predict_memory(inv: ModelInventory, plan: Plan, compute_bytes: dict[str, int] | None = None) -> MemoryPrediction:
@@ -93,52 +100,19 @@ def predict_memory(inv: ModelInventory, plan: Plan, compute_bytes: dict[str, int
                             model_optional_bytes=optional_bytes)
 
 
-def _escape(name: str) -> str:
-    """A tensor name as a literal in the pattern subset: letters, digits and _ as they are, . and - escaped (an
-    identity escape in both dialects); any other character is refused rather than trusted to mean the same."""
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
-        raise PlanError(f"tensor name {name!r} has characters oatoplan does not pass to llama.cpp's patterns; only "
-                        f"letters, digits, '_', '.' and '-' are supported")
-    return re.sub(r"([.\-])", r"\\\1", name)
-
-
-# What override_pattern writes: ^(?: ... )$ around literals, \. \-, (?: | ) groups. Python's re and ECMAScript agree on
-# every construct of it (no classes, no quantifiers, no anchors but the two ends).
-OVERRIDE_PATTERN_SYNTAX = re.compile(r"\^\(\?:(?:[A-Za-z0-9_|]|\\[.\-]|\(\?:|\))*\)\$")
-
-
-def override_pattern(names: list[str] | tuple[str, ...]) -> str:
-    """One anchored pattern matching exactly `names`: block tensors grouped by role, roles with the same layers
-    grouped together, e.g. ^(?:blk\\.(?:3|7)\\.(?:ffn_gate\\.weight|ffn_up\\.weight))$ . One pattern per destination
-    keeps load time low: llama.cpp compiles every pattern once per tensor."""
-    layers_by_suffix: dict[str, set[int]] = defaultdict(set)
-    others = []
-    for name in names:
-        match = BLOCK_NAME.match(name)
-        if match:
-            layers_by_suffix[match.group(2)].add(int(match.group(1)))
-        else:
-            others.append(_escape(name))
-    suffixes_by_layers: dict[tuple[int, ...], list[str]] = defaultdict(list)
-    for suffix, layers in layers_by_suffix.items():
-        suffixes_by_layers[tuple(sorted(layers))].append(_escape(suffix))
-    alternatives = [f"blk\\.(?:{'|'.join(map(str, layers))})\\.(?:{'|'.join(sorted(suffixes))})"
-                    for layers, suffixes in sorted(suffixes_by_layers.items())]
-    return "^(?:" + "|".join(alternatives + sorted(others)) + ")$"
-
-
 def make_plan(inv: ModelInventory, devices: dict[str, str], *, n_gpu_layers: int, gpu_devices: tuple[str, ...] = (),
               n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int = 512, use_mmap: bool | None = None,
               op_offload: bool = True, flash_attn: bool = True, type_k: str = "f16", type_v: str = "f16",
               swa_full: bool = True, n_outputs_max: int = 0, stream_slots: int = 0, stream_slot_bytes: int = 0,
               stream_bytes: dict[str, int] | None = None, n_threads: int | None = None, llama_cpp_build: str = "",
-              profile_id: str = "",
+              profile_id: str = "", tensor_split: tuple[int, ...] = (), rpc_servers: tuple[str, ...] = (),
               budget_bytes: int | None = None, compute_bytes: dict[str, int] | None = None,
               notes: tuple[str, ...] = ()) -> Plan:
     """A Plan that puts each tensor where `devices` says (tensors it leaves out follow n_gpu_layers). Overrides are
     emitted only for tensors that differ from n_gpu_layers' rule, merged into one pattern per device.
     use_mmap defaults to off whenever a GPU is used, so that CPU-resident weights sit in pinned memory."""
     gpu = gpu_devices[0] if gpu_devices else None
+    split = (tuple(gpu_devices), tuple(tensor_split))
     unknown = set(devices) - {t.name for t in inv.tensors} - {TIED_OUTPUT}
     if unknown:
         raise PlanError(f"no tensor named {sorted(unknown)[0]!r} in {inv.identity.file_name}")
@@ -147,13 +121,13 @@ def make_plan(inv: ModelInventory, devices: dict[str, str], *, n_gpu_layers: int
         raise PlanError(f"device {stray[0]!r} is not among the plan's GPU devices {list(gpu_devices)}")
     moved: dict[str, list[str]] = defaultdict(list)
     for t in inv.tensors:
-        default = default_device(inv, t.group, t.layer, n_gpu_layers, gpu)
+        default = default_device(inv, t.group, t.layer, n_gpu_layers, gpu, *split)
         if devices.get(t.name, default) != default and not (inv.tied_output and t.name == "token_embd.weight"):
             moved[devices[t.name]].append(t.name)
     if inv.tied_output:
         # llama.cpp names both copies "token_embd.weight": one override moves both, none leaves the input copy on
         # the CPU and the output copy on the output layer's device
-        default_output = default_device(inv, "output", None, n_gpu_layers, gpu)
+        default_output = default_device(inv, "output", None, n_gpu_layers, gpu, *split)
         input_device = devices.get("token_embd.weight", CPU)
         output_device = devices.get(TIED_OUTPUT, default_output)
         if input_device == output_device and (input_device, output_device) != (CPU, default_output):
@@ -168,7 +142,8 @@ def make_plan(inv: ModelInventory, devices: dict[str, str], *, n_gpu_layers: int
                 flash_attn=flash_attn, type_k=type_k, type_v=type_v, n_threads=n_threads, swa_full=swa_full,
                 n_outputs_max=n_outputs_max, stream_slots=stream_slots, stream_slot_bytes=stream_slot_bytes,
                 gpu_devices=tuple(gpu_devices), llama_cpp_build=llama_cpp_build, profile_id=profile_id,
-                budget_bytes=budget_bytes, notes=notes)
+                budget_bytes=budget_bytes, notes=notes, tensor_split=tuple(tensor_split),
+                rpc_servers=tuple(rpc_servers))
     memory = predict_memory(inv, plan, compute_bytes)
     return dataclasses.replace(plan, memory=dataclasses.replace(memory, stream_bytes=dict(stream_bytes or {})))
 
@@ -203,6 +178,13 @@ def check_plan(inv: ModelInventory, plan: Plan, source: str) -> None:
     stray = sorted({o.device for o in plan.tensor_overrides} - {CPU} - set(plan.gpu_devices))
     if stray:
         raise PlanError(f"{source}: override device {stray[0]!r} is not listed in gpu_devices {list(plan.gpu_devices)}")
+    if len(plan.gpu_devices) > 1 and len(plan.tensor_split) != len(plan.gpu_devices):
+        raise PlanError(f"{source}: tensor_split has {len(plan.tensor_split)} entries for {len(plan.gpu_devices)} "
+                        f"devices; give one layer count per device of gpu_devices")
+    rpc = sorted(d[len("RPC["):-1] for d in plan.gpu_devices if d.startswith("RPC["))
+    if rpc != sorted(plan.rpc_servers):
+        raise PlanError(f"{source}: rpc_servers {list(plan.rpc_servers)} are not the RPC devices of gpu_devices "
+                        f"{list(plan.gpu_devices)}; list each RPC[host:port] device's host:port once")
     if plan.n_ubatch > plan.n_batch:
         raise PlanError(f"{source}: n_ubatch {plan.n_ubatch} is larger than n_batch {plan.n_batch}")
     check_plan_numbers(inv, plan, source)
@@ -260,7 +242,13 @@ def llama_cpp_flags(plan: Plan) -> str:
         flags.append("--swa-full")
     if plan.n_threads:
         flags.append(f"-t {plan.n_threads}")
-    flags += [f"-ot '{override_pattern(o.tensors)}={o.device}'" for o in plan.tensor_overrides]
+    if plan.rpc_servers:
+        flags.append(f"--rpc {','.join(plan.rpc_servers)}")
+    if len(plan.gpu_devices) > 1:
+        flags += [f"-dev {','.join(device_flag(d, plan.rpc_servers) for d in plan.gpu_devices)}",
+                  f"-ts {','.join(map(str, plan.tensor_split))}"]
+    flags += [f"-ot '{override_pattern(o.tensors)}={buffer_type_flag(o.device, plan.rpc_servers)}'"
+              for o in plan.tensor_overrides]
     return " ".join(flags)
 
 
@@ -350,7 +338,7 @@ def plan_model(inv: ModelInventory, profile: Profile, budget_bytes: int, workloa
     notes = tuple(explain(inv, cost, solution, workload)) + (
         f"ubatch {s.n_ubatch}, op offload {'on' if s.op_offload else 'off'}, mmap off (host weights pinned): "
         f"best of {len(solution.candidates)} settings solved in {solution.solve_s:.2f} s",) + \
-        ((_outputs_note(s),) if s.n_outputs_max else ()) + _stream_note(inv, cost, solution, workload) + \
+        ((_outputs_note(s),) if s.n_outputs_max else ()) + stream_note(inv, cost, solution, workload) + \
         _build_note(profile)
     units = model_units(inv)
     slot = vram_terms(inv, units, s, 0).slot([solution.devices[u.key] != CPU for u in units])
@@ -365,22 +353,6 @@ def plan_model(inv: ModelInventory, profile: Profile, budget_bytes: int, workloa
     plan = dataclasses.replace(plan, workload=workload, prediction=solution.prediction, baselines=tuple(baselines),
                                placement=dict(solution.devices))
     return dataclasses.replace(plan, flags=llama_cpp_flags(plan))
-
-
-def _stream_note(inv: ModelInventory, cost: CostModel, solution, workload: Workload) -> tuple[str, ...]:
-    """What weight streaming does for the plan, with the same placement's prediction without it."""
-    s, p = solution.settings, solution.prediction
-    if not s.stream_slots or not p.gpu_bytes.get("stream"):
-        return ()
-    off = predict(cost, inv, solution.devices, workload, dataclasses.replace(s, stream_slots=0))
-    unmeasured = () if cost.stream_split_us else (
-        f"profile {cost.profile.profile_id} did not measure the fixed cost of a streamed upload (`oatoplan profile "
-        f"run --model` on a build with weight streaming does): the prediction leaves it out, and prefill with many "
-        f"host tensors is slower than predicted",)
-    return (f"weight streaming: host weights upload on a second stream into {s.stream_slots} slots "
-            f"({format_bytes(p.gpu_bytes['stream'])} of VRAM) while the GPU computes: prefill "
-            f"{p.prefill_tokens_per_s:,.0f} tokens/s predicted, {off.prefill_tokens_per_s:,.0f} without "
-            f"(OATO_STREAM=0)",) + unmeasured
 
 
 def _build_note(profile: Profile) -> tuple[str, ...]:

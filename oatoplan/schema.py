@@ -181,6 +181,11 @@ class Plan:
     baselines: tuple[BaselinePrediction, ...] = ()
     placement: dict[str, str] = field(default_factory=dict)   # unit key ("blk.3.ffn_up", "blk.3.attn") -> device
     flags: str = ""               # the equivalent llama.cpp flags
+    # several devices (split.py): layers per device of gpu_devices, in that order, as llama.cpp's tensor_split (`-ts`)
+    # maps the n_gpu_layers layers (output counts as one) to them; () = all on gpu_devices[0]
+    tensor_split: tuple[int, ...] = ()
+    rpc_servers: tuple[str, ...] = ()              # "host:port" of each RPC device ("RPC[host:port]"), to register
+    budgets_bytes: dict[str, int] = field(default_factory=dict)   # per-device budget, when planned for several
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -315,6 +320,19 @@ class StreamSplitCalibration:
 
 
 @dataclass(frozen=True)
+class DeviceLink:
+    """An accelerator beyond a profile's gpu_device, and the link to it from the host: another local GPU ("CUDA1") or
+    an RPC device ("RPC[host:port]", the device 0 of an rpc-server)."""
+    device: str
+    description: str
+    total_bytes: int
+    crossing_us: float            # one crossing to or from it in a prefill graph (per ubatch), beside the bytes
+    decode_crossing_us: float     # the same in a decode graph (per token)
+    h2d_bytes_per_s: float        # activations (and weights) host -> device
+    d2h_bytes_per_s: float
+
+
+@dataclass(frozen=True)
 class Profile:
     schema_version: int
     profile_id: str
@@ -346,6 +364,8 @@ class Profile:
     # weight streaming's fixed cost per streamed upload (calibrate.measure_stream_split); None: not measured (the cost
     # model then prices streamed splits as before it, by crossings)
     stream_split: StreamSplitCalibration | None = None
+    # accelerators beyond gpu_device (more local GPUs, RPC devices), each with its ops in `ops` under its name
+    devices: tuple[DeviceLink, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------------------------

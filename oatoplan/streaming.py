@@ -23,6 +23,7 @@ from .cost import CostModel, combine, predict
 from .graph import CPU, model_units, role
 from .memory import fits, gpu_overhead_bytes
 from .schema import ModelInventory, Workload
+from .units import format_bytes
 from .solve import Solution
 
 # Staging slots tried for a streaming solution. At least 3: with 2 the copy stream is at most one weight ahead, and
@@ -70,3 +71,19 @@ def refine(inv: ModelInventory, cost: CostModel, solution: Solution, budget_byte
             if t < best[0] * (1 - 1e-9):
                 best = (t, dataclasses.replace(solution, devices=devices, settings=s, prediction=p))
     return best[1]
+
+
+def stream_note(inv: ModelInventory, cost: CostModel, solution, workload: Workload) -> tuple[str, ...]:
+    """What weight streaming does for the plan, with the same placement's prediction without it."""
+    s, p = solution.settings, solution.prediction
+    if not s.stream_slots or not p.gpu_bytes.get("stream"):
+        return ()
+    off = predict(cost, inv, solution.devices, workload, dataclasses.replace(s, stream_slots=0))
+    unmeasured = () if cost.stream_split_us else (
+        f"profile {cost.profile.profile_id} did not measure the fixed cost of a streamed upload (`oatoplan profile "
+        f"run --model` on a build with weight streaming does): the prediction leaves it out, and prefill with many "
+        f"host tensors is slower than predicted",)
+    return (f"weight streaming: host weights upload on a second stream into {s.stream_slots} slots "
+            f"({format_bytes(p.gpu_bytes['stream'])} of VRAM) while the GPU computes: prefill "
+            f"{p.prefill_tokens_per_s:,.0f} tokens/s predicted, {off.prefill_tokens_per_s:,.0f} without "
+            f"(OATO_STREAM=0)",) + unmeasured

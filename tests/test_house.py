@@ -17,12 +17,14 @@ ORDER = [
     "ggml",                                 # ctypes bindings to the libggml that llama-cpp-python loaded
     "inventory",                            # what is in a GGUF
     "graph",                                # placement units, roles, crossings
+    "names",                                # llama.cpp's names: -ot patterns, devices, the layer split
     "machine",                              # device registry, machine and build identity
     "build",                                # tool beside the pipeline: builds the patched llama-cpp-python
     "memory",                               # VRAM terms and the budget rule
     "cost",                                 # the time model
     "solve", "streaming", "baselines",      # the integer program; weight streaming's layers and slots; named placements
     "plan",                                 # plan semantics and flags
+    "split",                                # plans over several devices (more GPUs, RPC devices)
     "load",                                 # loading with a plan
     "serve",                                # the OpenAI-compatible server, on top of load
     "measure",                              # the timing harness

@@ -14,7 +14,8 @@ from oatoplan.errors import ArtifactError, PlanError
 from oatoplan.graph import CPU
 from oatoplan.inventory import read_inventory
 from oatoplan.machine import default_threads
-from oatoplan.plan import (CPU_DEFAULTS, OVERRIDE_PATTERN_SYNTAX, TIED_OUTPUT, check_plan, default_device,
+from oatoplan.names import OVERRIDE_PATTERN_SYNTAX
+from oatoplan.plan import (CPU_DEFAULTS, TIED_OUTPUT, check_plan, default_device,
                            layer_devices, llama_cpp_flags, llama_server_command, make_plan, override_pattern,
                            predict_memory, tensor_devices)
 from oatoplan.schema import Plan, TensorOverride, Workload

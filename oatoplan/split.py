@@ -1,0 +1,455 @@
+"""Stage 3b: placements over several accelerators (more local GPUs, llama.cpp RPC devices) and the CPU.
+
+llama.cpp splits the n_gpu_layers last layers (`output` counts as one) over its devices in their order by
+`tensor_split` (`-ts`, layer counts here), each layer's KV cache and attention with it; tensor overrides (`-ot`) move
+single weights to the CPU. For each settings candidate (ubatch) an integer program picks which layers each device
+takes and which of a layer's weights stay on the CPU:
+
+    minimise   sum_u sum_d (t[u,d] - t[u,CPU]) w[u,d]  +  sum_i sum_d c[d] z[i,d]
+    subject to sum_d w[u,d] <= 1                             (a unit on one device, or on the CPU)
+               w[u,d] <= w[attn l(u),d]                       (a layer's weights on its layer's device or the CPU)
+               sum_d w[attn l,d] <= sum_d w[attn l+1,d]       (n_gpu_layers: KV off the CPU for the last layers)
+               cum_d w[attn l+1] <= cum_d w[attn l] + 1 - sum_d w[attn l]   (each device a range, in order: -ts)
+               z[i,d] >= |w[i,d] - w[i-1,d]|                 (activations cross d's link between units i-1, i)
+               weights + KV + compute + pool + overhead on d <= usable_bytes(budget[d])      for every device d
+
+t[u,d] comes from the profile's timings on each device, c[d] is one crossing of d's link (its fixed cost and the
+activations' bytes; between two accelerators the activations go through the host, over both links). Weight
+streaming stays off (it stages into one GPU); op offload takes large batches of host weights to the first local GPU
+only, as llama.cpp's scheduler does (an RPC backend takes no offloaded op).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+
+import pulp
+
+from .cost import CostModel, combine, fixed_time_us, ubatches, unit_time_us
+from .errors import PlanInfeasibleError, ProfileError, SolverError
+from .graph import CPU, Unit, model_units, role
+from .memory import (Settings, compute_stage_bytes, gpu_overhead_bytes, kv_layer_bytes, pool_bytes, usable_bytes)
+from .names import device_flag, split_device
+from .plan import llama_cpp_flags, make_plan, target_build, tensor_placement
+from .schema import BaselinePrediction, DeviceLink, ModelInventory, Plan, Prediction, Profile, Workload
+from .units import BYTES_PER_MIB, format_bytes
+
+log = logging.getLogger(__name__)
+
+SPLIT_UBATCH_CANDIDATES = (512, 2048)
+ACTIVATION_BYTES = 4            # the hidden state crosses as f32: n_embd x 4 bytes per token
+
+
+def is_rpc(device: str) -> bool:
+    return device.startswith("RPC[")
+
+
+def rpc_endpoint(device: str) -> str:
+    """"RPC[host:port]" -> "host:port"."""
+    return device[len("RPC["):-1]
+
+
+@dataclass(frozen=True)
+class Link:
+    """One accelerator as the program prices it."""
+    device: str
+    local_gpu: bool                # a GPU of this process (op offload, the CUDA pool and per-process overhead)
+    prefill_crossing_us: float     # one crossing of its link with one ubatch of activations
+    decode_crossing_us: float      # one crossing with one token's
+
+
+def links(cost: CostModel, inv: ModelInventory, devices: list[str], s: Settings) -> list[Link]:
+    """Each device's link: the profiled GPU's measured crossing (as cost.predict charges it), the others' fixed
+    cost plus the activations at the link's rate."""
+    profile, found = cost.profile, {link.device: link for link in cost.profile.devices}
+    token_bytes = inv.hparams.n_embd * ACTIVATION_BYTES
+    out = []
+    for d in devices:
+        if d == profile.gpu_device:
+            out.append(Link(d, True, cost.crossing_us, cost.decode_crossing_us))
+            continue
+        if d not in found:
+            known = ", ".join([profile.gpu_device] * bool(profile.gpu_device) + list(found)) or "no accelerator"
+            raise ProfileError(f"profile {profile.profile_id} has no timings for {d} (it has {known}); profile it "
+                               f"(oatoplan profile run --device {d}) or leave it out of --vram")
+        link: DeviceLink = found[d]
+        per_byte = 0.5 / link.h2d_bytes_per_s + 0.5 / link.d2h_bytes_per_s      # one way, either direction
+        out.append(Link(d, not is_rpc(d), link.crossing_us + token_bytes * s.n_ubatch * per_byte * 1e6,
+                        link.decode_crossing_us + token_bytes * per_byte * 1e6))
+    return out
+
+
+@dataclass(frozen=True)
+class SplitSolution:
+    devices: dict[str, str]        # unit key -> "CPU" or a device of the budgets
+    settings: Settings
+    tensor_split: tuple[int, ...]  # layers per device, in budget order (output included)
+    prediction: Prediction
+    device_bytes: dict[str, dict[str, int]]    # device -> VRAM by category
+    solve_s: float
+
+
+def device_memory(inv: ModelInventory, units: list[Unit], placement: dict[str, str], s: Settings,
+                  device_links: list[Link], overhead_bytes: int) -> dict[str, dict[str, int]]:
+    """VRAM by category on each device of a placement (memory.py's terms, per device): weights and KV where they
+    are; the compute buffer of a device with layers (and the output stage where `output` runs); the first local GPU
+    also holds op offload's largest host weight copy; local GPUs the CUDA pool and the process's overhead."""
+    output_stage, layer_stage = compute_stage_bytes(inv, s)
+    hp, first_gpu = inv.hparams, next((x.device for x in device_links if x.local_gpu), None)
+    offload = bool(first_gpu) and s.op_offload and s.n_ubatch >= 32
+    out = {}
+    for link in device_links:
+        d = link.device
+        mine = [u for u in units if placement[u.key] == d]
+        weights = sum(u.n_bytes for u in mine if not u.is_attention)
+        kv = sum(kv_layer_bytes(hp, u.layer, s.n_ctx, s.n_ubatch, s.type_k, s.type_v) for u in mine
+                 if u.is_attention)
+        used = bool(mine) or (offload and d == first_gpu)
+        copy = max((u.n_bytes for u in units if placement[u.key] == CPU and u.matrices and not u.is_output),
+                   default=0) if offload and d == first_gpu else 0
+        has_output = any(u.is_output for u in mine)
+        compute = max(output_stage if has_output else 0, layer_stage + copy if used else 0)
+        out[d] = {"weights": weights, "kv": kv, "compute": compute,
+                  "pool": pool_bytes(inv, s) if used else 0,
+                  "overhead": overhead_bytes if used and link.local_gpu else 0}
+    return out
+
+
+def layer_counts(units: list[Unit], placement: dict[str, str], devices: list[str]) -> tuple[int, ...]:
+    """tensor_split as layer counts: each device's KV layers, `output` (a layer to llama.cpp) with the last device
+    that has layers."""
+    counts = [sum(1 for u in units if u.is_attention and placement[u.key] == d) for d in devices]
+    last = max((i for i, c in enumerate(counts) if c), default=0)
+    counts[last] += 1
+    return tuple(counts)
+
+
+def predict_split(cost: CostModel, inv: ModelInventory, placement: dict[str, str], workload: Workload,
+                  s: Settings, device_links: list[Link]) -> tuple[Prediction, dict[str, dict[str, int]]]:
+    """Predicted time and per-device VRAM of a placement over several devices."""
+    units, by_device = model_units(inv), {x.device: x for x in device_links}
+    gpu_factor = cost.decode_factor("gpu")
+    prefill = decode = 0.0
+    for u in units:
+        d = placement[u.key]
+        p, t = unit_time_us(cost, inv, u, d, workload, s)
+        if d != CPU and d != cost.gpu:
+            t /= gpu_factor          # calibrated on the profiled GPU only: other devices' decode is their ops' sum
+        prefill, decode = prefill + p, decode + t
+    n_ub = len(ubatches(workload.n_prompt, s.n_ubatch))
+    path = [CPU] + [placement[u.key] for u in units] + [CPU]      # the input lookup and the logits are on the CPU
+    n_crossings = 0
+    for a, b in zip(path, path[1:]):
+        for d in {a, b} - {CPU} if a != b else ():
+            prefill += n_ub * by_device[d].prefill_crossing_us
+            decode += by_device[d].decode_crossing_us
+            n_crossings += 1
+    fixed_prefill, fixed_decode = fixed_time_us(cost, inv, workload, s, cost.gpu is not None)
+    prefill, decode = prefill + fixed_prefill, decode + fixed_decode
+    memory = device_memory(inv, units, placement, s, device_links, gpu_overhead_bytes(cost.profile))
+    totals: dict[str, int] = {}
+    for categories in memory.values():
+        for k, v in categories.items():
+            totals[k] = totals.get(k, 0) + v
+    return Prediction(prefill_s=prefill * 1e-6, decode_s_per_token=decode * 1e-6,
+                      prefill_tokens_per_s=workload.n_prompt / (prefill * 1e-6), decode_tokens_per_s=1e6 / decode,
+                      total_s=(prefill + workload.n_gen * decode) * 1e-6, gpu_bytes=totals,
+                      n_crossings=n_crossings), memory
+
+
+def _problem(cost: CostModel, inv: ModelInventory, budgets: dict[str, int], workload: Workload, s: Settings,
+             device_links: list[Link]):
+    """The integer program of one settings candidate, written like PuLP's examples."""
+    units, devices = model_units(inv), list(budgets)
+    n, hp = len(units), inv.hparams
+    # Data: each unit's objective time on each device (us), bytes on a device, the crossing costs
+    gpu_factor = cost.decode_factor("gpu")
+    t = {}
+    for d in [CPU] + devices:
+        for i, u in enumerate(units):
+            p, dec = unit_time_us(cost, inv, u, d, workload, s)
+            t[i, d] = combine(p, dec / gpu_factor if d not in (CPU, cost.gpu) else dec, workload)
+    n_ub = len(ubatches(workload.n_prompt, s.n_ubatch))
+    cross = {x.device: combine(n_ub * x.prefill_crossing_us, x.decode_crossing_us, workload) for x in device_links}
+    size = [kv_layer_bytes(hp, u.layer, s.n_ctx, s.n_ubatch, s.type_k, s.type_v) if u.is_attention else u.n_bytes
+            for u in units]
+    output_stage, layer_stage = compute_stage_bytes(inv, s)
+    first_gpu = next((x.device for x in device_links if x.local_gpu), None)
+    offload = bool(first_gpu) and s.op_offload and s.n_ubatch >= 32
+    overhead = gpu_overhead_bytes(cost.profile)
+    attn_of = {u.layer: i for i, u in enumerate(units) if u.is_attention}
+    attn = sorted(attn_of.values())
+    mib = 1.0 / BYTES_PER_MIB
+
+    prob = pulp.LpProblem("oatoplan_split", pulp.LpMinimize)
+    # Variables: w[i,d] = 1 puts unit i on device d (none: the CPU); z[i,d] = 1 when activations cross d's link
+    # before unit i (i = n: back to the CPU for the logits); used[d] = 1 when d holds anything; compute[d] MiB
+    w = pulp.LpVariable.dicts("on", [(i, d) for i in range(n) for d in devices], cat=pulp.LpBinary)
+    z = pulp.LpVariable.dicts("cross", [(i, d) for i in range(n + 1) for d in devices], lowBound=0)
+    used = pulp.LpVariable.dicts("used", devices, cat=pulp.LpBinary)
+    compute = pulp.LpVariable.dicts("compute_mib", devices, lowBound=0)
+    copy = pulp.LpVariable("copy_mib", lowBound=0)
+    # the time no placement changes, as a variable fixed at 1 so that CBC's relative gap is relative to the time
+    base = pulp.LpVariable("base", lowBound=1, upBound=1)
+
+    # Objective: unit times where they run, and the crossings (us)
+    prob += (pulp.lpSum((t[i, d] - t[i, CPU]) * w[i, d] for i in range(n) for d in devices)
+             + pulp.lpSum(cross[d] * z[i, d] for i in range(n + 1) for d in devices)
+             + sum(t[i, CPU] for i in range(n)) * base), "time_us"
+
+    for i, u in enumerate(units):
+        prob += pulp.lpSum(w[i, d] for d in devices) <= 1, f"one_device_{i}"
+        if u.layer is not None and not u.is_attention:
+            for d in devices:
+                prob += w[i, d] <= w[attn_of[u.layer], d], f"with_layer_{i}_{d}"
+    # n_gpu_layers and the split: KV off the CPU for the last layers, each device a range of them, in order
+    for a, b in zip(attn, attn[1:]):
+        prob += pulp.lpSum(w[a, d] for d in devices) <= pulp.lpSum(w[b, d] for d in devices), f"kv_suffix_{a}"
+        on_a = pulp.lpSum(w[a, d] for d in devices)
+        for k in range(len(devices) - 1):
+            prob += (pulp.lpSum(w[b, d] for d in devices[:k + 1])
+                     <= pulp.lpSum(w[a, d] for d in devices[:k + 1]) + 1 - on_a), f"split_order_{a}_{k}"
+    # Symmetry: within a device's range, each role's weights on the device are those of its last layers (as
+    # n_gpu_layers does for whole layers): w[role l] <= w[role l+1] where layers l and l+1 are both on d
+    by_role: dict[str, list[int]] = {}
+    for i, u in enumerate(units):
+        if u.layer is not None and not u.is_attention:
+            by_role.setdefault(role(u), []).append(i)
+    for name, idx in by_role.items():
+        for a, b in zip(idx, idx[1:]):
+            for d in devices:
+                prob += w[a, d] <= w[b, d] + 1 - w[attn_of[units[b].layer], d], f"suffix_{name}_{a}_{d}"
+    # Crossings in graph order, from the input lookup on the CPU to the logits on the CPU
+    for d in devices:
+        for i in range(n + 1):
+            before = w[i - 1, d] if i > 0 else 0
+            after = w[i, d] if i < n else 0
+            prob += z[i, d] >= after - before, f"cross_in_{i}_{d}"
+            prob += z[i, d] >= before - after, f"cross_out_{i}_{d}"
+    # Memory on each device: its units, its compute buffer, the pool and overhead of a local GPU that holds anything
+    out = next(i for i, u in enumerate(units) if u.is_output)
+    for d, link in zip(devices, device_links):
+        for i in range(n):
+            prob += used[d] >= w[i, d], f"used_{i}_{d}"
+        if offload and d == first_gpu:
+            prob += used[d] == 1, f"op_offload_{d}"
+            prob += compute[d] >= (layer_stage * mib) * used[d] + copy, f"compute_layer_{d}"
+        else:
+            prob += compute[d] >= (layer_stage * mib) * used[d], f"compute_layer_{d}"
+        prob += compute[d] >= (output_stage * mib) * w[out, d], f"compute_output_{d}"
+        fixed = pool_bytes(inv, s) + (overhead if link.local_gpu else 0)
+        prob += (pulp.lpSum(size[i] * mib * w[i, d] for i in range(n)) + compute[d] + fixed * mib * used[d]
+                 <= usable_bytes(budgets[d]) * mib), f"budget_{d}"
+    if offload:
+        for i, u in enumerate(units):
+            if u.matrices and not u.is_output:
+                prob += copy >= size[i] * mib * (1 - pulp.lpSum(w[i, d] for d in devices)), f"copy_{i}"
+    return prob, w
+
+
+def candidate_settings(workload: Workload, device_links: list[Link]) -> list[Settings]:
+    """ubatch candidates, op offload on where a local GPU is among the devices; one logit row per ubatch."""
+    offload = any(x.local_gpu for x in device_links)
+    largest = max(512, 1 << (max(workload.n_prompt, 1) - 1).bit_length())
+    return [Settings(ub, offload, True, workload.n_ctx, n_outputs_max=1)
+            for ub in SPLIT_UBATCH_CANDIDATES if ub <= largest]
+
+
+# CBC's relative gap and node limit for the several-device program: its relaxation is weaker than the one-GPU
+# program's (a layer's share can split over devices), so CBC starts from llama.cpp's best split and stops after a fixed
+# number of nodes (deterministic with one thread, unlike a time limit); the plan notes when the optimum was not proven.
+SPLIT_GAP_REL = 5e-3
+SPLIT_MAX_NODES = 500
+
+
+def solve_split(inv: ModelInventory, cost: CostModel, budgets: dict[str, int], workload: Workload) -> SplitSolution:
+    """The fastest placement over the budgets' devices (in their order) for `workload`."""
+    started, devices, best = time.perf_counter(), list(budgets), None
+    starts = [b for b in _baseline_placements(cost, inv, budgets, workload) if b is not None]
+    for s in candidate_settings(workload, links(cost, inv, devices, Settings(512, False, True, workload.n_ctx))):
+        device_links = links(cost, inv, devices, s)
+        prob, w = _problem(cost, inv, budgets, workload, s, device_links)
+        start = _best_start(cost, inv, budgets, workload, s, device_links, starts)
+        if start:
+            for i, u in enumerate(model_units(inv)):
+                for d in devices:
+                    w[i, d].setInitialValue(1 if start[u.key] == d else 0)
+        solver = pulp.PULP_CBC_CMD(msg=False, threads=1, gapRel=SPLIT_GAP_REL, warmStart=bool(start),
+                                   options=[f"maxNodes {SPLIT_MAX_NODES}"])
+        status = pulp.LpStatus[prob.solve(solver)]
+        if status == "Optimal" and prob.sol_status != pulp.LpSolutionOptimal:
+            log.info("ubatch %d: the best placement CBC found in %d nodes, not proven optimal", s.n_ubatch,
+                     SPLIT_MAX_NODES)
+        if status == "Infeasible":
+            log.debug("ubatch %d: nothing fits", s.n_ubatch)
+            continue
+        if status != "Optimal":
+            raise SolverError(f"CBC returned {status} for the several-device placement; run with --debug and "
+                              f"report it")
+        units = model_units(inv)
+        placement = {u.key: next((d for d in devices if (w[i, d].value() or 0) > 0.5), CPU)
+                     for i, u in enumerate(units)}
+        prediction, memory = predict_split(cost, inv, placement, workload, s, device_links)
+        t = combine(prediction.prefill_s, prediction.decode_s_per_token, workload)
+        log.info("ubatch %d: predicted %.3f s", s.n_ubatch, t)
+        if best is None or t < best[0]:
+            best = (t, placement, s, prediction, memory)
+    if best is None:
+        raise PlanInfeasibleError(f"nothing fits the budgets {', '.join(f'{d}={format_bytes(b)}' for d, b in budgets.items())}"
+                                  f" with {inv.identity.file_name}: give the devices more memory")
+    _, placement, s, prediction, memory = best
+    return SplitSolution(placement, s, layer_counts(model_units(inv), placement, devices), prediction, memory,
+                         time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Plan, and llama.cpp's own ways to split a model over several devices
+
+def _layer_placement(inv: ModelInventory, counts: tuple[float, ...], n_gpu_layers: int,
+                     devices: list[str]) -> dict[str, str]:
+    """Every unit where llama.cpp puts it for -ngl and -ts alone (each layer whole on its device)."""
+    n_layer = inv.hparams.n_layer
+    out = {}
+    for u in model_units(inv):
+        il = n_layer if u.layer is None else u.layer
+        out[u.key] = split_device(il, n_layer, n_gpu_layers, tuple(devices), counts)
+    return out
+
+
+def _fits(memory: dict[str, dict[str, int]], budgets: dict[str, int]) -> bool:
+    return all(sum(memory[d].values()) <= usable_bytes(b) for d, b in budgets.items())
+
+
+def _largest_fitting(cost: CostModel, inv: ModelInventory, budgets: dict[str, int], workload: Workload,
+                     s: Settings, counts_for) -> tuple[dict[str, str], tuple[float, ...], int] | None:
+    """The most layers (n_gpu_layers) whose placement, with the split counts_for(n) gives, fits every budget."""
+    devices, n_layer = list(budgets), inv.hparams.n_layer
+    device_links = links(cost, inv, devices, s)
+    for ngl in range(n_layer + 1, 0, -1):
+        counts = counts_for(ngl)
+        if counts is None:
+            continue
+        placement = _layer_placement(inv, counts, ngl, devices)
+        _, memory = predict_split(cost, inv, placement, workload, s, device_links)
+        if _fits(memory, budgets):
+            return placement, counts, ngl
+    return None
+
+
+BASELINE_NAMES = ("llama.cpp layer split (-ts by memory)", "--fit-style fill")
+
+
+def _baseline_settings(workload: Workload, devices: list[str]) -> Settings:
+    return Settings(512, any(not is_rpc(d) for d in devices), False, workload.n_ctx)
+
+
+def _baseline_placements(cost: CostModel, inv: ModelInventory, budgets: dict[str, int], workload: Workload):
+    """llama.cpp's own splits at the budgets (BASELINE_NAMES): (placement, layer counts, n_gpu_layers) or None."""
+    devices = list(budgets)
+    s = _baseline_settings(workload, devices)
+    share = tuple(float(budgets[d]) for d in devices)
+    proportional = _largest_fitting(cost, inv, budgets, workload, s, lambda ngl: share)
+
+    def fill(ngl: int) -> tuple[float, ...] | None:
+        # llama.cpp's split maps layer k of the ngl to the device whose cumulative share passes k/ngl: layer counts
+        # that fill the last device first
+        counts, left = [0] * len(devices), ngl
+        for i in reversed(range(len(devices))):
+            take = min(left, _layers_that_fit(cost, inv, budgets, workload, s, devices, i, ngl))
+            counts[i], left = take, left - take
+        return tuple(float(c) for c in counts) if left == 0 and sum(counts) else None
+
+    return proportional, _largest_fitting(cost, inv, budgets, workload, s, fill)
+
+
+def split_baselines(cost: CostModel, inv: ModelInventory, budgets: dict[str, int],
+                    workload: Workload) -> list[BaselinePrediction]:
+    """llama.cpp's own choices at the same per-device budgets, predicted: its default layer split (`-ts` in
+    proportion to the devices' memory, here the budgets, as many layers as fit: -ngl), and a fill in `--fit`'s
+    manner (from the last layer back, each device, last first, takes all the layers it holds). Both with mmap on and
+    ubatch 512, as users run them; `-sm row` splits each matrix over devices of one kind and is not priced here."""
+    devices, out = list(budgets), []
+    s = _baseline_settings(workload, devices)
+    share = tuple(float(budgets[d]) for d in devices)
+    for name, found in zip(BASELINE_NAMES, _baseline_placements(cost, inv, budgets, workload)):
+        if found is None:
+            out.append(BaselinePrediction(name, "does not fit", None))
+            continue
+        placement, counts, ngl = found
+        prediction, _ = predict_split(cost, inv, placement, workload, s, links(cost, inv, devices, s))
+        ts = ",".join(f"{c:g}" for c in (counts if name.startswith("--fit") else
+                                           [round(b / 2 ** 30, 2) for b in share]))
+        rpc = [rpc_endpoint(d) for d in devices if is_rpc(d)]
+        flags = (f"--rpc {','.join(rpc)} " if rpc else "") + \
+            f"-ngl {ngl} -dev {','.join(device_flag(d, tuple(rpc)) for d in devices)} -ts {ts} -ub 512"
+        out.append(BaselinePrediction(name, flags, prediction))
+    return out
+
+
+def _best_start(cost: CostModel, inv: ModelInventory, budgets: dict[str, int], workload: Workload, s: Settings,
+                device_links: list[Link], starts) -> dict[str, str] | None:
+    """The fastest of llama.cpp's splits that fits the budgets under settings s: where CBC starts."""
+    best = None
+    for placement, _, _ in starts:
+        prediction, memory = predict_split(cost, inv, placement, workload, s, device_links)
+        t = combine(prediction.prefill_s, prediction.decode_s_per_token, workload)
+        if _fits(memory, budgets) and (best is None or t < best[0]):
+            best = (t, placement)
+    return best[1] if best else None
+
+
+def _layers_that_fit(cost: CostModel, inv: ModelInventory, budgets: dict[str, int], workload: Workload,
+                     s: Settings, devices: list[str], i: int, ngl: int) -> int:
+    """How many whole layers device i holds within its budget (the last ones of its range; output with the last
+    device)."""
+    hp, d = inv.hparams, devices[i]
+    layer_bytes = {}
+    for u in model_units(inv):
+        key = hp.n_layer if u.layer is None else u.layer
+        layer_bytes[key] = layer_bytes.get(key, 0) + (
+            kv_layer_bytes(hp, u.layer, s.n_ctx, s.n_ubatch, s.type_k, s.type_v) if u.is_attention else u.n_bytes)
+    output_stage, layer_stage = compute_stage_bytes(inv, s)
+    fixed = layer_stage + pool_bytes(inv, s) + (0 if is_rpc(d) else gpu_overhead_bytes(cost.profile))
+    room, n = usable_bytes(budgets[d]) - fixed, 0
+    if i == len(devices) - 1:
+        room -= layer_bytes[hp.n_layer] + output_stage
+        n = 1 if room >= 0 else 0
+    for il in range(hp.n_layer - 1, -1, -1):
+        if room - layer_bytes[il] < 0 or n >= ngl:
+            break
+        room, n = room - layer_bytes[il], n + 1
+    return max(n, 0) if room >= 0 else 0
+
+
+def plan_split(inv: ModelInventory, profile: Profile, budgets: dict[str, int], workload: Workload) -> Plan:
+    """The Plan over the budgets' devices, with its prediction, llama.cpp's own splits predicted beside it."""
+    cost = CostModel(profile)
+    solution = solve_split(inv, cost, budgets, workload)
+    s, devices = solution.settings, list(budgets)
+    tensors, n_gpu_layers = tensor_placement(inv, solution.devices)
+    local = any(not is_rpc(d) for d in devices)
+    memory = solution.device_bytes
+    notes = (f"{len(devices)} devices in this order ({', '.join(devices)}): layers "
+             f"{', '.join(f'{d} {c}' for d, c in zip(devices, solution.tensor_split))} (output counts as one), "
+             f"ubatch {s.n_ubatch}, solved in {solution.solve_s:.2f} s",
+             *(f"{d}: {format_bytes(sum(memory[d].values()))} of {format_bytes(b)} "
+               f"({', '.join(f'{k} {format_bytes(v)}' for k, v in memory[d].items() if v)})"
+               for d, b in budgets.items()),
+             "weight streaming is off with several devices (it stages into one GPU)",
+             *(["RPC devices: their timings are the profile's, through the link it measured; decode on them is "
+                "not calibrated"] if any(map(is_rpc, devices)) else []))
+    plan = make_plan(inv, tensors, n_gpu_layers=n_gpu_layers, gpu_devices=tuple(devices),
+                     tensor_split=solution.tensor_split,
+                     rpc_servers=tuple(rpc_endpoint(d) for d in devices if is_rpc(d)), n_ctx=workload.n_ctx,
+                     n_batch=s.n_ubatch, n_ubatch=s.n_ubatch, use_mmap=not local, op_offload=s.op_offload,
+                     n_outputs_max=s.n_outputs_max, flash_attn=True, n_threads=profile.n_threads,
+                     llama_cpp_build=target_build(profile), profile_id=profile.profile_id,
+                     budget_bytes=sum(budgets.values()), compute_bytes={d: m["compute"] for d, m in memory.items()},
+                     notes=notes)
+    plan = dataclasses.replace(plan, workload=workload, prediction=solution.prediction,
+                               baselines=tuple(split_baselines(cost, inv, budgets, workload)),
+                               placement=dict(solution.devices), budgets_bytes=dict(budgets))
+    return dataclasses.replace(plan, flags=llama_cpp_flags(plan))
