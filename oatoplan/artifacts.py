@@ -39,8 +39,6 @@ def validate_profile(p: Profile) -> None:
     devices = ("CPU",) + ((p.gpu_device,) if p.gpu_device else ()) + tuple(d.device for d in p.devices)
     if p.gpu_device and (p.gpu_device == "CPU" or not GPU_DEVICE_NAME.match(p.gpu_device)):
         raise ValueError(f"gpu_device {p.gpu_device!r} is not a ggml GPU device name (e.g. CUDA0)")
-    if p.devices and not p.gpu_device:
-        raise ValueError("devices: more accelerators are listed, but gpu_device (the first) is empty")
     for i, link in enumerate(p.devices):
         where = f"devices[{i}]"
         if not (GPU_DEVICE_NAME.match(link.device) or RPC_DEVICE_NAME.match(link.device)):

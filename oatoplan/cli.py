@@ -33,6 +33,7 @@ from .memory import budget_bytes, parse_budgets
 from .plan import MAX_N_CTX, plan_model
 from .split import plan_split
 from .profile import find_profile, measure_profile
+from .profile_devices import measure_devices
 from .serve import serve as serve_model
 from .artifacts import dumps, read_json, write_json
 from .schema import OBJECTIVES, ModelInventory, Profile, Workload
@@ -213,6 +214,11 @@ def profile_run(
                                                                            "cores).")] = None,
     cpu: Annotated[bool, typer.Option("--cpu", help="Profile only the CPU, even with a GPU present.")] = False,
     reps: Annotated[int, typer.Option("--reps", help="Repetitions per calibration placement.")] = 3,
+    device: Annotated[Optional[list[str]], typer.Option("--device", help="Also profile this accelerator for plans "
+                                                                        "over several devices: another local GPU "
+                                                                        "(CUDA1) or an RPC device "
+                                                                        "(RPC[host:port], an rpc-server). "
+                                                                        "Repeat for more.")] = None,
     force: ForceOpt = False,
 ) -> None:
     """Measure per-operator CPU and GPU costs and transfer costs on this machine."""
@@ -227,6 +233,10 @@ def profile_run(
     if model and calibrate_decode:
         with _progress("calibrating decode") as update:
             result = calibrate(model, result, reps, update)
+    if device:
+        register_rpc_servers([d[len("RPC["):-1] for d in device if d.startswith("RPC[")])
+        with _progress("profiling more devices") as update:
+            result = measure_devices(result, inv, device, progress=update)
     path = write_json(result, Output(out or user_profile_dir() / f"{result.profile_id}.json", (model,), force, "-o"))
     for note in result.notes:
         stderr.print(f"oatoplan: note: {note}", markup=False)

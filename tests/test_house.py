@@ -29,7 +29,8 @@ ORDER = [
     "serve",                                # the OpenAI-compatible server, on top of load
     "measure",                              # the timing harness
     "profile_moe",                          # mixture-of-experts and host memory measurements, for profile
-    "profile", "calibrate", "bench",        # the stages that measure
+    "profile", "profile_devices",           # the stage that measures the machine, and more accelerators (RPC)
+    "calibrate", "bench",                   # the stages that measure real runs
     "report",                               # tables and charts
     "doctor",                               # tool beside the pipeline: what this installation can do
     "testing",                              # helpers for tests and benchmarks/
