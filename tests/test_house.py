@@ -18,6 +18,7 @@ ORDER = [
     "inventory",                            # what is in a GGUF
     "graph",                                # placement units, roles, crossings
     "machine",                              # device registry, machine and build identity
+    "rpc",                                  # RPC servers: probing, registering, the rpc-server binary
     "build",                                # tool beside the pipeline: builds the patched llama-cpp-python
     "memory",                               # VRAM terms and the budget rule
     "cost",                                 # the time model
