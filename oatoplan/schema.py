@@ -171,6 +171,8 @@ class Plan:
     # into stream_slots staging slots of stream_slot_bytes each while the GPU computes; 0 slots: off (stock copies)
     stream_slots: int = 0
     stream_slot_bytes: int = 0
+    # llama.cpp RPC servers ("host:port") registered before the load, in this order; their device 0 is RPC[host:port]
+    rpc_servers: tuple[str, ...] = ()
     profile_id: str = ""
     budget_bytes: int | None = None
     memory: MemoryPrediction | None = None
