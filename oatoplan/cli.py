@@ -374,7 +374,7 @@ def rpc_server(
     """Serve one device of this machine to llama.cpp's RPC backend (rpc-server of the installed build)."""
     _in_range("--port", port, 1, 65535)
     _in_range("--threads", threads, 1, 4096)
-    raise typer.Exit(run_rpc_server(host, port, device, threads))
+    run_rpc_server(host, port, device, threads)
 
 
 @app.command()

@@ -19,7 +19,6 @@ import os
 import re
 import socket
 import struct
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -195,13 +194,12 @@ def rpc_server_command(host: str, port: int, device: str | None, threads: int | 
     return argv, {**os.environ, "LD_LIBRARY_PATH": ":".join(paths)}
 
 
-def run_rpc_server(host: str, port: int, device: str | None, threads: int | None) -> int:
-    """Run rpc-server in the foreground until it exits or Ctrl+C; its exit status."""
+def run_rpc_server(host: str, port: int, device: str | None, threads: int | None) -> None:
+    """Replace this process with rpc-server (so that Ctrl+C and kill reach the server itself); returns only on an
+    error."""
     argv, env = rpc_server_command(host, port, device, threads)
     log.info("running %s", " ".join(argv))
-    with subprocess.Popen(argv, env=env) as server:
-        try:
-            return server.wait()
-        except KeyboardInterrupt:
-            server.terminate()
-            return server.wait()
+    try:
+        os.execve(argv[0], argv, env)
+    except OSError as exc:
+        raise RpcError(f"could not run {argv[0]} ({exc.strerror}); run `oatoplan build` again") from None

@@ -118,11 +118,17 @@ def _greedy(llm, n: int = 32) -> str:
 
 
 def _rpc_plan(inv, a: str, b: str):
-    """Blocks 12-17 (weights and KV cache: n_gpu_layers 6) on RPC[a], then the weights of blocks 15-17 moved to
-    RPC[b] by overrides; blocks 0-11, the embeddings and the (tied) output on the CPU."""
-    moved = {t.name: f"RPC[{b}]" for t in inv.tensors if t.layer is not None and t.layer >= 15}
+    """Blocks 12-17 (weights and KV cache: n_gpu_layers 6) on RPC[a], then the weights of blocks 15-17 and of the
+    sliding-window blocks 0-1 moved to RPC[b] by overrides; the rest of blocks 0-11, the embeddings and the (tied)
+    output on the CPU. Flash attention on (make_plan's default): with it every placement we tried is bit-identical to
+    the local run. With flash attention off (llama-cpp-python's default), blocks 0-11 on an RPC device change the
+    first-step logits by up to ~1.0 (blocks 12-17 stay exact): the unfused attention ops (KQ mul_mat, soft_max, KQV
+    mul_mat) then run on the server from copies of the CPU's KV-cache views; not SWA, repacking, thread count or fusion
+    (docs/notes/2026-12-02-rpc-runtime.md)."""
+    moved = {t.name: f"RPC[{b}]" for t in inv.tensors if t.layer is not None and (t.layer >= 15 or t.layer <= 1)}
     plan = make_plan(inv, moved, n_gpu_layers=6, gpu_devices=(f"RPC[{a}]", f"RPC[{b}]"), n_ctx=256,
                      use_mmap=False)
+    assert plan.flash_attn
     return dataclasses.replace(plan, rpc_servers=(a, b))
 
 
