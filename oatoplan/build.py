@@ -23,11 +23,13 @@ import tarfile
 import tempfile
 import time
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BuildError
 from .paths import NATIVE_DIR, PATCHES_DIR, build_cache_dir
+from .rpc import RPC_SERVER_BINARY, RPC_SERVER_RECORD, file_sha256, read_server_record, write_server_record
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,11 @@ WHEEL_RECORD = "wheel.json"
 WHEEL_RECORD_VERSION = 1
 # CMAKE_CUDA_ARCHITECTURES: one of CMake's special values, or a ;-separated list of compute capabilities (90, 90a,
 # 120f), each optionally -real (SASS only) or -virtual (PTX only)
+# rpc-server (llama.cpp's tools/rpc; llama-cpp-python's CMake never builds tools): one source file, compiled against
+# the wheel's own ggml libraries so that it speaks the very RPC protocol and runs the very kernels of that build
+RPC_SERVER_SOURCE = Path("vendor") / "llama.cpp" / "tools" / "rpc" / "rpc-server.cpp"
+GGML_INCLUDE = Path("vendor") / "llama.cpp" / "ggml" / "include"
+_WHEEL_GGML_LIB = re.compile(r"llama_cpp/lib/(libggml[\w-]*\.so\.0)")
 _CUDA_ARCH = re.compile(r"native|all|all-major|\d+[af]?(?:-real|-virtual)?(?:;\d+[af]?(?:-real|-virtual)?)*")
 
 
@@ -54,6 +61,7 @@ class BuildResult:
     cmake_args: str
     cached: bool
     seconds: float
+    rpc_server: Path | None = None     # beside the wheel; None when not asked for
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,7 @@ def cmake_args(cuda: bool, cuda_arch: str | None, native: bool = False) -> str:
         raise BuildError(f"--cuda-arch {cuda_arch} needs --cuda (a CPU-only build has no CUDA architectures)")
     portable = ["-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON"]
     args = ["-DGGML_NATIVE=ON"] if native else portable
+    args += ["-DGGML_RPC=ON"]   # the RPC backend (statically registered in libggml) and rpc-server's library
     if cuda:
         args += ["-DGGML_CUDA=ON"]
         args += [f"-DCMAKE_CUDA_ARCHITECTURES={check_cuda_arch(cuda_arch)}"] if cuda_arch is not None else []
@@ -135,18 +144,10 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_sdist(path: Path) -> Path:
     if not path.is_file():
         raise BuildError(f"{path}: no such file; pass the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist")
-    digest = _sha256(path)
+    digest = file_sha256(path)
     if digest != SDIST_SHA256:
         raise BuildError(f"{path}: sha256 {digest[:16]}... is not the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} "
                          f"sdist ({SDIST_SHA256[:16]}...); download it again")
@@ -200,8 +201,7 @@ def apply_series(source: Path, patches: list[Path], digest: str, native_dir: Pat
 
 def record_wheel(wheel: Path, digest: str, options: str) -> WheelRecord:
     """Write WHEEL_RECORD beside a freshly built `wheel` (atomically: a half-written record is never read)."""
-    built = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
-    record = WheelRecord(WHEEL_RECORD_VERSION, wheel.name, _sha256(wheel), digest, options, built)
+    record = WheelRecord(WHEEL_RECORD_VERSION, wheel.name, file_sha256(wheel), digest, options, _utc_now())
     fd, tmp = tempfile.mkstemp(dir=wheel.parent, prefix=".wheel-", suffix=".json")
     try:
         with os.fdopen(fd, "w") as f:
@@ -233,19 +233,83 @@ def cached_wheel(wheel_dir: Path) -> Path | None:
     wheel = wheel_dir / record.wheel
     if not wheel.is_file():
         raise BuildError(f"{wheel}: recorded in {record_file} but missing; {fix}")
-    actual = _sha256(wheel)
+    actual = file_sha256(wheel)
     if actual != record.sha256:
         raise BuildError(f"{wheel}: sha256 {actual[:16]}... is not the {str(record.sha256)[:16]}... recorded when it "
                          f"was built (the file changed in the cache); {fix}")
     return wheel
 
 
+def cxx_compiler() -> str:
+    """The C++ compiler that builds rpc-server: $CXX, else g++."""
+    name = os.environ.get("CXX") or "g++"
+    found = shutil.which(name)
+    if not found:
+        raise BuildError(f"no C++ compiler ({name}) to build rpc-server and llama-cpp-python: install one (Debian/"
+                         f"Ubuntu: apt install g++; Fedora: dnf install gcc-c++) or set CXX, then run oatoplan build "
+                         f"again")
+    return found
+
+
+def compile_rpc_server(tree: Path, wheel: Path, cxx: str) -> Path:
+    """Compile the patched tree's rpc-server.cpp against the wheel's own ggml libraries (llama_cpp/lib/libggml*.so.0)
+    into the wheel's cache directory, and record their sha256 beside it (rpc.find_rpc_server matches them against
+    the installed build)."""
+    dest = wheel.parent
+    (dest / RPC_SERVER_RECORD).unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="oatoplan-rpc-") as tmp:
+        libs = {}
+        with zipfile.ZipFile(wheel) as archive:
+            for member in archive.namelist():
+                match = _WHEEL_GGML_LIB.fullmatch(member)
+                if match:
+                    (Path(tmp) / match.group(1)).write_bytes(archive.read(member))
+                    libs[match.group(1)] = file_sha256(Path(tmp) / match.group(1))
+        if "libggml-rpc.so.0" not in libs:
+            raise BuildError(f"{wheel.name} has no libggml-rpc.so.0 (built without -DGGML_RPC=ON); delete "
+                             f"{wheel.parent} and run oatoplan build again")
+        partial = Path(tmp) / RPC_SERVER_BINARY
+        # -rpath-link: libggml's own dependencies (libggml-cpu, -rpc) are found at link time among the wheel's;
+        # CUDA's libraries of libggml-cuda only at run time
+        cmd = [cxx, "-std=c++17", "-O2", "-I", str(tree / GGML_INCLUDE), str(tree / RPC_SERVER_SOURCE), "-o",
+               str(partial), "-pthread", "-L", tmp, "-l:libggml.so.0", "-l:libggml-base.so.0",
+               f"-Wl,-rpath-link,{tmp}", "-Wl,--allow-shlib-undefined", "-Wl,-rpath,$ORIGIN"]
+        log.info("compiling rpc-server: %s", " ".join(cmd))
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            log.error("compiler output (last lines):\n%s", "\n".join(run.stderr.strip().splitlines()[-20:]))
+            raise BuildError(f"compiling rpc-server with {cxx} failed; run with --debug to see the compiler output")
+        binary = Path(shutil.move(str(partial), dest / RPC_SERVER_BINARY))
+    write_server_record(dest, libs, _utc_now())
+    return binary
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def _patched_tree(tmp: str, source: Path | None, sdist: Path | None, cache_dir: Path, patches: list[Path],
+                  digest: str) -> Path:
+    """The llama-cpp-python tree (a copy of `source`, else the sdist unpacked) with the series applied, under tmp."""
+    tree = Path(tmp) / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
+    if source is not None:
+        if not (Path(source) / "vendor" / "llama.cpp").is_dir():
+            raise BuildError(f"{source}: not a llama-cpp-python source tree (no vendor/llama.cpp)")
+        shutil.copytree(source, tree, symlinks=True)
+    else:
+        with tarfile.open(check_sdist(sdist) if sdist else fetch_sdist(cache_dir)) as archive:
+            archive.extractall(tmp, filter="data")
+    apply_series(tree, patches, digest)
+    return tree
+
+
 def build(*, cuda: bool, cuda_arch: str | None = None, sdist: Path | None = None, source: Path | None = None,
           install: bool = True, build_isolation: bool = True, cache_dir: Path | None = None,
-          patches_dir: Path = PATCHES_DIR, native: bool = False) -> BuildResult:
-    """Build (or take from the cache) and install the patched wheel. `source`: an unpacked (possibly trimmed)
-    llama-cpp-python 0.3.36 tree instead of the sdist, copied before patching (not checksummed: the GPU machine
-    gets a trimmed tree because the sdist is too big to carry). `cache_dir`: default paths.build_cache_dir()."""
+          patches_dir: Path = PATCHES_DIR, native: bool = False, rpc_server: bool = True) -> BuildResult:
+    """Build (or take from the cache) and install the patched wheel, and with `rpc_server` the rpc-server binary
+    beside it (compiled once per cached wheel). `source`: an unpacked (possibly trimmed) llama-cpp-python 0.3.36
+    tree instead of the sdist, copied before patching (not checksummed: the GPU machine gets a trimmed tree because
+    the sdist is too big to carry). `cache_dir`: default paths.build_cache_dir()."""
     started = time.perf_counter()
     cache_dir = cache_dir or build_cache_dir()
     patches = series(patches_dir)
@@ -255,38 +319,43 @@ def build(*, cuda: bool, cuda_arch: str | None = None, sdist: Path | None = None
     wheel_dir = cache_dir / "wheels" / cache_key(origin, digest, options, native)
     wheel = cached_wheel(wheel_dir)
     cached = wheel is not None
-    if wheel is None:
+    server = read_server_record(wheel_dir) if cached and rpc_server else None
+    cxx = cxx_compiler() if rpc_server and server is None else None     # before the long build, not after it
+    if wheel is None or cxx is not None:
         with tempfile.TemporaryDirectory(prefix="oatoplan-build-") as tmp:
-            tree = Path(tmp) / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
-            if source is not None:
-                if not (Path(source) / "vendor" / "llama.cpp").is_dir():
-                    raise BuildError(f"{source}: not a llama-cpp-python source tree (no vendor/llama.cpp)")
-                shutil.copytree(source, tree, symlinks=True)
-            else:
-                with tarfile.open(check_sdist(sdist) if sdist else fetch_sdist(cache_dir)) as archive:
-                    archive.extractall(tmp, filter="data")
-            apply_series(tree, patches, digest)
-            out = Path(tmp) / "dist"
-            cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out), str(tree)]
-            if not build_isolation:
-                cmd.insert(4, "--no-build-isolation")
-            log.info("building the patched wheel: CMAKE_ARGS=%r", options)
-            run = subprocess.run(cmd, env={**os.environ, "CMAKE_ARGS": options}, capture_output=True, text=True)
-            if run.returncode != 0:
-                tail = "\n".join((run.stdout + run.stderr).strip().splitlines()[-20:])
-                log.error("pip wheel output (last lines):\n%s", tail)
-                raise BuildError(f"building llama-cpp-python with {len(patches)} patches failed (CMAKE_ARGS "
-                                 f"{options}); run with --debug to see the compiler output")
-            built = sorted(out.glob("llama_cpp_python-*.whl"))
-            if len(built) != 1:
-                raise BuildError(f"pip wheel made {len(built)} llama-cpp-python wheels, not one; run with --debug")
-            wheel_dir.mkdir(parents=True, exist_ok=True)
-            wheel = Path(shutil.copy2(built[0], wheel_dir))
-            record_wheel(wheel, digest, options)
+            tree = _patched_tree(tmp, source, sdist, cache_dir, patches, digest)
+            if wheel is None:
+                wheel = _build_wheel(tree, Path(tmp) / "dist", wheel_dir, digest, options, len(patches),
+                                     build_isolation)
+            if cxx is not None:
+                compile_rpc_server(tree, wheel, cxx)
     if install:
         run = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", str(wheel)],
                              capture_output=True, text=True)
         if run.returncode != 0:
             raise BuildError(f"pip could not install {wheel.name}: {run.stderr.strip().splitlines()[-1]}")
-    return BuildResult(wheel, digest, options, cached, time.perf_counter() - started)
+    binary = wheel_dir / RPC_SERVER_BINARY if rpc_server else None
+    return BuildResult(wheel, digest, options, cached, time.perf_counter() - started, binary)
 
+
+def _build_wheel(tree: Path, out: Path, wheel_dir: Path, digest: str, options: str, n_patches: int,
+                 build_isolation: bool) -> Path:
+    """pip wheel of the patched tree with CMAKE_ARGS `options`, copied into the cache with its record."""
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out), str(tree)]
+    if not build_isolation:
+        cmd.insert(4, "--no-build-isolation")
+    log.info("building the patched wheel: CMAKE_ARGS=%r", options)
+    run = subprocess.run(cmd, env={**os.environ, "CMAKE_ARGS": options}, capture_output=True, text=True)
+    if run.returncode != 0:
+        tail = "\n".join((run.stdout + run.stderr).strip().splitlines()[-20:])
+        log.error("pip wheel output (last lines):\n%s", tail)
+        raise BuildError(f"building llama-cpp-python with {n_patches} patches failed (CMAKE_ARGS "
+                         f"{options}); run with --debug to see the compiler output")
+    built = sorted(out.glob("llama_cpp_python-*.whl"))
+    if len(built) != 1:
+        raise BuildError(f"pip wheel made {len(built)} llama-cpp-python wheels, not one; run with --debug")
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    (wheel_dir / RPC_SERVER_RECORD).unlink(missing_ok=True)     # linked against the wheel this one replaces
+    wheel = Path(shutil.copy2(built[0], wheel_dir))
+    record_wheel(wheel, digest, options)
+    return wheel

@@ -34,6 +34,7 @@ from .plan import MAX_N_CTX, plan_model
 from .split import plan_split
 from .profile import find_profile, measure_profile
 from .profile_devices import measure_devices
+from .rpc import DEFAULT_HOST, DEFAULT_PORT, register_rpc_servers, run_rpc_server
 from .serve import serve as serve_model
 from .artifacts import dumps, read_json, write_json
 from .schema import OBJECTIVES, ModelInventory, Profile, Workload
@@ -373,6 +374,26 @@ def build(
     stdout.print(f"{'cached' if result.cached else 'built'} {result.wheel} (series {result.series_hash}, "
                  f"CMAKE_ARGS {result.cmake_args}) in {result.seconds:.0f} s"
                  + ("" if no_install else "; installed"))
+    if result.rpc_server:
+        stdout.print(f"rpc-server: {result.rpc_server}", markup=False)
+
+
+@app.command("rpc-server")
+@handle_errors
+def rpc_server(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (anything but loopback exposes the "
+                                                     "server, unauthenticated, to the network).")] = DEFAULT_HOST,
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = DEFAULT_PORT,
+    device: Annotated[Optional[str], typer.Option("--device", help="The device to serve: CPU, CUDA0... (default: "
+                                                                   "rpc-server's, the first GPU, else the CPU).")]
+    = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads of the served CPU device.")]
+    = None,
+) -> None:
+    """Serve one device of this machine to llama.cpp's RPC backend (rpc-server of the installed build)."""
+    _in_range("--port", port, 1, 65535)
+    _in_range("--threads", threads, 1, 4096)
+    run_rpc_server(host, port, device, threads)
 
 
 @app.command()

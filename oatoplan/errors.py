@@ -44,6 +44,10 @@ class ProfileError(OatoError):
     """The profile could not be measured, or no profile fits this machine."""
 
 
+class RpcError(OatoError):
+    """An RPC server that does not answer, speaks another protocol, or has no rpc-server binary for this build."""
+
+
 class BuildError(OatoError):
     """The patched library could not be built."""
 

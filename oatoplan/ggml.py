@@ -1,8 +1,10 @@
 """ctypes bindings to the libggml that llama-cpp-python loaded: the device registry, and just enough of the graph API
 to time single operators on a real backend (the profiler's microbenchmarks).
 
-Everything goes through `llama_cpp._ggml.libggml`, the very library libllama links, so the devices, buffer types and
-kernels are the ones a loaded model uses (a second copy of the library would have a registry of its own).
+Everything goes through the very libggml that libllama links (its soname, libggml.so.0, opened with RTLD_NOLOAD), so
+the devices, buffer types and kernels are the ones a loaded model uses. Not `llama_cpp._ggml.libggml`: that opens
+`libggml.so`, which the wheel stores as a separate copy of the file (zip has no symlinks), with a device registry of
+its own, so an RPC device registered there is invisible to llama.cpp.
 """
 
 from __future__ import annotations
@@ -20,9 +22,24 @@ from .errors import BackendError
 from .schema import CpuTrace
 
 try:
-    from llama_cpp._ggml import libggml   # the same libggml.so that llama-cpp-python's libllama links
+    import llama_cpp     # loads libllama and, through its DT_NEEDED, libggml.so.0
+    from llama_cpp._ggml import libggml as _stock_handle
 except ImportError:     # only `oatoplan build` runs before llama-cpp-python is installed (it installs it)
-    libggml = None
+    llama_cpp = _stock_handle = None
+
+
+def _libllama_ggml() -> ctypes.CDLL | None:
+    """libllama's own libggml; None without llama-cpp-python. A build whose libggml has another soname falls back to
+    llama-cpp-python's handle."""
+    if llama_cpp is None:
+        return None
+    try:
+        return ctypes.CDLL("libggml.so.0", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    except OSError:
+        return _stock_handle
+
+
+libggml = _libllama_ggml()
 
 p = ctypes.c_void_p
 _i64, _f32, _sz = ctypes.c_int64, ctypes.c_float, ctypes.c_size_t
@@ -42,6 +59,12 @@ _DECLARATIONS = [
     ("ggml_backend_dev_memory", None, [p, ctypes.POINTER(_sz), ctypes.POINTER(_sz)]),
     ("ggml_backend_dev_buffer_type", p, [p]),
     ("ggml_backend_dev_host_buffer_type", p, [p]),
+    ("ggml_backend_dev_backend_reg", p, [p]),
+    ("ggml_backend_reg_name", ctypes.c_char_p, [p]),
+    ("ggml_backend_reg_by_name", p, [ctypes.c_char_p]),
+    ("ggml_backend_reg_get_proc_address", p, [p, ctypes.c_char_p]),
+    ("ggml_backend_reg_dev_count", _sz, [p]),
+    ("ggml_backend_register", None, [p]),
     ("ggml_version", ctypes.c_char_p, []),
     ("ggml_commit", ctypes.c_char_p, []),
     # backends and buffers
@@ -280,10 +303,11 @@ SCALE_FIELDS = {
 class Backend:
     """One initialised ggml backend (a device), for timing graphs on it."""
 
-    def __init__(self, device: str, n_threads: int | None = None):
+    def __init__(self, device: str, n_threads: int | None = None, dev: int | None = None):
+        """`dev`: the ggml_backend_dev_t where `device` is not ggml's own name (machine.device_handle: RPC devices)."""
         g = lib()
         self.device = device
-        self.dev = device_handle(device)
+        self.dev = dev or device_handle(device)
         self.handle = g.ggml_backend_dev_init(self.dev, None)
         if not self.handle:
             raise BackendError(f"ggml could not initialise device {device}")

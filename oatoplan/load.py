@@ -24,7 +24,8 @@ from . import ggml
 from .errors import BackendError, LoadError, PlanError, PlanMismatchError
 from .graph import CPU
 from .inventory import read_inventory
-from .machine import buffer_device, buffer_type, default_threads, gpu_devices, llama_cpp_build
+from .machine import buffer_device, buffer_type, default_threads, device_handle, gpu_devices, llama_cpp_build
+from .rpc import register_rpc_servers
 from .artifacts import read_json
 from .plan import ALIGNMENT_SLACK_BYTES, check_plan, cpu_only_plan, override_pattern, predict_memory, stream_env
 from .schema import SCHEMA_VERSION, BufferAllocation, MemoryCheck, MemoryReport, Plan, RunStats
@@ -79,18 +80,21 @@ def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_o
     if plan.llama_cpp_build and plan.llama_cpp_build != build:
         raise PlanMismatchError(f"{source} was solved for {plan.llama_cpp_build}, but this is {build}; plan again "
                                 f"with this build")
-    available = {d.name for d in gpu_devices()}
-    missing = [d for d in plan.gpu_devices if d not in available]
     if cpu_only and (plan.gpu_devices or plan.op_offload):
         plan = dataclasses.replace(plan, n_gpu_layers=0, tensor_overrides=(), gpu_devices=(), use_mmap=True,
-                                   op_offload=False)
+                                   op_offload=False, rpc_servers=())
         plan = dataclasses.replace(plan, memory=predict_memory(inventory, plan))
         log.warning("running the plan's GPU placement on the CPU (--cpu-only)")
-    elif missing:
-        have = ", ".join(sorted(available)) or "no GPU: a CPU-only build"
-        raise BackendError(f"{source} places tensors on {', '.join(missing)}, but this llama-cpp-python has {have}; "
-                           f"install a CUDA build (oatoplan build --cuda), or run all on the CPU with --cpu-only")
+    _check_devices(plan, source)
 
+    # exactly the plan's devices, NULL-terminated: a registered RPC device (or another GPU) never takes layers the
+    # plan did not give it; its tensor_split (layer counts) gives each its layers and their KV cache, and without one
+    # the first takes all n_gpu_layers, as predict_memory says
+    devices = (ctypes.c_void_p * (len(plan.gpu_devices) + 1))(*[device_handle(d) for d in plan.gpu_devices], None)
+    split = None
+    if len(plan.gpu_devices) > 1:
+        split = [float(c) for c in plan.tensor_split] if plan.tensor_split else \
+            [1.0] + [0.0] * (len(plan.gpu_devices) - 1)
     overrides = (_Overrides * (len(plan.tensor_overrides) + 1))()
     patterns = [override_pattern(o.tensors).encode() for o in plan.tensor_overrides]   # alive as long as the model
     for i, (override, pattern) in enumerate(zip(plan.tensor_overrides, patterns)):
@@ -104,10 +108,10 @@ def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_o
     kwargs = dict(n_gpu_layers=plan.n_gpu_layers if plan.gpu_devices else 0, n_ctx=plan.n_ctx,
                   n_batch=plan.n_batch, n_ubatch=plan.n_ubatch, use_mmap=plan.use_mmap, op_offload=plan.op_offload,
                   flash_attn=plan.flash_attn, type_k=_ggml_type(plan.type_k), type_v=_ggml_type(plan.type_v),
-                  n_threads=threads, n_threads_batch=threads, swa_full=plan.swa_full, verbose=False)
+                  n_threads=threads, n_threads_batch=threads, swa_full=plan.swa_full, tensor_split=split, verbose=False)
     kwargs.update(llama_kwargs)
     lines: list[str] = []
-    with _load_lock, _default_params_with(overrides if plan.tensor_overrides else None, plan.n_outputs_max), \
+    with _load_lock, _default_params_with(overrides if plan.tensor_overrides else None, devices, plan.n_outputs_max), \
             _stream_environment(plan), _capture_log(lines):
         ring_before = (ggml.stream_stats() or (0, 0, 0, 0))[3]
         try:
@@ -116,7 +120,7 @@ def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_o
             raise LoadError(f"{model_path}: llama.cpp could not load the model with this plan ({exc}); run with "
                             f"--debug to see llama.cpp's log") from None
         ring = (ggml.stream_stats() or (0, 0, 0, 0))[3] - ring_before
-    llm._oatoplan_overrides = (overrides, patterns)
+    llm._oatoplan_overrides = (overrides, patterns, devices)
     report = dataclasses.replace(memory_report(lines, plan.memory or predict_memory(inventory, plan), plan.use_mmap),
                                  misplaced=tuple(misplaced_tensors(lines, plan)))
     llm.oatoplan_memory = report
@@ -143,6 +147,21 @@ def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_o
                         f"the plan predicted {c.predicted_bytes / BYTES_PER_MIB:.1f} MiB; the plan does not describe "
                         f"this load (re-plan, or report a bug with --debug output)")
     return llm
+
+
+def _check_devices(plan: Plan, source: str) -> None:
+    """Register the plan's RPC servers (probed first), then refuse a plan whose devices this process lacks."""
+    rpc = {d.name for d in register_rpc_servers(plan.rpc_servers)} if plan.rpc_servers else set()
+    available = {d.name for d in gpu_devices()} | rpc
+    missing = [d for d in plan.gpu_devices if d not in available]
+    unserved = [d for d in missing if d.startswith("RPC[")]
+    if unserved:
+        raise PlanError(f"{source} places tensors on {unserved[0]}, but its rpc_servers {list(plan.rpc_servers)} do "
+                        f"not name that endpoint; add it there (plan again)")
+    if missing:
+        have = ", ".join(sorted(available)) or "no GPU: a CPU-only build"
+        raise BackendError(f"{source} places tensors on {', '.join(missing)}, but this llama-cpp-python has {have}; "
+                           f"install a CUDA build (oatoplan build --cuda), or run all on the CPU with --cpu-only")
 
 
 def _user_turned_off() -> bool:
@@ -178,9 +197,9 @@ def _ggml_type(name: str) -> int:
 
 
 @contextmanager
-def _default_params_with(overrides, n_outputs_max: int):
+def _default_params_with(overrides, devices, n_outputs_max: int):
     """Llama.__init__ starts from llama_model_default_params() / llama_context_default_params() and never sets
-    tensor_buft_overrides or n_outputs_max: hand it params that already carry ours, for the duration of one load."""
+    tensor_buft_overrides, devices or n_outputs_max: hand it params that already carry ours, for one load."""
     bindings = llama_cpp.llama.llama_cpp
     model_defaults, context_defaults = bindings.llama_model_default_params, bindings.llama_context_default_params
 
@@ -188,6 +207,7 @@ def _default_params_with(overrides, n_outputs_max: int):
         params = model_defaults()
         if overrides is not None:
             params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+        params.devices = ctypes.cast(devices, ctypes.c_void_p)
         return params
 
     def context_params():

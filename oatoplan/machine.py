@@ -23,40 +23,77 @@ except ImportError:     # only `oatoplan build` runs before llama-cpp-python is 
     llama_cpp = None
 
 _GGML_DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL", 4: "META"}
+# ggml's RPC backend registry; its devices are another process's device 0, reached over TCP (rpc.py registers them)
+RPC_REGISTRY = "RPC"
+RPC = "RPC"     # Device.type of an RPC device (ggml says GPU): never counted as a local GPU
+# llama.cpp's name of an RPC buffer type: RPC<device index on the server>[host:port]
+_RPC_BUFFER = re.compile(r"RPC(\d+)\[(.+)\]")
+
+
+def rpc_device_name(endpoint: str) -> str:
+    """How plans and profiles name the device 0 of the RPC server at `endpoint` ("host:port")."""
+    return f"RPC[{endpoint}]"
+
+
+def _device_name(lib: ctypes.CDLL, dev: int) -> str:
+    """ggml's name of a local device ("CPU", "CUDA0"); RPC[host:port] for an RPC device, whose ggml name ("RPCn") is
+    a counter in registration order, while its description is the endpoint."""
+    if lib.ggml_backend_reg_name(lib.ggml_backend_dev_backend_reg(dev)).decode() == RPC_REGISTRY:
+        return rpc_device_name(lib.ggml_backend_dev_description(dev).decode())
+    return lib.ggml_backend_dev_name(dev).decode()
+
+
+def _device_handles() -> dict[str, int]:
+    """Every device of the loaded libggml by our name -> its ggml_backend_dev_t."""
+    lib = ggml.lib()
+    handles = (lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count()))
+    return {_device_name(lib, dev): dev for dev in handles}
+
+
+def device_handle(device_name: str) -> int:
+    """The ggml_backend_dev_t of a device by our name (for llama_model_params.devices)."""
+    handles = _device_handles()
+    if device_name not in handles:
+        raise BackendError(f"device {device_name!r} is not in this llama.cpp build (it has {', '.join(handles)})")
+    return handles[device_name]
 
 
 def devices() -> list[Device]:
-    """The devices of the llama.cpp build that llama-cpp-python loaded, with free and total memory."""
+    """The devices of the llama.cpp build that llama-cpp-python loaded, with free and total memory; RPC devices
+    registered in this process as RPC[host:port] with the remote device's memory."""
     lib = ggml.lib()
     found = []
-    for i in range(lib.ggml_backend_dev_count()):
-        dev = lib.ggml_backend_dev_get(i)
+    for name, dev in _device_handles().items():
         free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
         lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-        found.append(Device(lib.ggml_backend_dev_name(dev).decode(), lib.ggml_backend_dev_description(dev).decode(),
-                            _GGML_DEVICE_TYPES.get(lib.ggml_backend_dev_type(dev), "?"), free.value, total.value))
+        kind = RPC if name.startswith(f"{RPC}[") else _GGML_DEVICE_TYPES.get(lib.ggml_backend_dev_type(dev), "?")
+        found.append(Device(name, lib.ggml_backend_dev_description(dev).decode(), kind, free.value, total.value))
     return found
 
 
 def gpu_devices() -> list[Device]:
+    """This machine's own GPUs (RPC devices are not among them)."""
     return [d for d in devices() if d.type in ("GPU", "IGPU")]
+
+
+def rpc_devices() -> list[Device]:
+    """The RPC devices registered in this process (rpc.register_rpc_servers), in registration order."""
+    return [d for d in devices() if d.type == RPC]
 
 
 def buffer_type(device_name: str) -> int:
     """The default buffer type of a device (a ggml_backend_buffer_type_t), for tensor buffer-type overrides."""
-    lib = ggml.lib()
-    for i in range(lib.ggml_backend_dev_count()):
-        dev = lib.ggml_backend_dev_get(i)
-        if lib.ggml_backend_dev_name(dev).decode() == device_name:
-            return lib.ggml_backend_dev_buffer_type(dev)
-    raise BackendError(f"device {device_name!r} is not in this llama.cpp build (it has "
-                       f"{', '.join(d.name for d in devices())})")
+    return ggml.lib().ggml_backend_dev_buffer_type(device_handle(device_name))
 
 
 def buffer_device(buffer_type_name: str) -> str:
-    """Device a llama.cpp buffer type lives on: host buffer types (CPU, CPU_Mapped, CPU_REPACK, CUDA_Host) -> CPU."""
+    """Device a llama.cpp buffer type lives on: host buffer types (CPU, CPU_Mapped, CPU_REPACK, CUDA_Host) -> CPU;
+    RPC0[host:port] (the server's device 0) -> RPC[host:port]."""
     if buffer_type_name.startswith("CPU") or buffer_type_name.endswith("_Host"):
         return CPU
+    rpc = _RPC_BUFFER.fullmatch(buffer_type_name)
+    if rpc and rpc.group(1) == "0":
+        return rpc_device_name(rpc.group(2))
     return buffer_type_name
 
 

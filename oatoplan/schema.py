@@ -171,6 +171,8 @@ class Plan:
     # into stream_slots staging slots of stream_slot_bytes each while the GPU computes; 0 slots: off (stock copies)
     stream_slots: int = 0
     stream_slot_bytes: int = 0
+    # llama.cpp RPC servers ("host:port") registered before the load, in this order; their device 0 is RPC[host:port]
+    rpc_servers: tuple[str, ...] = ()
     profile_id: str = ""
     budget_bytes: int | None = None
     memory: MemoryPrediction | None = None
@@ -184,7 +186,6 @@ class Plan:
     # several devices (split.py): layers per device of gpu_devices, in that order, as llama.cpp's tensor_split (`-ts`)
     # maps the n_gpu_layers layers (output counts as one) to them; () = all on gpu_devices[0]
     tensor_split: tuple[int, ...] = ()
-    rpc_servers: tuple[str, ...] = ()              # "host:port" of each RPC device ("RPC[host:port]"), to register
     budgets_bytes: dict[str, int] = field(default_factory=dict)   # per-device budget, when planned for several
 
 

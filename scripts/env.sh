@@ -10,8 +10,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[test]"
-if ! .venv/bin/python -c 'import sys; from oatoplan.build import series, series_hash; from oatoplan.machine import loaded_series
-sys.exit(0 if (loaded_series() or "").startswith(series_hash(series()) + ":") else 1)' 2>/dev/null; then
+# rebuild when the installed llama.cpp lacks this series or the RPC backend (a build of an older oatoplan)
+if ! .venv/bin/python -c 'import sys, llama_cpp; from oatoplan.build import series, series_hash
+from oatoplan.machine import loaded_series
+sys.exit(0 if (loaded_series() or "").startswith(series_hash(series()) + ":") and llama_cpp.llama_supports_rpc() else 1)' 2>/dev/null; then
   .venv/bin/oatoplan build --cpu
 fi
 export PATH="$PWD/.venv/bin:$PATH"

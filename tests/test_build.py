@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -143,7 +144,7 @@ def test_cached_wheel_is_reused_without_building(tmp_path, no_subprocess):
     wheel = _cache(tmp_path)
     record = json.loads((wheel.parent / build.WHEEL_RECORD).read_text())
     assert record["wheel"] == WHEEL_NAME and record["sha256"] == hashlib.sha256(b"a wheel").hexdigest()
-    result = build.build(cuda=False, install=False, cache_dir=tmp_path)
+    result = build.build(cuda=False, install=False, cache_dir=tmp_path, rpc_server=False)
     assert result.cached and result.wheel == wheel
 
 
@@ -159,7 +160,7 @@ def test_a_changed_cached_wheel_is_refused_not_installed(tmp_path, no_subprocess
     wheel = _cache(tmp_path)
     tamper(wheel)
     with pytest.raises(build.BuildError, match=message) as refused:
-        build.build(cuda=False, install=True, cache_dir=tmp_path)
+        build.build(cuda=False, install=True, cache_dir=tmp_path, rpc_server=False)
     assert f"delete {wheel.parent} and run oatoplan build again" in str(refused.value)
     assert "\n" not in str(refused.value)
 
@@ -173,7 +174,7 @@ def test_a_wheel_without_a_record_is_built_again(tmp_path, monkeypatch):
         raise build.BuildError("rebuilding")
     monkeypatch.setattr(build, "fetch_sdist", download)
     with pytest.raises(build.BuildError, match="rebuilding"):
-        build.build(cuda=False, install=False, cache_dir=tmp_path)
+        build.build(cuda=False, install=False, cache_dir=tmp_path, rpc_server=False)
 
 
 def test_a_built_wheel_is_recorded_then_reused(tmp_path, monkeypatch):
@@ -189,11 +190,11 @@ def test_a_built_wheel_is_recorded_then_reused(tmp_path, monkeypatch):
         (out / WHEEL_NAME).write_bytes(b"compiled")
         return subprocess.CompletedProcess(cmd, 0, "", "")
     monkeypatch.setattr(build.subprocess, "run", pip)
-    first = build.build(cuda=False, source=source, install=False, cache_dir=tmp_path / "cache")
+    first = build.build(cuda=False, source=source, install=False, cache_dir=tmp_path / "cache", rpc_server=False)
     assert not first.cached and first.wheel.read_bytes() == b"compiled" and len(runs) == 1
     record = json.loads((first.wheel.parent / build.WHEEL_RECORD).read_text())
     assert record["sha256"] == hashlib.sha256(b"compiled").hexdigest() and record["series_hash"] == first.series_hash
-    again = build.build(cuda=False, source=source, install=False, cache_dir=tmp_path / "cache")
+    again = build.build(cuda=False, source=source, install=False, cache_dir=tmp_path / "cache", rpc_server=False)
     assert again.cached and again.wheel == first.wheel and len(runs) == 1
 
 
@@ -230,3 +231,62 @@ def test_source_tree_must_be_llama_cpp_python(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(build.BuildError, match="not a llama-cpp-python source tree"):
         build.build(cuda=False, source=tmp_path / "empty", install=False, cache_dir=tmp_path / "cache")
+
+
+def _wheel_with_libs(tmp_path, libs):
+    """A cached wheel (a real zip holding llama_cpp/lib/<name> files) of the shipped series, with its record."""
+    digest = build.series_hash(build.series())
+    options = build.cmake_args(False, None)
+    wheel = tmp_path / "wheels" / build.cache_key(build.SDIST_SHA256, digest, options) / WHEEL_NAME
+    wheel.parent.mkdir(parents=True)
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, data in libs.items():
+            archive.writestr(f"llama_cpp/lib/{name}", data)
+        archive.writestr("llama_cpp/__init__.py", "")
+    build.record_wheel(wheel, digest, options)
+    return wheel
+
+
+RPC_LIBS = {"libggml.so.0": b"ggml", "libggml-base.so.0": b"base", "libggml-rpc.so.0": b"rpc"}
+
+
+def test_rpc_server_is_compiled_once_beside_the_cached_wheel(tmp_path, monkeypatch):
+    """The compiler faked, the rest real: the patched tree's rpc-server.cpp is linked against the wheel's own ggml
+    libraries, its record names their sha256, and the next build reuses it."""
+    wheel = _wheel_with_libs(tmp_path, RPC_LIBS)
+    monkeypatch.setattr(build, "_patched_tree", lambda tmp, *args: Path(tmp))
+    monkeypatch.setenv("CXX", sys.executable)       # any executable: which() must find it
+    runs = []
+
+    def cxx(cmd, **kwargs):
+        runs.append(cmd)
+        lib_dir = Path(cmd[cmd.index("-L") + 1])
+        assert sorted(p.name for p in lib_dir.iterdir()) == sorted(RPC_LIBS)      # linked against the wheel's
+        Path(cmd[cmd.index("-o") + 1]).write_bytes(b"binary")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(build.subprocess, "run", cxx)
+    first = build.build(cuda=False, install=False, cache_dir=tmp_path)
+    assert first.cached and first.rpc_server == wheel.parent / "rpc-server" and first.rpc_server.read_bytes() == b"binary"
+    assert runs[0][0] == sys.executable and "-l:libggml.so.0" in runs[0] and runs[0][-1] == "-Wl,-rpath,$ORIGIN"
+    assert any(a.endswith("tools/rpc/rpc-server.cpp") for a in runs[0]) and "-std=c++17" in runs[0]
+    record = json.loads((wheel.parent / "rpc-server.json").read_text())
+    assert record["libs"] == {name: hashlib.sha256(data).hexdigest() for name, data in RPC_LIBS.items()}
+    again = build.build(cuda=False, install=False, cache_dir=tmp_path)
+    assert again.rpc_server == first.rpc_server and len(runs) == 1
+
+
+def test_a_wheel_without_the_rpc_backend_gets_no_rpc_server(tmp_path, monkeypatch):
+    _wheel_with_libs(tmp_path, {"libggml.so.0": b"ggml"})
+    monkeypatch.setattr(build, "_patched_tree", lambda tmp, *args: Path(tmp))
+    monkeypatch.setenv("CXX", sys.executable)
+    with pytest.raises(build.BuildError, match="has no libggml-rpc.so.0 .* delete .* and run oatoplan build again"):
+        build.build(cuda=False, install=False, cache_dir=tmp_path)
+
+
+def test_build_without_a_cxx_compiler_says_what_to_install(cli, tmp_path, monkeypatch, no_subprocess):
+    _wheel_with_libs(tmp_path, RPC_LIBS)
+    monkeypatch.setenv("OATOPLAN_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    result = cli(["build", "--cpu", "--no-install"])
+    assert result.exit_code == 1 and "no C++ compiler (no-such-compiler-here)" in result.stderr
+    assert "apt install g++" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -19,6 +19,7 @@ ORDER = [
     "graph",                                # placement units, roles, crossings
     "names",                                # llama.cpp's names: -ot patterns, devices, the layer split
     "machine",                              # device registry, machine and build identity
+    "rpc",                                  # RPC servers: probing, registering, the rpc-server binary
     "build",                                # tool beside the pipeline: builds the patched llama-cpp-python
     "memory",                               # VRAM terms and the budget rule
     "cost",                                 # the time model
