@@ -178,7 +178,7 @@ def check_plan(inv: ModelInventory, plan: Plan, source: str) -> None:
     stray = sorted({o.device for o in plan.tensor_overrides} - {CPU} - set(plan.gpu_devices))
     if stray:
         raise PlanError(f"{source}: override device {stray[0]!r} is not listed in gpu_devices {list(plan.gpu_devices)}")
-    if len(plan.gpu_devices) > 1 and len(plan.tensor_split) != len(plan.gpu_devices):
+    if plan.tensor_split and len(plan.tensor_split) != len(plan.gpu_devices):
         raise PlanError(f"{source}: tensor_split has {len(plan.tensor_split)} entries for {len(plan.gpu_devices)} "
                         f"devices; give one layer count per device of gpu_devices")
     rpc = sorted(d[len("RPC["):-1] for d in plan.gpu_devices if d.startswith("RPC["))

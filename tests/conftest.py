@@ -3,7 +3,10 @@ PyPI, and the header of a real Qwen2-7B file as a sparse (zero-weight, no-disk) 
 
 from __future__ import annotations
 
+import socket
 import struct
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,11 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, To
 from gguf.quants import quantize
 from typer.testing import CliRunner
 
+import llama_cpp
+
+from oatoplan import rpc
 from oatoplan.cli import app
+from oatoplan.errors import RpcError
 from oatoplan.testing import qwen2_7b_header, write_sparse
 
 TINY = dict(n_layer=4, n_embd=64, n_head=4, n_head_kv=2, n_ff=128, n_ctx=4096)   # n_ctx: oatoplan's default workloads fit
@@ -250,3 +257,49 @@ def user_profile_dir(tmp_path_factory, monkeypatch) -> Path:
     directory = tmp_path_factory.mktemp("user-profiles")
     monkeypatch.setenv("OATOPLAN_PROFILE_DIR", str(directory))
     return directory
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real rpc-server processes, on 127.0.0.1 only
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def start_rpc_server(port: int | None = None) -> subprocess.Popen:
+    """A real rpc-server (CPU backend, one thread) on a loopback port, answering."""
+    port = port or free_port()
+    argv, env = rpc.rpc_server_command(LOOPBACK, port, "CPU", 1)
+    server = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            rpc.probe(f"{LOOPBACK}:{port}", timeout_s=1)
+            return server
+        except RpcError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise AssertionError(f"rpc-server on port {port} did not start: {server.stderr.read().decode()}")
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def rpc_endpoints():
+    """Two rpc-server processes (CPU backend, -t 1) on free loopback ports, registered in this process; killed at the
+    end of the session (this process keeps its connections to them as long as it lives)."""
+    if not llama_cpp.llama_supports_rpc():
+        pytest.skip("this llama-cpp-python has no RPC backend (`oatoplan build` builds one with -DGGML_RPC=ON)")
+    servers = []
+    try:
+        for _ in range(2):
+            servers.append(start_rpc_server())
+        yield tuple(f"{LOOPBACK}:{s.args[s.args.index('-p') + 1]}" for s in servers)
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()

@@ -6,8 +6,6 @@ import dataclasses
 import hashlib
 import re
 import socket
-import subprocess
-import time
 
 import llama_cpp
 import pytest
@@ -20,49 +18,11 @@ from oatoplan.inventory import read_inventory
 from oatoplan.load import generate, load, run_stats
 from oatoplan.machine import buffer_device, buffer_type, devices, gpu_devices, rpc_devices
 from oatoplan.plan import make_plan
+from conftest import LOOPBACK, free_port
 
-LOOPBACK = "127.0.0.1"
 needs_rpc = pytest.mark.skipif(not llama_cpp.llama_supports_rpc(), reason="this llama-cpp-python has no RPC backend "
                                "(`oatoplan build` builds one with -DGGML_RPC=ON)")
 PROMPT = "The capital of France is a city called"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
-def _start(port: int) -> subprocess.Popen:
-    argv, env = rpc.rpc_server_command(LOOPBACK, port, "CPU", 1)
-    server = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            rpc.probe(f"{LOOPBACK}:{port}", timeout_s=1)
-            return server
-        except RpcError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise AssertionError(f"rpc-server on port {port} did not start: {server.stderr.read().decode()}")
-            time.sleep(0.1)
-
-
-@pytest.fixture(scope="session")
-def rpc_endpoints():
-    """Two rpc-server processes (CPU backend, -t 1) on free loopback ports, registered in this process; killed at the
-    end of the session (this process keeps its connections to them as long as it lives)."""
-    if not llama_cpp.llama_supports_rpc():
-        pytest.skip("this llama-cpp-python has no RPC backend (`oatoplan build` builds one with -DGGML_RPC=ON)")
-    servers = []
-    try:
-        for _ in range(2):
-            servers.append(_start(_free_port()))
-        yield tuple(f"{LOOPBACK}:{s.args[s.args.index('-p') + 1]}" for s in servers)
-    finally:
-        for server in servers:
-            server.kill()
-            server.wait()
 
 
 @needs_rpc
@@ -94,7 +54,7 @@ def test_endpoints_must_be_host_and_port(endpoint):
 @needs_rpc
 def test_a_dead_endpoint_is_refused_before_ggml_sees_it():
     """ggml's add_server aborts the process on a dead endpoint: the probe must refuse it first, in one line."""
-    port = _free_port()
+    port = free_port()
     with pytest.raises(RpcError) as refused:
         rpc.register_rpc_servers([f"{LOOPBACK}:{port}"])
     assert str(refused.value) == (f"RPC server {LOOPBACK}:{port} does not answer: start it with "
@@ -159,7 +119,7 @@ def test_run_with_an_rpc_plan(cli, gemma_model, rpc_endpoints, tmp_path):
 
 @needs_rpc
 def test_run_with_a_dead_rpc_server_is_one_line(cli, gemma_model, tmp_path):
-    port = _free_port()
+    port = free_port()
     plan = make_plan(read_inventory(gemma_model), {}, n_gpu_layers=2, gpu_devices=(f"RPC[{LOOPBACK}:{port}]",),
                      n_ctx=256)
     path = write_json(dataclasses.replace(plan, rpc_servers=(f"{LOOPBACK}:{port}",)), tmp_path / "plan.json")
