@@ -111,7 +111,7 @@ def test_program_equals_brute_force(one_layer, rpc, share):
         if all(sum(memory[d].values()) <= usable_bytes(b) for d, b in budgets.items()):
             t = combine(prediction.prefill_s, prediction.decode_s_per_token, w)
             best = t if best is None else min(best, t)
-    prob, x = _problem(cost, one_layer, budgets, w, s, device_links)
+    prob, x, _ = _problem(cost, one_layer, budgets, w, s, device_links)
     assert pulp.LpStatus[prob.solve(pulp.PULP_CBC_CMD(msg=False, threads=1, gapRel=0))] == "Optimal"
     units = model_units(one_layer)
     chosen = {u.key: next((d for d in devices if x[i, d].value() > 0.5), CPU) for i, u in enumerate(units)}
