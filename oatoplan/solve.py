@@ -116,7 +116,7 @@ def build_problem(inst: _Instance, budget_mib: float) -> tuple[pulp.LpProblem, d
     # Variables: x[i] = 1 puts unit i on the GPU; z[i] = 1 when units i-1 and i (or the CPU input and unit 0) sit on
     # different devices; compute and copy are VRAM (MiB) of the compute buffer and of its largest weight copy
     x = pulp.LpVariable.dicts("gpu", range(n), cat=pulp.LpBinary)
-    pairs, spans = _crossing_terms(inst)
+    pairs, spans = crossing_terms(inst.units)
     z = pulp.LpVariable.dicts("cross", range(len(pairs) + len(spans)), lowBound=0)
     compute = pulp.LpVariable("compute_mib", lowBound=0)
     copy = pulp.LpVariable("copy_mib", lowBound=0)
@@ -195,21 +195,21 @@ def build_problem(inst: _Instance, budget_mib: float) -> tuple[pulp.LpProblem, d
 GAP_REL = 2e-3
 
 
-def _crossing_terms(inst: _Instance) -> tuple[list[tuple[int, int]], list[tuple[list[int], list[int]]]]:
+def crossing_terms(units: list[Unit]) -> tuple[list[tuple[int, int]], list[tuple[list[int], list[int]]]]:
     """Consecutive unit pairs in graph order: single pairs (a, b), and role pairs adjacent within every layer,
     as the unit lists of each role (`spans`)."""
-    layers = {u.layer for u in inst.units if u.layer is not None}
+    layers = {u.layer for u in units if u.layer is not None}
     by_roles: dict[tuple[str, str], list[tuple[int, int]]] = defaultdict(list)
     pairs = []
-    for b, unit in enumerate(inst.units):
+    for b, unit in enumerate(units):
         a = b - 1
-        if a >= 0 and unit.layer is not None and inst.units[a].layer == unit.layer:
-            by_roles[(role(inst.units[a]), role(unit))].append((a, b))
+        if a >= 0 and unit.layer is not None and units[a].layer == unit.layer:
+            by_roles[(role(units[a]), role(unit))].append((a, b))
         else:
             pairs.append((a, b))
     spans = []
     for found in by_roles.values():
-        if {inst.units[b].layer for _, b in found} == layers:
+        if {units[b].layer for _, b in found} == layers:
             spans.append(([a for a, _ in found], [b for _, b in found]))
         else:
             pairs += found

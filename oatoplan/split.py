@@ -8,13 +8,14 @@ takes and which of a layer's weights stay on the CPU:
     minimise   sum_u sum_d (t[u,d] - t[u,CPU]) w[u,d]  +  sum_i sum_d c[d] z[i,d]
     subject to sum_d w[u,d] <= 1                             (a unit on one device, or on the CPU)
                w[u,d] <= w[attn l(u),d]                       (a layer's weights on its layer's device or the CPU)
-               sum_d w[attn l,d] <= sum_d w[attn l+1,d]       (n_gpu_layers: KV off the CPU for the last layers)
-               cum_d w[attn l+1] <= cum_d w[attn l] + 1 - sum_d w[attn l]   (each device a range, in order: -ts)
+               w[attn l,d_k] = split[l,k] - split[l,k+1]      (split[l,k]: layer l on one of d_k..d_K-1)
+               split[l,k] <= split[l+1,k], split[l,k+1] <= split[l,k]   (n_gpu_layers, each device a range in order: -ts)
                z[i,d] >= |w[i,d] - w[i-1,d]|                 (activations cross d's link between units i-1, i)
                weights + KV + compute + pool + overhead on d <= usable_bytes(budget[d])      for every device d
 
-t[u,d] comes from the profile's timings on each device, c[d] is one crossing of d's link (its fixed cost and the
-activations' bytes; between two accelerators the activations go through the host, over both links). Weight
+split_search.py solves it split by split. t[u,d] comes from the profile's timings on each device, c[d] is one
+crossing of d's link (its fixed cost and the activations' bytes; between two accelerators the activations go through
+the host, over both links); consecutive roles' crossings are summed over layers (solve.py's spans). Weight
 streaming stays off (it stages into one GPU); op offload takes large batches of host weights to the first local GPU
 only, as llama.cpp's scheduler does (an RPC backend takes no offloaded op).
 """
@@ -29,11 +30,13 @@ from dataclasses import dataclass
 import pulp
 
 from .cost import CostModel, combine, fixed_time_us, ubatches, unit_time_us
-from .errors import PlanInfeasibleError, ProfileError, SolverError
+from .errors import PlanInfeasibleError, ProfileError
 from .graph import CPU, Unit, model_units, role
 from .memory import (Settings, compute_stage_bytes, gpu_overhead_bytes, kv_layer_bytes, pool_bytes, usable_bytes)
 from .names import device_flag, split_device
 from .plan import llama_cpp_flags, make_plan, target_build, tensor_placement
+from .solve import crossing_terms
+from .split_search import best_split
 from .schema import BaselinePrediction, DeviceLink, ModelInventory, Plan, Prediction, Profile, Workload
 from .units import BYTES_PER_MIB, format_bytes
 
@@ -161,8 +164,10 @@ def predict_split(cost: CostModel, inv: ModelInventory, placement: dict[str, str
 
 
 def _problem(cost: CostModel, inv: ModelInventory, budgets: dict[str, int], workload: Workload, s: Settings,
-             device_links: list[Link]):
-    """The integer program of one settings candidate, written like PuLP's examples."""
+             device_links: list[Link], start: dict[str, str] | None = None):
+    """The integer program of one settings candidate, written like PuLP's examples; `start` (a placement) is CBC's
+    starting point. Returns the problem and w[i, d], unit i on device d (a variable or, for a layer's KV, an
+    expression of the split variables)."""
     units, devices = model_units(inv), list(budgets)
     n, hp = len(units), inv.hparams
     # Data: each unit's objective time on each device (us), bytes on a device, the crossing costs
@@ -185,10 +190,22 @@ def _problem(cost: CostModel, inv: ModelInventory, budgets: dict[str, int], work
     mib = 1.0 / BYTES_PER_MIB
 
     prob = pulp.LpProblem("oatoplan_split", pulp.LpMinimize)
-    # Variables: w[i,d] = 1 puts unit i on device d (none: the CPU); z[i,d] = 1 when activations cross d's link
-    # before unit i (i = n: back to the CPU for the logits); used[d] = 1 when d holds anything; compute[d] MiB
-    w = pulp.LpVariable.dicts("on", [(i, d) for i in range(n) for d in devices], cat=pulp.LpBinary)
-    z = pulp.LpVariable.dicts("cross", [(i, d) for i in range(n + 1) for d in devices], lowBound=0)
+    # Variables: split[l,k] = 1 puts layer l (its KV) on one of devices[k:] (k = 0: on any device), so that layer l
+    # is on devices[k] when split[l,k] - split[l,k+1] = 1; on[i,d] = 1 puts weight unit i on device d (none: the
+    # CPU); z = crossings of d's link; used[d] = 1 when d holds anything; compute[d] MiB
+    n_dev = len(devices)
+    split = pulp.LpVariable.dicts("split", [(l, k) for l in sorted(attn_of) for k in range(n_dev)],
+                                  cat=pulp.LpBinary)
+    x = pulp.LpVariable.dicts("on", [(i, d) for i, u in enumerate(units) if not u.is_attention for d in devices],
+                              cat=pulp.LpBinary)
+    w = {}
+    for i, u in enumerate(units):
+        for k, d in enumerate(devices):
+            w[i, d] = (split[u.layer, k] - (split[u.layer, k + 1] if k + 1 < n_dev else 0)) if u.is_attention \
+                else x[i, d]
+    pairs, spans = crossing_terms(units)
+    pairs.append((n - 1, n))            # the logits back to the CPU
+    z = pulp.LpVariable.dicts("cross", [(j, d) for j in range(len(pairs) + len(spans)) for d in devices], lowBound=0)
     used = pulp.LpVariable.dicts("used", devices, cat=pulp.LpBinary)
     compute = pulp.LpVariable.dicts("compute_mib", devices, lowBound=0)
     copy = pulp.LpVariable("copy_mib", lowBound=0)
@@ -197,43 +214,51 @@ def _problem(cost: CostModel, inv: ModelInventory, budgets: dict[str, int], work
 
     # Objective: unit times where they run, and the crossings (us)
     prob += (pulp.lpSum((t[i, d] - t[i, CPU]) * w[i, d] for i in range(n) for d in devices)
-             + pulp.lpSum(cross[d] * z[i, d] for i in range(n + 1) for d in devices)
+             + pulp.lpSum(cross[d] * z[j, d] for j in range(len(pairs) + len(spans)) for d in devices)
              + sum(t[i, CPU] for i in range(n)) * base), "time_us"
 
+    # n_gpu_layers and the split: each split[., k] is a suffix of the layers, the suffixes nested (devices in order)
+    for a, b in zip(attn, attn[1:]):
+        for k in range(n_dev):
+            prob += split[units[a].layer, k] <= split[units[b].layer, k], f"split_suffix_{units[a].layer}_{k}"
+    for l in attn_of:
+        for k in range(n_dev - 1):
+            prob += split[l, k + 1] <= split[l, k], f"split_nested_{l}_{k}"
     for i, u in enumerate(units):
-        prob += pulp.lpSum(w[i, d] for d in devices) <= 1, f"one_device_{i}"
-        if u.layer is not None and not u.is_attention:
+        if u.layer is None:
+            prob += pulp.lpSum(w[i, d] for d in devices) <= 1, f"one_device_{i}"
+        elif not u.is_attention:
             for d in devices:
                 prob += w[i, d] <= w[attn_of[u.layer], d], f"with_layer_{i}_{d}"
-    # n_gpu_layers and the split: KV off the CPU for the last layers, each device a range of them, in order
-    for a, b in zip(attn, attn[1:]):
-        prob += pulp.lpSum(w[a, d] for d in devices) <= pulp.lpSum(w[b, d] for d in devices), f"kv_suffix_{a}"
-        on_a = pulp.lpSum(w[a, d] for d in devices)
-        for k in range(len(devices) - 1):
-            prob += (pulp.lpSum(w[b, d] for d in devices[:k + 1])
-                     <= pulp.lpSum(w[a, d] for d in devices[:k + 1]) + 1 - on_a), f"split_order_{a}_{k}"
     # Symmetry: within a device's range, each role's weights on the device are those of its last layers (as
-    # n_gpu_layers does for whole layers): w[role l] <= w[role l+1] where layers l and l+1 are both on d
+    # n_gpu_layers does for whole layers): on[role l, d] <= on[role l+1, d] unless layer l+1 is on a later device
     by_role: dict[str, list[int]] = {}
     for i, u in enumerate(units):
         if u.layer is not None and not u.is_attention:
             by_role.setdefault(role(u), []).append(i)
     for name, idx in by_role.items():
         for a, b in zip(idx, idx[1:]):
-            for d in devices:
-                prob += w[a, d] <= w[b, d] + 1 - w[attn_of[units[b].layer], d], f"suffix_{name}_{a}_{d}"
-    # Crossings in graph order, from the input lookup on the CPU to the logits on the CPU
+            for k, d in enumerate(devices):
+                later = split[units[b].layer, k + 1] if k + 1 < n_dev else 0
+                prob += w[a, d] <= w[b, d] + later, f"suffix_{name}_{a}_{d}"
+    # Crossings in graph order, from the input lookup on the CPU to the logits on the CPU: |w[a,d] - w[b,d]| for
+    # consecutive units; two roles adjacent in every layer have their layers on d at the end of d's range, so they
+    # cross d's link |sum w[role a, d] - sum w[role b, d]| times (solve.py's spans)
     for d in devices:
-        for i in range(n + 1):
-            before = w[i - 1, d] if i > 0 else 0
-            after = w[i, d] if i < n else 0
-            prob += z[i, d] >= after - before, f"cross_in_{i}_{d}"
-            prob += z[i, d] >= before - after, f"cross_out_{i}_{d}"
+        for j, (a, b) in enumerate(pairs):
+            difference = (w[b, d] if b < n else 0) - (w[a, d] if a >= 0 else 0)
+            prob += z[j, d] >= difference, f"cross_in_{j}_{d}"
+            prob += z[j, d] >= -difference, f"cross_out_{j}_{d}"
+        for j, (first, second) in enumerate(spans, start=len(pairs)):
+            difference = pulp.lpSum(w[i, d] for i in second) - pulp.lpSum(w[i, d] for i in first)
+            prob += z[j, d] >= difference, f"cross_in_{j}_{d}"
+            prob += z[j, d] >= -difference, f"cross_out_{j}_{d}"
     # Memory on each device: its units, its compute buffer, the pool and overhead of a local GPU that holds anything
     out = next(i for i, u in enumerate(units) if u.is_output)
     for d, link in zip(devices, device_links):
-        for i in range(n):
-            prob += used[d] >= w[i, d], f"used_{i}_{d}"
+        for i, u in enumerate(units):
+            if u.is_attention or u.layer is None:
+                prob += used[d] >= w[i, d], f"used_{i}_{d}"
         if offload and d == first_gpu:
             prob += used[d] == 1, f"op_offload_{d}"
             prob += compute[d] >= (layer_stage * mib) * used[d] + copy, f"compute_layer_{d}"
@@ -247,7 +272,14 @@ def _problem(cost: CostModel, inv: ModelInventory, budgets: dict[str, int], work
         for i, u in enumerate(units):
             if u.matrices and not u.is_output:
                 prob += copy >= size[i] * mib * (1 - pulp.lpSum(w[i, d] for d in devices)), f"copy_{i}"
-    return prob, w
+    if start:
+        for k, d in enumerate(devices):
+            for i, u in enumerate(units):
+                if u.is_attention:
+                    split[u.layer, k].setInitialValue(int(start[u.key] in devices[k:]))
+                else:
+                    x[i, d].setInitialValue(int(start[u.key] == d))
+    return prob, w, split
 
 
 def candidate_settings(workload: Workload, device_links: list[Link]) -> list[Settings]:
@@ -258,50 +290,33 @@ def candidate_settings(workload: Workload, device_links: list[Link]) -> list[Set
             for ub in SPLIT_UBATCH_CANDIDATES if ub <= largest]
 
 
-# CBC's relative gap and node limit for the several-device program: its relaxation is weaker than the one-GPU
-# program's (a layer's share can split over devices), so CBC starts from llama.cpp's best split and stops after a fixed
-# number of nodes (deterministic with one thread, unlike a time limit); the plan notes when the optimum was not proven.
-SPLIT_GAP_REL = 5e-3
-SPLIT_MAX_NODES = 500
-
-
 def solve_split(inv: ModelInventory, cost: CostModel, budgets: dict[str, int], workload: Workload) -> SplitSolution:
-    """The fastest placement over the budgets' devices (in their order) for `workload`."""
+    """The fastest placement over the budgets' devices (in their order) for `workload`: for each settings candidate,
+    the layer counts searched from llama.cpp's best split (split_search.py)."""
     started, devices, best = time.perf_counter(), list(budgets), None
+    units = model_units(inv)
     starts = [b for b in _baseline_placements(cost, inv, budgets, workload) if b is not None]
     for s in candidate_settings(workload, links(cost, inv, devices, Settings(512, False, True, workload.n_ctx))):
         device_links = links(cost, inv, devices, s)
-        prob, w = _problem(cost, inv, budgets, workload, s, device_links)
         start = _best_start(cost, inv, budgets, workload, s, device_links, starts)
-        if start:
-            for i, u in enumerate(model_units(inv)):
-                for d in devices:
-                    w[i, d].setInitialValue(1 if start[u.key] == d else 0)
-        solver = pulp.PULP_CBC_CMD(msg=False, threads=1, gapRel=SPLIT_GAP_REL, warmStart=bool(start),
-                                   options=[f"maxNodes {SPLIT_MAX_NODES}"])
-        status = pulp.LpStatus[prob.solve(solver)]
-        if status == "Optimal" and prob.sol_status != pulp.LpSolutionOptimal:
-            log.info("ubatch %d: the best placement CBC found in %d nodes, not proven optimal", s.n_ubatch,
-                     SPLIT_MAX_NODES)
-        if status == "Infeasible":
+        prob, w, split = _problem(cost, inv, budgets, workload, s, device_links)
+        first = tuple(sum(1 for u in units if u.is_attention and start[u.key] == d) for d in devices) if start \
+            else (0,) * len(devices)
+        found = best_split(prob, w, split, units, devices, first, f"ubatch {s.n_ubatch}")
+        if found is None:
             log.debug("ubatch %d: nothing fits", s.n_ubatch)
             continue
-        if status != "Optimal":
-            raise SolverError(f"CBC returned {status} for the several-device placement; run with --debug and "
-                              f"report it")
-        units = model_units(inv)
-        placement = {u.key: next((d for d in devices if (w[i, d].value() or 0) > 0.5), CPU)
-                     for i, u in enumerate(units)}
+        counts, placement = found
         prediction, memory = predict_split(cost, inv, placement, workload, s, device_links)
         t = combine(prediction.prefill_s, prediction.decode_s_per_token, workload)
-        log.info("ubatch %d: predicted %.3f s", s.n_ubatch, t)
+        log.info("ubatch %d: layers %s, predicted %.3f s", s.n_ubatch, counts, t)
         if best is None or t < best[0]:
             best = (t, placement, s, prediction, memory)
     if best is None:
         raise PlanInfeasibleError(f"nothing fits the budgets {', '.join(f'{d}={format_bytes(b)}' for d, b in budgets.items())}"
                                   f" with {inv.identity.file_name}: give the devices more memory")
     _, placement, s, prediction, memory = best
-    return SplitSolution(placement, s, layer_counts(model_units(inv), placement, devices), prediction, memory,
+    return SplitSolution(placement, s, layer_counts(units, placement, devices), prediction, memory,
                          time.perf_counter() - started)
 
 

@@ -53,9 +53,10 @@ def write_sparse(header: bytes, out: Path) -> Path:
 
 @dataclass(frozen=True)
 class MoeShape:
-    """A mixture-of-experts family's shapes and its Q4_K_M type mix (llama.cpp's llama-quant.cpp rules: attn_v and
-    ffn_down(_exps) one step up on the use_more_bits layers, 8-expert models' attn_k/attn_v Q8_0 and attn_output Q5_K).
-    Shapes in ggml order (row length first)."""
+    """A mixture-of-experts family's shapes (n_expert 0: a dense model, n_ff_exp its n_ff) and its Q4_K_M type mix
+    (llama.cpp's llama-quant.cpp rules: attn_v and ffn_down(_exps) one step up on the use_more_bits layers, 8-expert
+    models' attn_k/attn_v Q8_0 and attn_output Q5_K, a 70B's other attn_v Q5_K). Shapes in ggml order (row length
+    first)."""
     arch: str
     n_layer: int
     n_embd: int
@@ -78,6 +79,9 @@ MOE_SHAPES = {
     "qwen3-30b-a3b": MoeShape("qwen3moe", 48, 2048, 32, 4, 128, 768, 128, 8, 152064, 40960, 1e6, True, "qwen2"),
     # Mixtral 8x7B: 8 experts of 14336, 2 used, llama architecture, a 32,000-token SentencePiece vocabulary
     "mixtral-8x7b": MoeShape("llama", 32, 4096, 32, 8, 128, 14336, 8, 2, 32000, 32768, 1e6, False, "spm"),
+    # Llama-3-70B, dense: n_ff 28672, GQA 64/8; a made-up SentencePiece vocabulary of Llama 3's 128,256 tokens (its
+    # real tokenizer is BPE: the tensor shapes are the same)
+    "llama-3-70b": MoeShape("llama", 80, 8192, 64, 8, 128, 28672, 0, 0, 128256, 8192, 5e5, False, "spm"),
 }
 
 
@@ -91,6 +95,8 @@ def moe_tensors(m: MoeShape, n_layer: int) -> list[tuple[str, str, tuple[int, ..
     full file's first blocks."""
     q_dim, kv_dim, e = m.n_head * m.head_dim, m.n_head_kv * m.head_dim, m.n_expert
     eight = m.n_expert == 8
+    # llama-quant.cpp's LLM_TYPE_70B rule: its attn_v is 8x smaller than attn_q, so Q4_K becomes Q5_K
+    v_type = "Q5_K" if m.n_expert == 0 and m.n_layer == 80 else "Q4_K"
     out = [("token_embd.weight", "Q4_K", (m.n_embd, m.n_vocab))]
     for il in range(n_layer):
         more = _use_more_bits(il, m.n_layer)
@@ -98,15 +104,22 @@ def moe_tensors(m: MoeShape, n_layer: int) -> list[tuple[str, str, tuple[int, ..
         out += [(b + "attn_norm.weight", "F32", (m.n_embd,)),
                 (b + "attn_q.weight", "Q4_K", (m.n_embd, q_dim)),
                 (b + "attn_k.weight", "Q8_0" if eight else "Q4_K", (m.n_embd, kv_dim)),
-                (b + "attn_v.weight", "Q8_0" if eight else "Q6_K" if more else "Q4_K", (m.n_embd, kv_dim)),
+                (b + "attn_v.weight", "Q8_0" if eight else "Q6_K" if more else v_type, (m.n_embd, kv_dim)),
                 (b + "attn_output.weight", "Q5_K" if eight else "Q4_K", (q_dim, m.n_embd))]
         if m.qk_norm:
             out += [(b + "attn_q_norm.weight", "F32", (m.head_dim,)), (b + "attn_k_norm.weight", "F32", (m.head_dim,))]
+        down = "Q6_K" if more else "Q4_K"
+        if not e:
+            out += [(b + "ffn_norm.weight", "F32", (m.n_embd,)),
+                    (b + "ffn_gate.weight", "Q4_K", (m.n_embd, m.n_ff_exp)),
+                    (b + "ffn_up.weight", "Q4_K", (m.n_embd, m.n_ff_exp)),
+                    (b + "ffn_down.weight", down, (m.n_ff_exp, m.n_embd))]
+            continue
         out += [(b + "ffn_norm.weight", "F32", (m.n_embd,)),
                 (b + "ffn_gate_inp.weight", "F32", (m.n_embd, e)),
                 (b + "ffn_gate_exps.weight", "Q4_K", (m.n_embd, m.n_ff_exp, e)),
                 (b + "ffn_up_exps.weight", "Q4_K", (m.n_embd, m.n_ff_exp, e)),
-                (b + "ffn_down_exps.weight", "Q6_K" if more else "Q4_K", (m.n_ff_exp, m.n_embd, e))]
+                (b + "ffn_down_exps.weight", down, (m.n_ff_exp, m.n_embd, e))]
     return out + [("output_norm.weight", "F32", (m.n_embd,)), ("output.weight", "Q6_K", (m.n_embd, m.n_vocab))]
 
 
@@ -141,8 +154,8 @@ def _spm_tokenizer(writer: GGUFWriter, n_vocab: int) -> None:
 
 
 def moe_header(family: str, n_layer: int | None = None) -> bytes:
-    """The header (metadata, tokenizer, tensor table, alignment) of a mixture-of-experts model of MOE_SHAPES with
-    `n_layer` blocks (default: the real count); benchmarks/make_model.py fills in the weights."""
+    """The header (metadata, tokenizer, tensor table, alignment) of a model of MOE_SHAPES (mixture-of-experts or
+    dense) with `n_layer` blocks (default: the real count); benchmarks/make_model.py fills in the weights."""
     m = MOE_SHAPES[family]
     n_layer = n_layer or m.n_layer
     with tempfile.TemporaryDirectory() as tmp:
@@ -157,8 +170,9 @@ def moe_header(family: str, n_layer: int | None = None) -> bytes:
         w.add_head_count_kv(m.n_head_kv)
         w.add_rope_freq_base(m.rope_base)
         w.add_layer_norm_rms_eps(1e-6 if m.arch == "qwen3moe" else 1e-5)
-        w.add_expert_count(m.n_expert)
-        w.add_expert_used_count(m.n_expert_used)
+        if m.n_expert:
+            w.add_expert_count(m.n_expert)
+            w.add_expert_used_count(m.n_expert_used)
         if m.arch == "qwen3moe":
             w.add_key_length(m.head_dim)
             w.add_value_length(m.head_dim)

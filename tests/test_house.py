@@ -25,7 +25,7 @@ ORDER = [
     "cost",                                 # the time model
     "solve", "streaming", "baselines",      # the integer program; weight streaming's layers and slots; named placements
     "plan",                                 # plan semantics and flags
-    "split",                                # plans over several devices (more GPUs, RPC devices)
+    "split_search", "split",                # the search over layer splits; plans over several devices (GPUs, RPC)
     "load",                                 # loading with a plan
     "serve",                                # the OpenAI-compatible server, on top of load
     "measure",                              # the timing harness

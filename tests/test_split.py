@@ -111,7 +111,7 @@ def test_program_equals_brute_force(one_layer, rpc, share):
         if all(sum(memory[d].values()) <= usable_bytes(b) for d, b in budgets.items()):
             t = combine(prediction.prefill_s, prediction.decode_s_per_token, w)
             best = t if best is None else min(best, t)
-    prob, x = _problem(cost, one_layer, budgets, w, s, device_links)
+    prob, x, _ = _problem(cost, one_layer, budgets, w, s, device_links)
     assert pulp.LpStatus[prob.solve(pulp.PULP_CBC_CMD(msg=False, threads=1, gapRel=0))] == "Optimal"
     units = model_units(one_layer)
     chosen = {u.key: next((d for d in devices if x[i, d].value() > 0.5), CPU) for i, u in enumerate(units)}
@@ -180,3 +180,50 @@ def test_cli_plans_over_two_devices(cli, tiny_model, tmp_path):
     bad = cli(["plan", tiny_model, "--vram", "CUDA0=64MiB,CUDA9=1MiB", "--profile", profile,
                "-o", tmp_path / "p2.json"])
     assert bad.exit_code == 1 and "no timings for CUDA9" in bad.output and "Traceback" not in bad.output
+
+
+def test_search_split_walks_to_the_best_counts():
+    """The pattern search from a far start reaches the minimum of a separable convex time, and never a split that
+    does not fit (evaluate: inf)."""
+    from oatoplan.split_search import search_split, split_neighbours
+    assert all(min(c) >= 0 and sum(c) <= 10 for c in split_neighbours((0, 10), 2, 10))
+
+    def evaluate(counts):
+        return float("inf") if counts[1] > 9 else (counts[0] - 7) ** 2 + (counts[1] - 9) ** 2 + 0.1 * sum(counts)
+    assert search_split(evaluate, (0, 0), 40) == (7, 9)
+
+
+def test_llama_3_70b_shape_is_a_real_q4_k_m_70b(tmp_path):
+    """The dense 70B header: Llama-3-70B's shapes and llama-quant.cpp's Q4_K_M mix, 42.5 GB like the real file."""
+    from oatoplan.testing import moe_header, write_sparse
+    inv = read_inventory(write_sparse(moe_header("llama-3-70b"), tmp_path / "l70.gguf"))
+    hp = inv.hparams
+    assert (hp.architecture, hp.n_layer, hp.n_embd, hp.n_head, hp.n_head_kv[0], hp.n_vocab, hp.n_expert) == \
+        ("llama", 80, 8192, 64, 8, 128256, 0)
+    assert len(inv.tensors) == 1 + 80 * 9 + 2
+    assert abs(inv.total_bytes / 42.5e9 - 1) < 0.01
+    assert inv.tensor("blk.0.ffn_down.weight").ggml_type == "Q6_K"       # use_more_bits layers
+    assert inv.tensor("blk.10.ffn_down.weight").ggml_type == "Q4_K"
+    assert inv.tensor("blk.10.attn_v.weight").ggml_type == "Q5_K"        # the 70B rule
+    assert inv.tensor("blk.10.ffn_up.weight").shape == (8192, 28672)
+    assert inv.tensor("output.weight").ggml_type == "Q6_K" and inv.tensor("token_embd.weight").ggml_type == "Q4_K"
+
+
+def test_split_paper_plans_a_cut_of_the_70b(tmp_path):
+    """benchmarks/split_paper's planning on 4 of the 70B's blocks with the shipped H200 profile: both setups, each
+    with oatoplan's plan no slower than llama.cpp's splits and flags that name the devices."""
+    from benchmarks.split_paper import RPC as PAPER_RPC, paper_rows
+    from oatoplan.artifacts import read_json
+    from oatoplan.paths import SHIPPED_PROFILES_DIR
+    from oatoplan.schema import Profile
+    from oatoplan.testing import moe_header, write_sparse
+    inv = read_inventory(write_sparse(moe_header("llama-3-70b", 4), tmp_path / "l70-4.gguf"))
+    profile = read_json(Profile, SHIPPED_PROFILES_DIR / "h200-qwen2-7b.json")
+    rows = paper_rows(inv, profile, prompts=(512,), n_gen=16)
+    assert len(rows) == 2 and all(len(r["arms"]) == 3 for r in rows)
+    for row in rows:
+        ours, *theirs = row["arms"]
+        assert all(ours["predicted"]["total_s"] <= t["predicted"]["total_s"] * 1.001 for t in theirs
+                   if t["predicted"])
+    assert "-dev CUDA0,CUDA1" in rows[0]["arms"][0]["flags"]
+    assert f"--rpc {PAPER_RPC[4:-1]}" in rows[1]["arms"][0]["flags"]
