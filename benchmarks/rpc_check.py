@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--server-threads", type=int, default=1)
     ap.add_argument("--budget-mib", type=int, default=96, help="oatoplan plan's budget on each RPC device")
+    ap.add_argument("--budget-s", type=float, default=0.1, help="timing budget per profiled point")
+    ap.add_argument("--copy-mib", type=int, default=64, help="weight MiB per timed graph of small matrices")
     args = ap.parse_args(argv)
     inv, profile = read_inventory(args.model), read_json(Profile, args.profile)
     workload = Workload(128, 32)
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         register_rpc_servers(endpoints)
         devices = [f"RPC[{e}]" for e in endpoints]
-        profile = measure_devices(profile, inv, devices)
+        profile = measure_devices(profile, inv, devices, budget_s=args.budget_s, copy_bytes=args.copy_mib << 20)
         n = inv.hparams.n_layer + 1
         cost, s = CostModel(profile), Settings(512, False, False, workload.n_ctx, n_outputs_max=1)
         local_prediction, _ = predict_split(cost, inv, {u.key: CPU for u in model_units(inv)}, workload, s, [])

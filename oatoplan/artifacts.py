@@ -50,6 +50,8 @@ def validate_profile(p: Profile) -> None:
             _finite(f"{where}.{name}", getattr(link, name))
         for name in ("h2d_bytes_per_s", "d2h_bytes_per_s"):
             _finite(f"{where}.{name}", getattr(link, name), positive=True)
+        if link.decode_class not in ("cpu", "gpu"):
+            raise ValueError(f"{where}.decode_class {link.decode_class!r} is not cpu or gpu")
     _at_least("n_threads", p.n_threads, 1)
     _at_least("machine.n_cpu_threads", p.machine.n_cpu_threads, 1)
     for name in ("ram_bytes", "gpu_total_bytes"):

@@ -83,10 +83,10 @@ def model_shapes(inv: ModelInventory | None) -> ModelShapes:
 _SUPPORTED = set(WEIGHT_TYPES) | {"Q4_1", "Q5_1", "Q2_K", "Q3_K", "F32"}
 
 
-def _copies(weight_bytes: int, n_tokens: int) -> int:
+def _copies(weight_bytes: int, n_tokens: int, copy_bytes: int = COPY_BYTES) -> int:
     if n_tokens >= 32:
         return 2
-    return max(2, min(MAX_COPIES, math.ceil(COPY_BYTES / max(weight_bytes, 1))))
+    return max(2, min(MAX_COPIES, math.ceil(copy_bytes / max(weight_bytes, 1))))
 
 
 class _Timer:
@@ -110,17 +110,17 @@ def _fill(rng: np.random.Generator):
 
 
 def _time_matmuls(backend: ggml.Backend, ggml_type: str, k: int, n: int, tokens: tuple[int, ...], timer: _Timer,
-                  fill, host_buffer_type: int | None = None) -> list[OpTiming]:
+                  fill, host_buffer_type: int | None = None, copy_bytes: int = COPY_BYTES) -> list[OpTiming]:
     """MUL_MAT of a (k, n) weight at each token count. On the CPU with a GPU present, the weights sit where a
     plan puts host weights: the GPU's pinned host buffer type (page-locked memory streams slower than the
     huge-page-backed buffers the CPU backend allocates for itself)."""
     weight_bytes = ggml.row_bytes(ggml_type, k) * n
     results = []
     with ggml.graph_on(backend) as weights:
-        copies = [weights.tensor(ggml_type, k, n) for _ in range(_copies(weight_bytes, 1))]
+        copies = [weights.tensor(ggml_type, k, n) for _ in range(_copies(weight_bytes, 1, copy_bytes))]
         weights.allocate(fill, host_buffer_type)
         for n_tokens in tokens:
-            used = copies[:_copies(weight_bytes, n_tokens)]
+            used = copies[:_copies(weight_bytes, n_tokens, copy_bytes)]
             with ggml.graph_on(backend) as g:
                 for w in used:
                     g.output(g.op("ggml_mul_mat", w, g.tensor("F32", k, n_tokens)))

@@ -20,7 +20,7 @@ import numpy as np
 from . import ggml
 from .errors import BackendError, ProfileError
 from .machine import device_handle
-from .profile import (ATTN_TOKENS_CPU, ATTN_TOKENS_GPU, CPU_MAX_ATTN_WORK, DECODE_TOKENS, KV_LENGTHS,
+from .profile import (ATTN_TOKENS_CPU, ATTN_TOKENS_GPU, COPY_BYTES, CPU_MAX_ATTN_WORK, DECODE_TOKENS, KV_LENGTHS,
                       PREFILL_TOKENS_CPU, PREFILL_TOKENS_GPU, _fill, _time_attention, _time_crossing,
                       _time_elementwise, _time_launch, _time_matmuls, _Timer, model_shapes)
 from .schema import DeviceLink, ModelInventory, OpTiming, Profile
@@ -33,6 +33,28 @@ LINK_BIG_BYTES = 16 << 20            # a 2048-token ubatch of a 2048-wide model'
 
 def is_rpc(device: str) -> bool:
     return device.startswith("RPC[")
+
+
+class _RoundTripTimer(_Timer):
+    """For an RPC device: ggml's RPC client returns from a graph compute once the graph is sent, and the server runs
+    commands in order, so each sample ends with a 4-byte read of one of the graph's tensors (a round trip)."""
+
+    def time(self, graph: ggml.Graph, copies: int) -> tuple[float, tuple[float, ...]]:
+        g, probe, out = ggml.lib(), graph.inputs[0][0], np.empty(1, np.float32)
+
+        def run() -> None:
+            graph.compute()
+            g.ggml_backend_tensor_get(probe, out.ctypes.data, 0, 4)
+        samples = [t / copies for t in ggml.time_us(run, budget_s=self.budget_s)]
+        return statistics.median(samples), tuple(round(t, 3) for t in samples)
+
+
+def _time_launch_round_trip(backend: ggml.Backend, timer: _Timer, fill) -> float:
+    """A graph of one tiny op, sent, run and answered (what one split on an RPC device costs beyond its ops)."""
+    with ggml.graph_on(backend) as g:
+        g.output(g.op("ggml_add", g.tensor("F32", 16), g.tensor("F32", 16)))
+        g.allocate(fill)
+        return timer.time(g, 1)[0]
 
 
 def _time_link(backend: ggml.Backend, timer: _Timer) -> tuple[float, float]:
@@ -54,9 +76,10 @@ def _time_link(backend: ggml.Backend, timer: _Timer) -> tuple[float, float]:
 
 
 def _time_device(backend: ggml.Backend, cpu: ggml.Backend, inventory: ModelInventory | None, timer: _Timer,
-                 fill, progress) -> tuple[list[OpTiming], DeviceLink]:
+                 fill, progress, cpu_ops: list[OpTiming], copy_bytes: int) -> tuple[list[OpTiming], DeviceLink]:
     shapes = model_shapes(inventory)
     rpc = is_rpc(backend.device)
+    timer = _RoundTripTimer(timer.budget_s) if rpc else timer
     # a remote device may be a CPU: time it on the CPU's token grid (larger batches are extrapolated)
     tokens = DECODE_TOKENS + (PREFILL_TOKENS_CPU if rpc else PREFILL_TOKENS_GPU)
     attn_tokens = ATTN_TOKENS_CPU if rpc else ATTN_TOKENS_GPU
@@ -68,12 +91,12 @@ def _time_device(backend: ggml.Backend, cpu: ggml.Backend, inventory: ModelInven
         if progress:
             progress(f"{kind} on {backend.device}", i, len(steps))
         if kind == "matmul":
-            ops += _time_matmuls(backend, *what, tokens, timer, fill)
+            ops += _time_matmuls(backend, *what, tokens, timer, fill, copy_bytes=copy_bytes)
         elif kind == "attention":
             ops.append(_time_attention(backend, shapes, what[0], what[1], timer, fill))
         elif kind == "elementwise":
             ops += _time_elementwise(backend, shapes, timer, fill)
-            launch_us = _time_launch(backend, timer, fill)
+            launch_us = (_time_launch_round_trip if rpc else _time_launch)(backend, timer, fill)
         else:
             crossing = _time_crossing(backend, cpu, shapes, timer, fill)
             h2d, d2h = _time_link(backend, timer)
@@ -83,14 +106,28 @@ def _time_device(backend: ggml.Backend, cpu: ggml.Backend, inventory: ModelInven
              backend.device, description, launch_us, crossing, h2d / 1e9, d2h / 1e9, free / 2**30)
     # a crossing into this device also launches a graph there: the split's launch belongs to the crossing
     link = DeviceLink(backend.device, description, total, round(crossing + launch_us, 3),
-                      round(crossing + launch_us, 3), round(h2d), round(d2h))
+                      round(crossing + launch_us, 3), round(h2d), round(d2h), _decode_class(ops, cpu_ops))
     return ops, link
 
 
+def _decode_class(ops: list[OpTiming], cpu_ops: list[OpTiming]) -> str:
+    """"cpu" when the device streams weights in one-token mat-vecs at less than twice the local CPU's rate (a CPU
+    behind RPC), else "gpu"."""
+    def rate(timings) -> float:       # of the largest weight (smaller ones may sit in a cache)
+        one = [(ggml.row_bytes(o.ggml_type, o.shape[0]) * o.shape[1], o.t_us) for o in timings
+               if o.op == "MUL_MAT" and o.n_tokens == 1]
+        n_bytes, t_us = max(one, default=(0, 1.0))
+        return n_bytes / t_us
+    mine, cpu = rate(ops), rate(cpu_ops)
+    return "cpu" if mine and cpu and mine < 2 * cpu else "gpu"
+
+
 def measure_devices(profile: Profile, inventory: ModelInventory | None, devices: Sequence[str],
-                    budget_s: float = 0.25, progress: Callable[[str, int, int], None] | None = None) -> Profile:
+                    budget_s: float = 0.25, progress: Callable[[str, int, int], None] | None = None,
+                    copy_bytes: int = COPY_BYTES) -> Profile:
     """`profile` with `devices` (e.g. "CUDA1", "RPC[192.168.1.20:50052]": RPC devices registered first, see
-    rpc.register_rpc_servers) timed and added: their ops under their names, their links in `devices`."""
+    rpc.register_rpc_servers) timed and added: their ops under their names, their links in `devices`.
+    `copy_bytes`: weight bytes per timed graph of small matrices (profile.COPY_BYTES defeats caches; tests use less)."""
     known = {profile.gpu_device, "CPU"} | {d.device for d in profile.devices}
     for name in devices:
         if name in known or list(devices).count(name) > 1:
@@ -103,7 +140,8 @@ def measure_devices(profile: Profile, inventory: ModelInventory | None, devices:
         for name in devices:
             backend = ggml.Backend(name, dev=device_handle(name))
             try:
-                more, link = _time_device(backend, cpu, inventory, timer, fill, progress)
+                more, link = _time_device(backend, cpu, inventory, timer, fill, progress,
+                                          [o for o in profile.ops if o.device == "CPU"], copy_bytes)
             finally:
                 backend.close()
             ops += more

@@ -331,6 +331,9 @@ class DeviceLink:
     decode_crossing_us: float     # the same in a decode graph (per token)
     h2d_bytes_per_s: float        # activations (and weights) host -> device
     d2h_bytes_per_s: float
+    # whose decode calibration (Profile.decode_factors) applies: "gpu", or "cpu" for an RPC device whose mat-vecs run
+    # at about the local CPU's speed (a remote CPU: ggml calls every RPC device a GPU)
+    decode_class: str = "gpu"
 
 
 @dataclass(frozen=True)

@@ -130,18 +130,25 @@ def layer_counts(units: list[Unit], placement: dict[str, str], devices: list[str
     return tuple(counts)
 
 
+def decode_rescale(cost: CostModel, device: str) -> float:
+    """What turns cost.unit_time_us's decode on `device` (the profiled GPU's calibration factor for every device but
+    the CPU) into this device's: the calibration of the class its profile gave it (DeviceLink.decode_class: an RPC
+    device whose mat-vecs run at the CPU's speed decodes like the CPU), the same for the CPU and the profiled GPU."""
+    link = next((x for x in cost.profile.devices if x.device == device), None)
+    if link is None:
+        return 1.0
+    return cost.decode_factor(link.decode_class) / cost.decode_factor("gpu")
+
+
 def predict_split(cost: CostModel, inv: ModelInventory, placement: dict[str, str], workload: Workload,
                   s: Settings, device_links: list[Link]) -> tuple[Prediction, dict[str, dict[str, int]]]:
     """Predicted time and per-device VRAM of a placement over several devices."""
     units, by_device = model_units(inv), {x.device: x for x in device_links}
-    gpu_factor = cost.decode_factor("gpu")
     prefill = decode = 0.0
     for u in units:
         d = placement[u.key]
         p, t = unit_time_us(cost, inv, u, d, workload, s)
-        if d != CPU and d != cost.gpu:
-            t /= gpu_factor          # calibrated on the profiled GPU only: other devices' decode is their ops' sum
-        prefill, decode = prefill + p, decode + t
+        prefill, decode = prefill + p, decode + t * decode_rescale(cost, d)
     n_ub = len(ubatches(workload.n_prompt, s.n_ubatch))
     path = [CPU] + [placement[u.key] for u in units] + [CPU]      # the input lookup and the logits are on the CPU
     n_crossings = 0
@@ -171,12 +178,11 @@ def _problem(cost: CostModel, inv: ModelInventory, budgets: dict[str, int], work
     units, devices = model_units(inv), list(budgets)
     n, hp = len(units), inv.hparams
     # Data: each unit's objective time on each device (us), bytes on a device, the crossing costs
-    gpu_factor = cost.decode_factor("gpu")
     t = {}
     for d in [CPU] + devices:
         for i, u in enumerate(units):
             p, dec = unit_time_us(cost, inv, u, d, workload, s)
-            t[i, d] = combine(p, dec / gpu_factor if d not in (CPU, cost.gpu) else dec, workload)
+            t[i, d] = combine(p, dec * decode_rescale(cost, d), workload)
     n_ub = len(ubatches(workload.n_prompt, s.n_ubatch))
     cross = {x.device: combine(n_ub * x.prefill_crossing_us, x.decode_crossing_us, workload) for x in device_links}
     size = [kv_layer_bytes(hp, u.layer, s.n_ctx, s.n_ubatch, s.type_k, s.type_v) if u.is_attention else u.n_bytes
