@@ -33,7 +33,8 @@ from oatoplan.names import split_device
 from oatoplan.plan import cpu_only_plan, llama_cpp_flags, make_plan, target_build, tensor_placement
 from oatoplan.profile_devices import measure_devices
 from oatoplan.report import markdown
-from oatoplan.rpc import find_rpc_server, register_rpc_servers
+from oatoplan.errors import RpcError
+from oatoplan.rpc import probe, register_rpc_servers, rpc_server_command
 from oatoplan.schema import Profile, Workload
 from oatoplan.split import layer_counts, links, plan_split, predict_split
 
@@ -47,19 +48,20 @@ def _free_port() -> int:
 
 
 def _start_servers(n: int, threads: int) -> tuple[list[subprocess.Popen], list[str]]:
-    binary, procs, endpoints = find_rpc_server(), [], []
+    """n rpc-servers of the installed build (CPU backend) on free loopback ports, answering the RPC handshake."""
+    procs, endpoints = [], []
     for _ in range(n):
         port = _free_port()
-        procs.append(subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port), "-t", str(threads),
-                                       "-d", "CPU"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        argv, env = rpc_server_command("127.0.0.1", port, "CPU", threads)
+        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         endpoints.append(f"127.0.0.1:{port}")
     deadline = time.time() + 30
     for e in endpoints:
         while True:
             try:
-                socket.create_connection(("127.0.0.1", int(e.split(":")[1])), timeout=1).close()
+                probe(e, timeout_s=1)
                 break
-            except OSError:
+            except RpcError:
                 if time.time() > deadline:
                     raise
                 time.sleep(0.2)
