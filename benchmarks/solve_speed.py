@@ -49,12 +49,17 @@ def main(argv: list[str]) -> int:
                          "seconds": round(seconds, 3), "candidates_solved": len(solution.candidates),
                          "n_ubatch": solution.settings.n_ubatch, "op_offload": solution.settings.op_offload})
             print(f"{n_layer} layers, {w.objective} pp{w.n_prompt} tg{w.n_gen}: {seconds:.2f} s")
-    result = {"command": "python -m benchmarks.solve_speed " + " ".join(argv), "gap_rel": GAP_REL,
+    write_runs("benchmarks.solve_speed", argv, runs, out, gap_rel=GAP_REL)
+    return 0
+
+
+def write_runs(module: str, argv: list[str], runs: list[dict], out: str, **extra) -> None:
+    """The runs as JSON with the command, this machine and the date."""
+    result = {"command": f"python -m {module} " + " ".join(argv), **extra,
               "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
               "date": datetime.date.today().isoformat(), "runs": runs}
     with open(out, "w") as fh:
         json.dump(result, fh, indent=1)
-    return 0
 
 
 if __name__ == "__main__":

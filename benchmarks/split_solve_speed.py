@@ -9,14 +9,11 @@ and the predictions (so that two versions of the solver can be compared).
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
-import os
-import platform
 import sys
 import time
 
-from benchmarks.solve_speed import repeat_blocks
+from benchmarks.solve_speed import repeat_blocks, write_runs
 from oatoplan.artifacts import read_json
 from oatoplan.inventory import read_inventory
 from oatoplan.schema import DeviceLink, Profile, Workload
@@ -50,11 +47,7 @@ def main(argv: list[str]) -> int:
                          "baselines_total_s": {b.name: b.prediction and round(b.prediction.total_s, 4)
                                                for b in plan.baselines}})
             print(json.dumps(runs[-1]), flush=True)
-    result = {"command": "python -m benchmarks.split_solve_speed " + " ".join(argv),
-              "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
-              "date": datetime.date.today().isoformat(), "runs": runs}
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=1)
+    write_runs("benchmarks.split_solve_speed", argv, runs, out)
     return 0
 
 
