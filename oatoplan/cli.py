@@ -30,10 +30,11 @@ from .load import generate, load, run_stats
 from .machine import gpu_devices
 from .paths import user_profile_dir
 from .memory import budget_bytes, parse_budgets
+from .names import is_rpc, rpc_endpoint
 from .plan import MAX_N_CTX, plan_model
 from .split import plan_split
 from .profile import find_profile, measure_profile
-from .profile_devices import measure_devices
+from .profile_devices import check_devices, measure_devices
 from .rpc import DEFAULT_HOST, DEFAULT_PORT, register_rpc_servers, run_rpc_server
 from .serve import serve as serve_model
 from .artifacts import dumps, read_json, write_json
@@ -228,6 +229,9 @@ def profile_run(
     inv = read_inventory(model) if model else None
     check_output(Output(out or user_profile_dir() / "x.json", (model,), force, "-o"), "profile")   # before measuring
     gpus = [] if cpu else gpu_devices()
+    if device:        # before minutes of measuring: a device given twice, or an RPC server that does not answer
+        check_devices(device, gpus[0].name if gpus else None)
+        register_rpc_servers([rpc_endpoint(d) for d in device if is_rpc(d)])
     with _progress("profiling") as update:
         result = measure_profile(inv, gpu_device=gpus[0].name if gpus else None, n_threads=threads,
                                  progress=update)
@@ -235,7 +239,6 @@ def profile_run(
         with _progress("calibrating decode") as update:
             result = calibrate(model, result, reps, update)
     if device:
-        register_rpc_servers([d[len("RPC["):-1] for d in device if d.startswith("RPC[")])
         with _progress("profiling more devices") as update:
             result = measure_devices(result, inv, device, progress=update)
     path = write_json(result, Output(out or user_profile_dir() / f"{result.profile_id}.json", (model,), force, "-o"))

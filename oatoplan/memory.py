@@ -101,6 +101,9 @@ def parse_budgets(text: str) -> dict[str, int] | None:
 
 def _auto_budget(device: str) -> int:
     """`DEVICE=auto`: that device's free memory less 5%, as llama.cpp reports it here."""
+    if device.startswith("RPC["):
+        raise OatoError(f"--vram {device}=auto: give the RPC device a size (e.g. {device}=8GiB); oatoplan asks RPC "
+                        f"servers for their memory only when it profiles them")
     found = [d for d in devices() if d.name == device]
     if not found:
         raise OatoError(f"--vram {device}=auto: this llama.cpp build has no device {device} (it has "

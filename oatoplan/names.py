@@ -60,15 +60,25 @@ def override_pattern(names: list[str] | tuple[str, ...]) -> str:
     return "^(?:" + "|".join(alternatives + sorted(others)) + ")$"
 
 
+def is_rpc(device: str) -> bool:
+    """Whether a plan device is an RPC device, "RPC[host:port]"."""
+    return device.startswith("RPC[")
+
+
+def rpc_endpoint(device: str) -> str:
+    """"RPC[host:port]" -> "host:port"."""
+    return device[len("RPC["):-1]
+
+
 def device_flag(device: str, rpc_servers: tuple[str, ...] = ()) -> str:
     """A plan device as llama.cpp's `-dev` names it: an RPC device ("RPC[host:port]") is "RPCn", n its server's place
     in `--rpc` (one device per server)."""
-    if device.startswith("RPC["):
-        return f"RPC{rpc_servers.index(device[len('RPC['):-1])}"
+    if is_rpc(device):
+        return f"RPC{rpc_servers.index(rpc_endpoint(device))}"
     return device
 
 
-def buffer_type_flag(device: str, rpc_servers: tuple[str, ...] = ()) -> str:
+def buffer_type_flag(device: str) -> str:
     """A plan device as `-ot` names its buffer type: "RPC[host:port]" is "RPC0[host:port]" (device 0 of that
     server), the others keep their names."""
-    return "RPC0[" + device[len("RPC["):] if device.startswith("RPC[") else device
+    return f"RPC0[{rpc_endpoint(device)}]" if is_rpc(device) else device

@@ -21,7 +21,7 @@ from .cost import CostModel, cpu_cost_model, predict
 from .errors import PlanError, PlanMismatchError
 from .graph import CPU, model_units
 from .inventory import KV_CACHE_TYPES
-from .names import buffer_type_flag, device_flag, override_pattern, split_device
+from .names import buffer_type_flag, device_flag, is_rpc, override_pattern, rpc_endpoint, split_device
 from .machine import default_threads, llama_cpp_available, llama_cpp_build, logical_cpus
 from .memory import Settings, gpu_memory, gpu_overhead_bytes, kv_layer_bytes, vram_terms
 from .schema import (SCHEMA_VERSION, BaselinePrediction, MemoryPrediction, ModelInventory, Plan, Profile,
@@ -181,7 +181,7 @@ def check_plan(inv: ModelInventory, plan: Plan, source: str) -> None:
     if plan.tensor_split and len(plan.tensor_split) != len(plan.gpu_devices):
         raise PlanError(f"{source}: tensor_split has {len(plan.tensor_split)} entries for {len(plan.gpu_devices)} "
                         f"devices; give one layer count per device of gpu_devices")
-    rpc = sorted(d[len("RPC["):-1] for d in plan.gpu_devices if d.startswith("RPC["))
+    rpc = sorted(rpc_endpoint(d) for d in plan.gpu_devices if is_rpc(d))
     if rpc != sorted(plan.rpc_servers):
         raise PlanError(f"{source}: rpc_servers {list(plan.rpc_servers)} are not the RPC devices of gpu_devices "
                         f"{list(plan.gpu_devices)}; list each RPC[host:port] device's host:port once")
@@ -244,11 +244,13 @@ def llama_cpp_flags(plan: Plan) -> str:
         flags.append(f"-t {plan.n_threads}")
     if plan.rpc_servers:
         flags.append(f"--rpc {','.join(plan.rpc_servers)}")
-    if len(plan.gpu_devices) > 1:
-        flags += [f"-dev {','.join(device_flag(d, plan.rpc_servers) for d in plan.gpu_devices)}",
-                  f"-ts {','.join(map(str, plan.tensor_split))}"]
-    flags += [f"-ot '{override_pattern(o.tensors)}={buffer_type_flag(o.device, plan.rpc_servers)}'"
-              for o in plan.tensor_overrides]
+    if plan.tensor_split or plan.rpc_servers or len(plan.gpu_devices) > 1:
+        # exactly the plan's devices: else llama.cpp takes every GPU and RPC device, split by free memory
+        flags.append(f"-dev {','.join(device_flag(d, plan.rpc_servers) for d in plan.gpu_devices)}")
+    if len(plan.gpu_devices) > 1:      # without a split, the loader gives every layer to the first device
+        split = plan.tensor_split or (1,) + (0,) * (len(plan.gpu_devices) - 1)
+        flags.append(f"-ts {','.join(map(str, split))}")
+    flags += [f"-ot '{override_pattern(o.tensors)}={buffer_type_flag(o.device)}'" for o in plan.tensor_overrides]
     return " ".join(flags)
 
 

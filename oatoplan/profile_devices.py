@@ -20,6 +20,7 @@ import numpy as np
 from . import ggml
 from .errors import BackendError, ProfileError
 from .machine import device_handle
+from .names import is_rpc
 from .profile import (ATTN_TOKENS_CPU, ATTN_TOKENS_GPU, COPY_BYTES, CPU_MAX_ATTN_WORK, DECODE_TOKENS, KV_LENGTHS,
                       PREFILL_TOKENS_CPU, PREFILL_TOKENS_GPU, _fill, _time_attention, _time_crossing,
                       _time_elementwise, _time_launch, _time_matmuls, _Timer, model_shapes)
@@ -29,10 +30,6 @@ log = logging.getLogger(__name__)
 
 LINK_SMALL_BYTES = 16 << 10          # one token's activations of a large model, rounded up
 LINK_BIG_BYTES = 16 << 20            # a 2048-token ubatch of a 2048-wide model's activations
-
-
-def is_rpc(device: str) -> bool:
-    return device.startswith("RPC[")
 
 
 class _RoundTripTimer(_Timer):
@@ -122,16 +119,20 @@ def _decode_class(ops: list[OpTiming], cpu_ops: list[OpTiming]) -> str:
     return "cpu" if mine and cpu and mine < 2 * cpu else "gpu"
 
 
+def check_devices(devices: Sequence[str], gpu_device: str | None, known: tuple[str, ...] = ()) -> None:
+    """Refuse, before anything is measured, a device the profile already has or that is given twice."""
+    for name in devices:
+        if name in {gpu_device, "CPU", *known} or list(devices).count(name) > 1:
+            raise ProfileError(f"--device {name}: the profile already has it (or it is given twice); leave it out")
+
+
 def measure_devices(profile: Profile, inventory: ModelInventory | None, devices: Sequence[str],
                     budget_s: float = 0.25, progress: Callable[[str, int, int], None] | None = None,
                     copy_bytes: int = COPY_BYTES) -> Profile:
     """`profile` with `devices` (e.g. "CUDA1", "RPC[192.168.1.20:50052]": RPC devices registered first, see
     rpc.register_rpc_servers) timed and added: their ops under their names, their links in `devices`.
     `copy_bytes`: weight bytes per timed graph of small matrices (profile.COPY_BYTES defeats caches; tests use less)."""
-    known = {profile.gpu_device, "CPU"} | {d.device for d in profile.devices}
-    for name in devices:
-        if name in known or list(devices).count(name) > 1:
-            raise ProfileError(f"--device {name}: the profile already has it (or it is given twice); leave it out")
+    check_devices(devices, profile.gpu_device, tuple(d.device for d in profile.devices))
     timer, fill = _Timer(budget_s), _fill(np.random.default_rng(1))
     cpu = ggml.Backend("CPU", profile.n_threads)
     ops: list[OpTiming] = []

@@ -33,7 +33,7 @@ from .cost import CostModel, combine, fixed_time_us, ubatches, unit_time_us
 from .errors import PlanInfeasibleError, ProfileError
 from .graph import CPU, Unit, model_units, role
 from .memory import (Settings, compute_stage_bytes, gpu_overhead_bytes, kv_layer_bytes, pool_bytes, usable_bytes)
-from .names import device_flag, split_device
+from .names import device_flag, is_rpc, rpc_endpoint, split_device
 from .plan import llama_cpp_flags, make_plan, target_build, tensor_placement
 from .solve import crossing_terms
 from .split_search import best_split
@@ -44,15 +44,6 @@ log = logging.getLogger(__name__)
 
 SPLIT_UBATCH_CANDIDATES = (512, 2048)
 ACTIVATION_BYTES = 4            # the hidden state crosses as f32: n_embd x 4 bytes per token
-
-
-def is_rpc(device: str) -> bool:
-    return device.startswith("RPC[")
-
-
-def rpc_endpoint(device: str) -> str:
-    """"RPC[host:port]" -> "host:port"."""
-    return device[len("RPC["):-1]
 
 
 @dataclass(frozen=True)
@@ -288,9 +279,11 @@ def _problem(cost: CostModel, inv: ModelInventory, budgets: dict[str, int], work
     return prob, w, split
 
 
-def candidate_settings(workload: Workload, device_links: list[Link]) -> list[Settings]:
-    """ubatch candidates, op offload on where a local GPU is among the devices; one logit row per ubatch."""
-    offload = any(x.local_gpu for x in device_links)
+def candidate_settings(workload: Workload, device_links: list[Link], profiled_gpu: str | None) -> list[Settings]:
+    """ubatch candidates; op offload on where the first local GPU of the devices (where llama.cpp offloads to) is
+    the profiled one (whose timings price it); one logit row per ubatch."""
+    first_gpu = next((x.device for x in device_links if x.local_gpu), None)
+    offload = first_gpu is not None and first_gpu == profiled_gpu
     largest = max(512, 1 << (max(workload.n_prompt, 1) - 1).bit_length())
     return [Settings(ub, offload, True, workload.n_ctx, n_outputs_max=1)
             for ub in SPLIT_UBATCH_CANDIDATES if ub <= largest]
@@ -302,7 +295,8 @@ def solve_split(inv: ModelInventory, cost: CostModel, budgets: dict[str, int], w
     started, devices, best = time.perf_counter(), list(budgets), None
     units = model_units(inv)
     starts = [b for b in _baseline_placements(cost, inv, budgets, workload) if b is not None]
-    for s in candidate_settings(workload, links(cost, inv, devices, Settings(512, False, True, workload.n_ctx))):
+    for s in candidate_settings(workload, links(cost, inv, devices, Settings(512, False, True, workload.n_ctx)),
+                                cost.gpu):
         device_links = links(cost, inv, devices, s)
         start = _best_start(cost, inv, budgets, workload, s, device_links, starts)
         prob, w, split = _problem(cost, inv, budgets, workload, s, device_links)
@@ -401,8 +395,8 @@ def split_baselines(cost: CostModel, inv: ModelInventory, budgets: dict[str, int
             continue
         placement, counts, ngl = found
         prediction, _ = predict_split(cost, inv, placement, workload, s, links(cost, inv, devices, s))
-        ts = ",".join(f"{c:g}" for c in (counts if name.startswith("--fit") else
-                                           [round(b / 2 ** 30, 2) for b in share]))
+        ts = ",".join(f"{c:g}" for c in (counts if name.startswith("--fit") else     # the budgets' ratios, in MiB
+                                           [b // 2 ** 20 for b in share]))
         rpc = [rpc_endpoint(d) for d in devices if is_rpc(d)]
         flags = (f"--rpc {','.join(rpc)} " if rpc else "") + \
             f"-ngl {ngl} -dev {','.join(device_flag(d, tuple(rpc)) for d in devices)} -ts {ts} -ub 512"
@@ -449,12 +443,13 @@ def plan_split(inv: ModelInventory, profile: Profile, budgets: dict[str, int], w
     """The Plan over the budgets' devices, with its prediction, llama.cpp's own splits predicted beside it."""
     cost = CostModel(profile)
     solution = solve_split(inv, cost, budgets, workload)
-    s, devices = solution.settings, list(budgets)
+    memory = solution.device_bytes
+    # a device the plan gives nothing is left out (llama.cpp would still start its backend, or need its server)
+    s, devices = solution.settings, [d for d in budgets if sum(memory[d].values())]
     tensors, n_gpu_layers = tensor_placement(inv, solution.devices)
     local = any(not is_rpc(d) for d in devices)
-    memory = solution.device_bytes
-    notes = (f"{len(devices)} devices in this order ({', '.join(devices)}): layers "
-             f"{', '.join(f'{d} {c}' for d, c in zip(devices, solution.tensor_split))} (output counts as one), "
+    notes = (f"{len(budgets)} devices in this order ({', '.join(budgets)}): layers "
+             f"{', '.join(f'{d} {c}' for d, c in zip(budgets, solution.tensor_split))} (output counts as one), "
              f"ubatch {s.n_ubatch}, solved in {solution.solve_s:.2f} s",
              *(f"{d}: {format_bytes(sum(memory[d].values()))} of {format_bytes(b)} "
                f"({', '.join(f'{k} {format_bytes(v)}' for k, v in memory[d].items() if v)})"
@@ -463,7 +458,7 @@ def plan_split(inv: ModelInventory, profile: Profile, budgets: dict[str, int], w
              *(["RPC devices: their timings are the profile's, through the link it measured; decode on them is "
                 "not calibrated"] if any(map(is_rpc, devices)) else []))
     plan = make_plan(inv, tensors, n_gpu_layers=n_gpu_layers, gpu_devices=tuple(devices),
-                     tensor_split=solution.tensor_split,
+                     tensor_split=layer_counts(model_units(inv), solution.devices, devices) if devices else (),
                      rpc_servers=tuple(rpc_endpoint(d) for d in devices if is_rpc(d)), n_ctx=workload.n_ctx,
                      n_batch=s.n_ubatch, n_ubatch=s.n_ubatch, use_mmap=not local, op_offload=s.op_offload,
                      n_outputs_max=s.n_outputs_max, flash_attn=True, n_threads=profile.n_threads,
