@@ -2,8 +2,10 @@
 device 0 on this or another host), for plans over several devices (split.py).
 
 Each device is timed the way profile.py times its GPU, through the same ggml backends llama.cpp will use: MUL_MAT at
-the model's shapes, attention, the element-wise ops and a graph launch. For an RPC device every graph goes over the
-network, so its timings hold the link's per-graph round trip as a launch, as a real split would pay it. Its link: one
+the model's shapes, attention, the element-wise ops and a graph launch. For an RPC device each timed graph ends in a
+round trip (the client does not wait for the server otherwise), shared by the graph's copies of the op, so its op
+times carry a share of the link's latency beside the crossing's own (the loopback check in docs/results.md measured
+what the model then predicts). Its link: one
 crossing as a decode graph pays it (profile._time_crossing: a split there and one on the CPU, activations both ways),
 and host<->device copies of a small and a large buffer for the rate activations cross at.
 """

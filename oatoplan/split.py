@@ -289,12 +289,14 @@ def candidate_settings(workload: Workload, device_links: list[Link], profiled_gp
             for ub in SPLIT_UBATCH_CANDIDATES if ub <= largest]
 
 
-def solve_split(inv: ModelInventory, cost: CostModel, budgets: dict[str, int], workload: Workload) -> SplitSolution:
+def solve_split(inv: ModelInventory, cost: CostModel, budgets: dict[str, int], workload: Workload,
+                baselines=None) -> SplitSolution:
     """The fastest placement over the budgets' devices (in their order) for `workload`: for each settings candidate,
-    the layer counts searched from llama.cpp's best split (split_search.py)."""
+    the layer counts searched from llama.cpp's best split (split_search.py; `baselines`: _baseline_placements')."""
     started, devices, best = time.perf_counter(), list(budgets), None
     units = model_units(inv)
-    starts = [b for b in _baseline_placements(cost, inv, budgets, workload) if b is not None]
+    baselines = _baseline_placements(cost, inv, budgets, workload) if baselines is None else baselines
+    starts = [b for b in baselines if b is not None]
     for s in candidate_settings(workload, links(cost, inv, devices, Settings(512, False, True, workload.n_ctx)),
                                 cost.gpu):
         device_links = links(cost, inv, devices, s)
@@ -327,11 +329,8 @@ def _layer_placement(inv: ModelInventory, counts: tuple[float, ...], n_gpu_layer
                      devices: list[str]) -> dict[str, str]:
     """Every unit where llama.cpp puts it for -ngl and -ts alone (each layer whole on its device)."""
     n_layer = inv.hparams.n_layer
-    out = {}
-    for u in model_units(inv):
-        il = n_layer if u.layer is None else u.layer
-        out[u.key] = split_device(il, n_layer, n_gpu_layers, tuple(devices), counts)
-    return out
+    return {u.key: split_device(n_layer if u.layer is None else u.layer, n_layer, n_gpu_layers, tuple(devices),
+                                counts) for u in model_units(inv)}
 
 
 def _fits(memory: dict[str, dict[str, int]], budgets: dict[str, int]) -> bool:
@@ -380,8 +379,8 @@ def _baseline_placements(cost: CostModel, inv: ModelInventory, budgets: dict[str
     return proportional, _largest_fitting(cost, inv, budgets, workload, s, fill)
 
 
-def split_baselines(cost: CostModel, inv: ModelInventory, budgets: dict[str, int],
-                    workload: Workload) -> list[BaselinePrediction]:
+def split_baselines(cost: CostModel, inv: ModelInventory, budgets: dict[str, int], workload: Workload,
+                    baselines=None) -> list[BaselinePrediction]:
     """llama.cpp's own choices at the same per-device budgets, predicted: its default layer split (`-ts` in
     proportion to the devices' memory, here the budgets, as many layers as fit: -ngl), and a fill in `--fit`'s
     manner (from the last layer back, each device, last first, takes all the layers it holds). Both with mmap on and
@@ -389,7 +388,8 @@ def split_baselines(cost: CostModel, inv: ModelInventory, budgets: dict[str, int
     devices, out = list(budgets), []
     s = _baseline_settings(workload, devices)
     share = tuple(float(budgets[d]) for d in devices)
-    for name, found in zip(BASELINE_NAMES, _baseline_placements(cost, inv, budgets, workload)):
+    baselines = _baseline_placements(cost, inv, budgets, workload) if baselines is None else baselines
+    for name, found in zip(BASELINE_NAMES, baselines):
         if found is None:
             out.append(BaselinePrediction(name, "does not fit", None))
             continue
@@ -442,7 +442,8 @@ def _layers_that_fit(cost: CostModel, inv: ModelInventory, budgets: dict[str, in
 def plan_split(inv: ModelInventory, profile: Profile, budgets: dict[str, int], workload: Workload) -> Plan:
     """The Plan over the budgets' devices, with its prediction, llama.cpp's own splits predicted beside it."""
     cost = CostModel(profile)
-    solution = solve_split(inv, cost, budgets, workload)
+    baselines = _baseline_placements(cost, inv, budgets, workload)      # the solver's start, and the plan's rivals
+    solution = solve_split(inv, cost, budgets, workload, baselines)
     memory = solution.device_bytes
     # a device the plan gives nothing is left out (llama.cpp would still start its backend, or need its server)
     s, devices = solution.settings, [d for d in budgets if sum(memory[d].values())]
@@ -466,6 +467,6 @@ def plan_split(inv: ModelInventory, profile: Profile, budgets: dict[str, int], w
                      budget_bytes=sum(budgets.values()), compute_bytes={d: m["compute"] for d, m in memory.items()},
                      notes=notes)
     plan = dataclasses.replace(plan, workload=workload, prediction=solution.prediction,
-                               baselines=tuple(split_baselines(cost, inv, budgets, workload)),
+                               baselines=tuple(split_baselines(cost, inv, budgets, workload, baselines)),
                                placement=dict(solution.devices), budgets_bytes=dict(budgets))
     return dataclasses.replace(plan, flags=llama_cpp_flags(plan))
