@@ -5,6 +5,10 @@ measured with the bench harness; and 32 greedy tokens of each placement against 
 
     python -m benchmarks.rpc_check MODEL.gguf --profile PROFILE.json --out OUT.json [--reps 3] [--server-threads 1]
 
+With --gpu (a CUDA build, the profile of this machine's GPU): one rpc-server serving the local GPU itself on
+loopback, as a second device next to it; the arms are all on the local GPU, split by layers over the GPU and the
+served GPU (-ts), and oatoplan's plan for --budget-mib on each of the two (the rest on the CPU).
+
 Every process runs on this machine's cores: the servers' threads compete with the local ones, as two PCs' would not.
 """
 
@@ -29,7 +33,7 @@ from oatoplan.inventory import read_inventory
 from oatoplan.load import generate
 from oatoplan.measure import run_bench
 from oatoplan.memory import Settings
-from oatoplan.names import split_device
+from oatoplan.names import is_rpc, rpc_endpoint, split_device
 from oatoplan.plan import cpu_only_plan, llama_cpp_flags, make_plan, target_build, tensor_placement
 from oatoplan.profile_devices import measure_devices
 from oatoplan.report import markdown
@@ -47,12 +51,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_servers(n: int, threads: int) -> tuple[list[subprocess.Popen], list[str]]:
-    """n rpc-servers of the installed build (CPU backend) on free loopback ports, answering the RPC handshake."""
+def _start_servers(n: int, threads: int, device: str = "CPU") -> tuple[list[subprocess.Popen], list[str]]:
+    """n rpc-servers of the installed build (serving `device`) on free loopback ports, answering the RPC handshake."""
     procs, endpoints = [], []
     for _ in range(n):
         port = _free_port()
-        argv, env = rpc_server_command("127.0.0.1", port, "CPU", threads)
+        argv, env = rpc_server_command("127.0.0.1", port, device, threads)
         procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         endpoints.append(f"127.0.0.1:{port}")
     deadline = time.time() + 30
@@ -79,7 +83,7 @@ def layer_split_plan(inv, profile: Profile, devices: list[str], counts: tuple[in
     tensors, ngl = tensor_placement(inv, placement)
     plan = make_plan(inv, tensors, n_gpu_layers=ngl, gpu_devices=tuple(devices),
                      tensor_split=layer_counts(model_units(inv), placement, devices),
-                     rpc_servers=tuple(d[len("RPC["):-1] for d in devices), n_ctx=workload.n_ctx, n_batch=512,
+                     rpc_servers=tuple(rpc_endpoint(d) for d in devices if is_rpc(d)), n_ctx=workload.n_ctx, n_batch=512,
                      n_ubatch=512, use_mmap=True, op_offload=False, n_outputs_max=1, n_threads=profile.n_threads,
                      llama_cpp_build=target_build(profile), profile_id=profile.profile_id)
     plan = dataclasses.replace(plan, workload=workload, prediction=prediction, placement=placement)
@@ -104,26 +108,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-mib", type=int, default=96, help="oatoplan plan's budget on each RPC device")
     ap.add_argument("--budget-s", type=float, default=0.1, help="timing budget per profiled point")
     ap.add_argument("--copy-mib", type=int, default=64, help="weight MiB per timed graph of small matrices")
+    ap.add_argument("--gpu", action="store_true", help="serve the local GPU on loopback, beside the GPU itself")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--gen", type=int, default=32)
     args = ap.parse_args(argv)
     inv, profile = read_inventory(args.model), read_json(Profile, args.profile)
-    workload = Workload(128, 32)
-    procs, endpoints = _start_servers(2, args.server_threads)
+    workload = Workload(args.prompt, args.gen)
+    gpu = profile.gpu_device if args.gpu else None
+    procs, endpoints = _start_servers(1, args.server_threads, gpu) if gpu else _start_servers(2, args.server_threads)
     try:
         register_rpc_servers(endpoints)
-        devices = [f"RPC[{e}]" for e in endpoints]
-        profile = measure_devices(profile, inv, devices, budget_s=args.budget_s, copy_bytes=args.copy_mib << 20)
+        remote = [f"RPC[{e}]" for e in endpoints]
+        devices = ([gpu] if gpu else []) + remote
+        profile = measure_devices(profile, inv, remote, budget_s=args.budget_s, copy_bytes=args.copy_mib << 20)
         n = inv.hparams.n_layer + 1
         cost, s = CostModel(profile), Settings(512, False, False, workload.n_ctx, n_outputs_max=1)
-        local_prediction, _ = predict_split(cost, inv, {u.key: CPU for u in model_units(inv)}, workload, s, [])
-        local = dataclasses.replace(cpu_only_plan(inv, n_ctx=workload.n_ctx, n_threads=profile.n_threads,
-                                                  n_outputs_max=1), workload=workload, prediction=local_prediction)
+        home = gpu or CPU
+        local_prediction, _ = predict_split(cost, inv, {u.key: home for u in model_units(inv)}, workload, s,
+                                            links(cost, inv, [gpu], s) if gpu else [])
+        local = make_plan(inv, {}, n_gpu_layers=-1, gpu_devices=(gpu,), n_ctx=workload.n_ctx, op_offload=False,
+                          n_outputs_max=1, n_threads=profile.n_threads) if gpu else \
+            cpu_only_plan(inv, n_ctx=workload.n_ctx, n_threads=profile.n_threads, n_outputs_max=1)
+        local = dataclasses.replace(local, workload=workload, prediction=local_prediction)
         split = layer_split_plan(inv, profile, devices, (n // 2, n - n // 2), workload)
         budgets = {d: args.budget_mib << 20 for d in devices}
         planned = plan_split(inv, profile, budgets, workload)
-        arms = [Arm("all on the local CPU", plan=local, prediction=local.prediction),
-                Arm(f"layer split over two RPC devices (-ts {n // 2},{n - n // 2})", plan=split,
+        where = f"{gpu} and {remote[0]}" if gpu else "two RPC devices"
+        arms = [Arm(f"all on the local {home}", plan=local, prediction=local.prediction),
+                Arm(f"layer split over {where} (-ts {n // 2},{n - n // 2})", plan=split,
                     prediction=split.prediction),
-                Arm("oatoplan plan (RPC budgets)", plan=planned, prediction=planned.prediction)]
+                Arm(f"oatoplan plan ({args.budget_mib} MiB on each of {where})", plan=planned,
+                    prediction=planned.prediction)]
         tokens = {a.name: _tokens(args.model, a.plan, 32) for a in arms}
         result = run_bench(args.model, arms, workload, args.reps)
         result = dataclasses.replace(result, command="python -m benchmarks.rpc_check " + " ".join(sys.argv[1:]))

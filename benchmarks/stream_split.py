@@ -1,18 +1,22 @@
 """Measure weight streaming's fixed cost per streamed upload on the GPU machine, as `oatoplan profile run --model`
 does (oatoplan/calibrate.py measure_stream_split), without profiling everything again: the samples and the fitted
-cost go to a JSON file of their own, and no profile is changed.
+cost go to a JSON file of their own; the profile given is not changed (--profile-out writes a copy of it that holds
+the measured cost, for benches that should price it).
 
-    python -m benchmarks.stream_split qwen2-7b.gguf --profile P.json [--reps 10] --out F.json
+    python -m benchmarks.stream_split qwen2-7b.gguf --profile P.json [--reps 10] --out F.json [--profile-out P2.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+from pathlib import Path
 
-from oatoplan.artifacts import read_json, to_jsonable
+from oatoplan.artifacts import read_json, to_jsonable, write_json
+from oatoplan.files import Output
 from oatoplan.calibrate import measure_stream_split
 from oatoplan.schema import Profile
 
@@ -23,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", required=True)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--profile-out", help="write the profile with the measured cost here (a new file)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     profile = read_json(Profile, args.profile)
@@ -39,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
                    "profile_id": profile.profile_id, "build": profile.machine.llama_cpp_build,
                    "stream_split": to_jsonable(found)}, f, indent=1)
         f.write("\n")
+    if args.profile_out:
+        out = Output(Path(args.profile_out), (Path(args.profile),), False, "--profile-out")
+        write_json(dataclasses.replace(profile, stream_split=found), out)
     return 0
 
 
