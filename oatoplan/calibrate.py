@@ -44,9 +44,9 @@ from .graph import CPU, NORM, crossings, model_units, role, role_info
 from .inventory import read_inventory
 from .load import load
 from .measure import gpu_used_bytes, measure_once, run_bench
-from .memory import Settings, pool_bytes
+from .memory import Settings, pool_bytes, stream_slot_bytes
 from .plan import plan_for
-from .schema import (CalibrationArm, GpuOverheadSample, ModelInventory, Profile, StreamSplitCalibration,
+from .schema import (CalibrationArm, GpuOverheadSample, ModelInventory, Plan, Profile, StreamSplitCalibration,
                      StreamSplitSample, Workload)
 from .solve import STREAM_SLOTS, streaming_available
 
@@ -144,6 +144,16 @@ def fit_stream_split(samples: list[StreamSplitSample] | tuple[StreamSplitSample,
     return round(max(float(slope), 0.0), 2)
 
 
+def _stream_split_plan(inv: ModelInventory, arm: Arm, profile: Profile) -> Plan:
+    """The arm's loader Plan with staging slots that hold its host norms: the memory model sizes slots by the host
+    matrices op offload copies, and these placements have none."""
+    plan = plan_for(inv, arm.placement, arm.settings, profile, profile.gpu_device)
+    host = [stream_slot_bytes(inv, u) for u in model_units(inv) if arm.placement[u.key] == CPU]
+    if host and not plan.stream_slots:
+        plan = dataclasses.replace(plan, stream_slots=arm.settings.stream_slots, stream_slot_bytes=max(host))
+    return dataclasses.replace(plan, workload=STREAM_SPLIT_WORKLOAD)
+
+
 def measure_stream_split(model: str | Path, profile: Profile, reps: int = 3,
                          progress: Callable[[str, int, int], None] | None = None) -> StreamSplitCalibration | None:
     """The fixed cost of one streamed upload on this machine and build, and its samples (stream_split_arms, one
@@ -153,9 +163,8 @@ def measure_stream_split(model: str | Path, profile: Profile, reps: int = 3,
         log.info("streamed-upload cost not measured: the build has no weight streaming on a GPU")
         return None
     inv = read_inventory(model)
-    arms = [dataclasses.replace(arm, plan=dataclasses.replace(
-        plan_for(inv, arm.placement, arm.settings, profile, profile.gpu_device), workload=STREAM_SPLIT_WORKLOAD))
-        for arm in stream_split_arms(inv, profile.gpu_device)]
+    arms = [dataclasses.replace(arm, plan=_stream_split_plan(inv, arm, profile))
+            for arm in stream_split_arms(inv, profile.gpu_device)]
     try:
         result = run_bench(model, arms, STREAM_SPLIT_WORKLOAD, max(reps, STREAM_SPLIT_MIN_REPS), progress)
     except OatoError as exc:

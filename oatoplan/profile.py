@@ -280,7 +280,7 @@ def _time_crossing(gpu: ggml.Backend, cpu: ggml.Backend, s: ModelShapes, timer: 
     split (its threadpool woken after idling through the GPU work), the result copied back. Each split is one
     mat-vec; the crossing is half of (round trip - both splits timed alone, back to back)."""
     g = ggml.lib()
-    width = s.n_embd
+    width = -(-s.n_embd // 256) * 256     # whole Q4_K blocks (CUDA's mat-vec asserts it; n_embd 640 is not)
     with ggml.graph_on(gpu) as on_gpu, ggml.graph_on(cpu) as on_cpu:
         gpu_in = on_gpu.tensor("F32", width, 1)
         gpu_out = on_gpu.op("ggml_mul_mat", on_gpu.tensor("Q4_K", width, width), gpu_in)

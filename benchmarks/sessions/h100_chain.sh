@@ -21,7 +21,7 @@
 # machine), bench2048 + bench512 the next (about 240 s).
 set -uo pipefail
 W=${OATO_WORK:-/tmp/oato}
-export OATO_WORK=$W
+export OATO_WORK=$W OATOPLAN_CACHE=${OATOPLAN_CACHE:-$W/cache}
 S="bash benchmarks/sessions/gpu_session.sh"
 G="$S python3 -m oatoplan"
 MODEL=$W/qwen2-7b.gguf
@@ -91,16 +91,15 @@ for step in "$@"; do
     timeout 300 $S python3 -m benchmarks.stream_split $MODEL --profile $PROFILE --reps ${REPS:-10} \
       --out $OUT/stream-split.json --profile-out $W/h200-ss.json > $OUT/streamsplit.log 2>&1; echo "streamsplit rc=$?"
     grep -v "^llama\|^load\|^print_info" $OUT/streamsplit.log | tail -6; cp $W/h200-ss.json $OUT/ 2>/dev/null ;;
-  rpcgpu)
-    # issue #19: an rpc-server serving this GPU on loopback beside it: Gemma 3 270M's tokens, the 7B's prediction
+  rpcgpu|rpcgpu7b)
+    # issue #19: an rpc-server serving this GPU on loopback beside it: Gemma 3 270M's shape (rpcgpu), the 7B (rpcgpu7b)
     ensure_profile
-    for spec in "$W/gemma3-270m.gguf --prompt 128 --gen 32 --budget-mib 160" \
-                "$MODEL --prompt 512 --gen 64 --budget-mib ${RPC_BUDGET_MIB:-2560}"; do
-      name=rpc-gpu-$(basename ${spec%% *} .gguf)
-      timeout 400 $S python3 -m benchmarks.rpc_check $spec --gpu --profile $PROFILE --reps 3 --budget-s 0.1 \
-        --out $OUT/$name.json > $OUT/$name.log 2>&1; echo "$name rc=$?"
-      grep -v "^llama\|^load\|^print_info\|^\s*$" $OUT/$name.log | tail -12
-    done ;;
+    spec="$W/gemma3-270m.gguf --prompt 128 --gen 32 --budget-mib 160"
+    [ $step = rpcgpu7b ] && spec="$MODEL --prompt 512 --gen 64 --budget-mib ${RPC_BUDGET_MIB:-2560}"
+    name=rpc-gpu-$(basename ${spec%% *} .gguf)
+    timeout 400 $S python3 -m benchmarks.rpc_check $spec --gpu --profile $PROFILE --reps 3 --budget-s 0.1 \
+      --out $OUT/$name.json > $OUT/$name.log 2>&1; echo "$name rc=$?"
+    grep -v "^llama\|^load\|^print_info\|^\s*$" $OUT/$name.log | tail -12 ;;
   build) ensure_build ;;
   profile) ensure_profile ;;
   validate|validate2048)
