@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import __version__, report
 from .bench import bench as bench_plan
 from .bench import decode_bounds, validate
+from .bench_split import bench_split
 from .build import build as build_wheel
 from .calibrate import calibrate
 from .doctor import diagnose
@@ -322,7 +323,9 @@ def plan(
 @handle_errors
 def bench(
     model: ModelArg,
-    vram: Annotated[str, typer.Option("--vram", help="VRAM budget for the plan and every baseline.")],
+    vram: Annotated[str, typer.Option("--vram", help="VRAM budget for the plan and every baseline; for several "
+                                                     "devices one per device, in split order (as for plan): "
+                                                     "CUDA0=20GiB,RPC[host:50052]=8GiB.")],
     use: ProfileOpt = None,
     prompt: PromptOpt = 512, gen: GenOpt = 128, depth: DepthOpt = 0, ctx_over_train: CtxOverTrainOpt = False,
     reps: Annotated[int, typer.Option("--reps", help="Repetitions per arm (after a warm-up).")] = 3,
@@ -339,13 +342,16 @@ def bench(
     _in_range("--reps", reps, 1, MAX_REPS)
     prof = find_profile(use)
     workload = _workload(prompt, gen, depth, objective, read_inventory(model), ctx_over_train)
-    budget = _budget(vram, prof)
+    budgets = parse_budgets(vram)
+    several = bool(budgets) and list(budgets) != [prof.gpu_device]
+    budget = 0 if several else budgets[prof.gpu_device] if budgets else _budget(vram, prof)
     targets = [Output(name, (model, use), force, "-o") for name in (out, companion(out, ".md"), companion(out, ".png"))]
     for target, kind in zip(targets, ("bench", "markdown", "png")):     # before minutes of measuring
         check_output(target, kind)
+    command = " ".join(["oatoplan"] + sys.argv[1:])
     with _progress("bench") as update:
-        result = bench_plan(model, prof, budget, workload, reps, update,
-                            command=" ".join(["oatoplan"] + sys.argv[1:]), reference=reference)
+        result = bench_split(model, prof, budgets, workload, reps, update, command, reference) if several else \
+            bench_plan(model, prof, budget, workload, reps, update, command=command, reference=reference)
     path = write_json(result, targets[0])
     bounds = decode_bounds(read_inventory(model), prof, result)
     written = report.write_bench(result, targets[1], targets[2], bounds)

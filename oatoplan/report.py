@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .bench import ALL_GPU_ARM, STREAM_OFF_ARM
+from .bench_split import over_budget
 from .cost import CostModel
 from .files import Output, write_file
 from .ggml import row_bytes
@@ -80,6 +81,19 @@ def _streamed(r: Row) -> tuple[float, int] | None:
 STREAMED = Column("streamed / rep", _streamed, "{:,.0f} MiB in {:,}", missing="n/a")
 
 
+def _per_device(r: Row) -> str:
+    """What llama.cpp allocated on each accelerator / the arm's budget there (MiB), "OVER" past it."""
+    budgets, over = r.arm.plan.budgets_bytes, over_budget(r.arm)
+    devices = list(budgets) or [d for d in r.arm.allocated_bytes if d != CPU]
+    return ", ".join(f"{d} {r.arm.allocated_bytes.get(d, 0) / BYTES_PER_MIB:,.0f}"
+                     + (f" / {budgets[d] / BYTES_PER_MIB:,.0f}" if d in budgets else "")
+                     + (" OVER" if d in over else "") for d in devices)
+
+
+# shown for benches over several devices (arms with per-device budgets)
+PER_DEVICE = Column("allocated / budget MiB", _per_device, "{}", left=True)
+
+
 def rows(result: BenchResult, bounds: dict[str, float] | None = None) -> list[Row]:
     w = result.workload
     base = next((stats(a.prefill_tokens_per_s)[0] for a in result.arms if a.reference and a.name == ALL_GPU_ARM), 0)
@@ -92,7 +106,8 @@ def rows(result: BenchResult, bounds: dict[str, float] | None = None) -> list[Ro
 
 
 def _columns(result: BenchResult, bounds: dict[str, float] | None) -> tuple[Column, ...]:
-    return COLUMNS + ((BOUND,) if bounds else ()) + ((STREAMED,) if any(a.stream_stats for a in result.arms) else ())
+    return COLUMNS + ((BOUND,) if bounds else ()) + ((STREAMED,) if any(a.stream_stats for a in result.arms) else ()) \
+        + ((PER_DEVICE,) if any(a.plan.budgets_bytes for a in result.arms) else ())
 
 
 def _tests(result: BenchResult) -> dict[str, str]:
@@ -130,6 +145,9 @@ def summary(result: BenchResult) -> str | None:
         parts.append(f"streaming on / off: {tests['pp']} {first.pp[0] / off.pp[0]:.2f}x")
     if first.pp_share is not None:
         parts.append(f"{tests['pp']} {first.pp_share:.0%} of all on the GPU")
+    over = [f"{a.name} on {', '.join(over_budget(a))}" for a in result.arms if over_budget(a)]
+    if over:
+        parts.append(f"over budget: {'; '.join(over)}")
     return "; ".join(parts) or None
 
 

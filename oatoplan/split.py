@@ -13,11 +13,11 @@ takes and which of a layer's weights stay on the CPU:
                z[i,d] >= |w[i,d] - w[i-1,d]|                 (activations cross d's link between units i-1, i)
                weights + KV + compute + pool + overhead on d <= usable_bytes(budget[d])      for every device d
 
-split_search.py solves it split by split. t[u,d] comes from the profile's timings on each device, c[d] is one
-crossing of d's link (its fixed cost and the activations' bytes; between two accelerators the activations go through
-the host, over both links); consecutive roles' crossings are summed over layers (solve.py's spans). Weight
-streaming stays off (it stages into one GPU); op offload takes large batches of host weights to the first local GPU
-only, as llama.cpp's scheduler does (an RPC backend takes no offloaded op).
+split_search.py solves it split by split; split_cost.py prices placements. t[u,d] comes from the profile's timings
+on each device, c[d] is one crossing of d's link (its fixed cost and the activations' bytes; between two accelerators
+the activations go through the host, over both links); consecutive roles' crossings are summed over layers (solve.py's
+spans). Weight streaming stays off (it stages into one GPU); op offload takes large batches of host weights to the
+first local GPU only, as llama.cpp's scheduler does (an RPC backend takes no offloaded op).
 """
 
 from __future__ import annotations
@@ -29,51 +29,21 @@ from dataclasses import dataclass
 
 import pulp
 
-from .cost import CostModel, combine, fixed_time_us, ubatches, unit_time_us
-from .errors import PlanInfeasibleError, ProfileError
-from .graph import CPU, Unit, model_units, role
-from .memory import (Settings, compute_stage_bytes, gpu_overhead_bytes, kv_layer_bytes, pool_bytes, usable_bytes)
+from .cost import CostModel, combine, ubatches, unit_time_us
+from .errors import PlanInfeasibleError
+from .graph import CPU, model_units, role
+from .memory import Settings, compute_stage_bytes, gpu_overhead_bytes, kv_layer_bytes, pool_bytes, usable_bytes
 from .names import device_flag, is_rpc, rpc_endpoint, split_device
 from .plan import llama_cpp_flags, make_plan, target_build, tensor_placement
 from .solve import crossing_terms
+from .split_cost import Link, decode_rescale, layer_counts, links, predict_split
 from .split_search import best_split
-from .schema import BaselinePrediction, DeviceLink, ModelInventory, Plan, Prediction, Profile, Workload
+from .schema import BaselinePrediction, ModelInventory, Plan, Prediction, Profile, Workload
 from .units import BYTES_PER_MIB, format_bytes
 
 log = logging.getLogger(__name__)
 
 SPLIT_UBATCH_CANDIDATES = (512, 2048)
-ACTIVATION_BYTES = 4            # the hidden state crosses as f32: n_embd x 4 bytes per token
-
-
-@dataclass(frozen=True)
-class Link:
-    """One accelerator as the program prices it."""
-    device: str
-    local_gpu: bool                # a GPU of this process (op offload, the CUDA pool and per-process overhead)
-    prefill_crossing_us: float     # one crossing of its link with one ubatch of activations
-    decode_crossing_us: float      # one crossing with one token's
-
-
-def links(cost: CostModel, inv: ModelInventory, devices: list[str], s: Settings) -> list[Link]:
-    """Each device's link: the profiled GPU's measured crossing (as cost.predict charges it), the others' fixed
-    cost plus the activations at the link's rate."""
-    profile, found = cost.profile, {link.device: link for link in cost.profile.devices}
-    token_bytes = inv.hparams.n_embd * ACTIVATION_BYTES
-    out = []
-    for d in devices:
-        if d == profile.gpu_device:
-            out.append(Link(d, True, cost.crossing_us, cost.decode_crossing_us))
-            continue
-        if d not in found:
-            known = ", ".join([profile.gpu_device] * bool(profile.gpu_device) + list(found)) or "no accelerator"
-            raise ProfileError(f"profile {profile.profile_id} has no timings for {d} (it has {known}); profile it "
-                               f"(oatoplan profile run --device {d}) or leave it out of --vram")
-        link: DeviceLink = found[d]
-        per_byte = 0.5 / link.h2d_bytes_per_s + 0.5 / link.d2h_bytes_per_s      # one way, either direction
-        out.append(Link(d, not is_rpc(d), link.crossing_us + token_bytes * s.n_ubatch * per_byte * 1e6,
-                        link.decode_crossing_us + token_bytes * per_byte * 1e6))
-    return out
 
 
 @dataclass(frozen=True)
@@ -84,81 +54,6 @@ class SplitSolution:
     prediction: Prediction
     device_bytes: dict[str, dict[str, int]]    # device -> VRAM by category
     solve_s: float
-
-
-def device_memory(inv: ModelInventory, units: list[Unit], placement: dict[str, str], s: Settings,
-                  device_links: list[Link], overhead_bytes: int) -> dict[str, dict[str, int]]:
-    """VRAM by category on each device of a placement (memory.py's terms, per device): weights and KV where they
-    are; the compute buffer of a device with layers (and the output stage where `output` runs); the first local GPU
-    also holds op offload's largest host weight copy; local GPUs the CUDA pool and the process's overhead."""
-    output_stage, layer_stage = compute_stage_bytes(inv, s)
-    hp, first_gpu = inv.hparams, next((x.device for x in device_links if x.local_gpu), None)
-    offload = bool(first_gpu) and s.op_offload and s.n_ubatch >= 32
-    out = {}
-    for link in device_links:
-        d = link.device
-        mine = [u for u in units if placement[u.key] == d]
-        weights = sum(u.n_bytes for u in mine if not u.is_attention)
-        kv = sum(kv_layer_bytes(hp, u.layer, s.n_ctx, s.n_ubatch, s.type_k, s.type_v) for u in mine
-                 if u.is_attention)
-        used = bool(mine) or (offload and d == first_gpu)
-        copy = max((u.n_bytes for u in units if placement[u.key] == CPU and u.matrices and not u.is_output),
-                   default=0) if offload and d == first_gpu else 0
-        has_output = any(u.is_output for u in mine)
-        compute = max(output_stage if has_output else 0, layer_stage + copy if used else 0)
-        out[d] = {"weights": weights, "kv": kv, "compute": compute,
-                  "pool": pool_bytes(inv, s) if used else 0,
-                  "overhead": overhead_bytes if used and link.local_gpu else 0}
-    return out
-
-
-def layer_counts(units: list[Unit], placement: dict[str, str], devices: list[str]) -> tuple[int, ...]:
-    """tensor_split as layer counts: each device's KV layers, `output` (a layer to llama.cpp) with the last device
-    that has layers."""
-    counts = [sum(1 for u in units if u.is_attention and placement[u.key] == d) for d in devices]
-    last = max((i for i, c in enumerate(counts) if c), default=0)
-    counts[last] += 1
-    return tuple(counts)
-
-
-def decode_rescale(cost: CostModel, device: str) -> float:
-    """What turns cost.unit_time_us's decode on `device` (the profiled GPU's calibration factor for every device but
-    the CPU) into this device's: the calibration of the class its profile gave it (DeviceLink.decode_class: an RPC
-    device whose mat-vecs run at the CPU's speed decodes like the CPU), the same for the CPU and the profiled GPU."""
-    link = next((x for x in cost.profile.devices if x.device == device), None)
-    if link is None:
-        return 1.0
-    return cost.decode_factor(link.decode_class) / cost.decode_factor("gpu")
-
-
-def predict_split(cost: CostModel, inv: ModelInventory, placement: dict[str, str], workload: Workload,
-                  s: Settings, device_links: list[Link]) -> tuple[Prediction, dict[str, dict[str, int]]]:
-    """Predicted time and per-device VRAM of a placement over several devices."""
-    units, by_device = model_units(inv), {x.device: x for x in device_links}
-    prefill = decode = 0.0
-    for u in units:
-        d = placement[u.key]
-        p, t = unit_time_us(cost, inv, u, d, workload, s)
-        prefill, decode = prefill + p, decode + t * decode_rescale(cost, d)
-    n_ub = len(ubatches(workload.n_prompt, s.n_ubatch))
-    path = [CPU] + [placement[u.key] for u in units] + [CPU]      # the input lookup and the logits are on the CPU
-    n_crossings = 0
-    for a, b in zip(path, path[1:]):
-        for d in {a, b} - {CPU} if a != b else ():
-            prefill += n_ub * by_device[d].prefill_crossing_us
-            decode += by_device[d].decode_crossing_us
-            n_crossings += 1
-    fixed_prefill, fixed_decode = fixed_time_us(cost, inv, workload, s, cost.gpu is not None)
-    prefill, decode = prefill + fixed_prefill, decode + fixed_decode
-    memory = device_memory(inv, units, placement, s, device_links, gpu_overhead_bytes(cost.profile))
-    totals: dict[str, int] = {}
-    for categories in memory.values():
-        for k, v in categories.items():
-            totals[k] = totals.get(k, 0) + v
-    return Prediction(prefill_s=prefill * 1e-6, decode_s_per_token=decode * 1e-6,
-                      prefill_tokens_per_s=workload.n_prompt / (prefill * 1e-6), decode_tokens_per_s=1e6 / decode,
-                      total_s=(prefill + workload.n_gen * decode) * 1e-6, gpu_bytes=totals,
-                      n_crossings=n_crossings), memory
 
 
 def _problem(cost: CostModel, inv: ModelInventory, budgets: dict[str, int], workload: Workload, s: Settings,
@@ -292,10 +187,10 @@ def candidate_settings(workload: Workload, device_links: list[Link], profiled_gp
 def solve_split(inv: ModelInventory, cost: CostModel, budgets: dict[str, int], workload: Workload,
                 baselines=None) -> SplitSolution:
     """The fastest placement over the budgets' devices (in their order) for `workload`: for each settings candidate,
-    the layer counts searched from llama.cpp's best split (split_search.py; `baselines`: _baseline_placements')."""
+    the layer counts searched from llama.cpp's best split (split_search.py; `baselines`: baseline_placements')."""
     started, devices, best = time.perf_counter(), list(budgets), None
     units = model_units(inv)
-    baselines = _baseline_placements(cost, inv, budgets, workload) if baselines is None else baselines
+    baselines = baseline_placements(cost, inv, budgets, workload) if baselines is None else baselines
     starts = [b for b in baselines if b is not None]
     for s in candidate_settings(workload, links(cost, inv, devices, Settings(512, False, True, workload.n_ctx)),
                                 cost.gpu):
@@ -356,14 +251,14 @@ def _largest_fitting(cost: CostModel, inv: ModelInventory, budgets: dict[str, in
 BASELINE_NAMES = ("llama.cpp layer split (-ts by memory)", "--fit-style fill")
 
 
-def _baseline_settings(workload: Workload, devices: list[str]) -> Settings:
+def baseline_settings(workload: Workload, devices: list[str]) -> Settings:
     return Settings(512, any(not is_rpc(d) for d in devices), False, workload.n_ctx)
 
 
-def _baseline_placements(cost: CostModel, inv: ModelInventory, budgets: dict[str, int], workload: Workload):
+def baseline_placements(cost: CostModel, inv: ModelInventory, budgets: dict[str, int], workload: Workload):
     """llama.cpp's own splits at the budgets (BASELINE_NAMES): (placement, layer counts, n_gpu_layers) or None."""
     devices = list(budgets)
-    s = _baseline_settings(workload, devices)
+    s = baseline_settings(workload, devices)
     share = tuple(float(budgets[d]) for d in devices)
     proportional = _largest_fitting(cost, inv, budgets, workload, s, lambda ngl: share)
 
@@ -384,11 +279,12 @@ def split_baselines(cost: CostModel, inv: ModelInventory, budgets: dict[str, int
     """llama.cpp's own choices at the same per-device budgets, predicted: its default layer split (`-ts` in
     proportion to the devices' memory, here the budgets, as many layers as fit: -ngl), and a fill in `--fit`'s
     manner (from the last layer back, each device, last first, takes all the layers it holds). Both with mmap on and
-    ubatch 512, as users run them; `-sm row` splits each matrix over devices of one kind and is not priced here."""
+    ubatch 512, as users run them. No `-sm row`: this llama.cpp's CUDA backend has no split buffer type (a load with
+    it fails; `-sm tensor` replaced it) and RPC devices never had one."""
     devices, out = list(budgets), []
-    s = _baseline_settings(workload, devices)
+    s = baseline_settings(workload, devices)
     share = tuple(float(budgets[d]) for d in devices)
-    baselines = _baseline_placements(cost, inv, budgets, workload) if baselines is None else baselines
+    baselines = baseline_placements(cost, inv, budgets, workload) if baselines is None else baselines
     for name, found in zip(BASELINE_NAMES, baselines):
         if found is None:
             out.append(BaselinePrediction(name, "does not fit", None))
@@ -418,8 +314,7 @@ def _best_start(cost: CostModel, inv: ModelInventory, budgets: dict[str, int], w
 
 def _layers_that_fit(cost: CostModel, inv: ModelInventory, budgets: dict[str, int], workload: Workload,
                      s: Settings, devices: list[str], i: int, ngl: int) -> int:
-    """How many whole layers device i holds within its budget (the last ones of its range; output with the last
-    device)."""
+    """How many whole layers device i holds within its budget (its range's last; output on the last device)."""
     hp, d = inv.hparams, devices[i]
     layer_bytes = {}
     for u in model_units(inv):
@@ -442,13 +337,11 @@ def _layers_that_fit(cost: CostModel, inv: ModelInventory, budgets: dict[str, in
 def plan_split(inv: ModelInventory, profile: Profile, budgets: dict[str, int], workload: Workload) -> Plan:
     """The Plan over the budgets' devices, with its prediction, llama.cpp's own splits predicted beside it."""
     cost = CostModel(profile)
-    baselines = _baseline_placements(cost, inv, budgets, workload)      # the solver's start, and the plan's rivals
+    baselines = baseline_placements(cost, inv, budgets, workload)      # the solver's start, and the plan's rivals
     solution = solve_split(inv, cost, budgets, workload, baselines)
     memory = solution.device_bytes
     # a device the plan gives nothing is left out (llama.cpp would still start its backend, or need its server)
     s, devices = solution.settings, [d for d in budgets if sum(memory[d].values())]
-    tensors, n_gpu_layers = tensor_placement(inv, solution.devices)
-    local = any(not is_rpc(d) for d in devices)
     notes = (f"{len(budgets)} devices in this order ({', '.join(budgets)}): layers "
              f"{', '.join(f'{d} {c}' for d, c in zip(budgets, solution.tensor_split))} (output counts as one), "
              f"ubatch {s.n_ubatch}, solved in {solution.solve_s:.2f} s",
@@ -458,15 +351,25 @@ def plan_split(inv: ModelInventory, profile: Profile, budgets: dict[str, int], w
              "weight streaming is off with several devices (it stages into one GPU)",
              *(["RPC devices: their timings are the profile's, through the link it measured; decode on them is "
                 "not calibrated"] if any(map(is_rpc, devices)) else []))
+    plan = split_plan(inv, profile, solution.devices, s, devices, workload, solution.prediction, memory, budgets, notes)
+    return dataclasses.replace(plan, baselines=tuple(split_baselines(cost, inv, budgets, workload, baselines)))
+
+
+def split_plan(inv: ModelInventory, profile: Profile, placement: dict[str, str], s: Settings, devices: list[str],
+               workload: Workload, prediction: Prediction, memory: dict[str, dict[str, int]],
+               budgets: dict[str, int], notes: tuple[str, ...] = ()) -> Plan:
+    """The loader Plan of a placement over `devices` (split order): their layers as tensor_split, the RPC ones'
+    servers as --rpc, mmap off only where settings pin host weights for a local GPU; `budgets` as the plan's."""
+    tensors, n_gpu_layers = tensor_placement(inv, placement)
+    local = any(not is_rpc(d) for d in devices)
     plan = make_plan(inv, tensors, n_gpu_layers=n_gpu_layers, gpu_devices=tuple(devices),
-                     tensor_split=layer_counts(model_units(inv), solution.devices, devices) if devices else (),
+                     tensor_split=layer_counts(model_units(inv), placement, devices) if devices else (),
                      rpc_servers=tuple(rpc_endpoint(d) for d in devices if is_rpc(d)), n_ctx=workload.n_ctx,
-                     n_batch=s.n_ubatch, n_ubatch=s.n_ubatch, use_mmap=not local, op_offload=s.op_offload,
-                     n_outputs_max=s.n_outputs_max, flash_attn=True, n_threads=profile.n_threads,
-                     llama_cpp_build=target_build(profile), profile_id=profile.profile_id,
-                     budget_bytes=sum(budgets.values()), compute_bytes={d: m["compute"] for d, m in memory.items()},
-                     notes=notes)
-    plan = dataclasses.replace(plan, workload=workload, prediction=solution.prediction,
-                               baselines=tuple(split_baselines(cost, inv, budgets, workload, baselines)),
-                               placement=dict(solution.devices), budgets_bytes=dict(budgets))
+                     n_batch=s.n_ubatch, n_ubatch=s.n_ubatch, use_mmap=not (local and s.pinned),
+                     op_offload=s.op_offload, n_outputs_max=s.n_outputs_max, flash_attn=True,
+                     n_threads=profile.n_threads, llama_cpp_build=target_build(profile), profile_id=profile.profile_id,
+                     budget_bytes=sum(budgets.values()) or None, notes=notes,
+                     compute_bytes={d: m["compute"] for d, m in memory.items()})
+    plan = dataclasses.replace(plan, workload=workload, prediction=prediction, placement=dict(placement),
+                               budgets_bytes=dict(budgets))
     return dataclasses.replace(plan, flags=llama_cpp_flags(plan))

@@ -18,9 +18,14 @@ from typer.testing import CliRunner
 import llama_cpp
 
 from oatoplan import rpc
+from oatoplan.artifacts import read_json, write_json
 from oatoplan.cli import app
 from oatoplan.errors import RpcError
+from oatoplan.inventory import read_inventory
+from oatoplan.profile_devices import measure_devices
+from oatoplan.schema import Profile
 from oatoplan.testing import qwen2_7b_header, write_sparse
+from profiles import shipped_cpu_profile
 
 TINY = dict(n_layer=4, n_embd=64, n_head=4, n_head_kv=2, n_ff=128, n_ctx=4096)   # n_ctx: oatoplan's default workloads fit
 
@@ -303,3 +308,19 @@ def rpc_endpoints():
         for server in servers:
             server.kill()
             server.wait()
+
+
+@pytest.fixture(scope="session")
+def rpc_profile_path(gemma_model, rpc_endpoints, tmp_path_factory) -> Path:
+    """The shipped CPU profile with the two RPC devices timed for Gemma's shapes (short timing budgets), written."""
+    rpc.register_rpc_servers(rpc_endpoints)
+    devices = [f"RPC[{e}]" for e in rpc_endpoints]
+    measured = measure_devices(shipped_cpu_profile(), read_inventory(gemma_model), devices, budget_s=0.01,
+                               copy_bytes=4 << 20)
+    return write_json(measured, tmp_path_factory.mktemp("p") / "rpc.json")
+
+
+@pytest.fixture(scope="session")
+def rpc_profile(rpc_profile_path) -> Profile:
+    """rpc_profile_path read back through JSON and its validation."""
+    return read_json(Profile, rpc_profile_path)

@@ -25,13 +25,14 @@ ORDER = [
     "cost",                                 # the time model
     "solve", "streaming", "baselines",      # the integer program; weight streaming's layers and slots; named placements
     "plan",                                 # plan semantics and flags
-    "split_search", "split",                # the search over layer splits; plans over several devices (GPUs, RPC)
+    "split_search", "split_cost", "split",  # over several devices (GPUs, RPC): the search over layer splits; the
+                                            # prices of a placement; the program, llama.cpp's own splits, the Plan
     "load",                                 # loading with a plan
     "serve",                                # the OpenAI-compatible server, on top of load
     "measure",                              # the timing harness
     "profile_moe",                          # mixture-of-experts and host memory measurements, for profile
     "profile", "profile_devices",           # the stage that measures the machine, and more accelerators (RPC)
-    "calibrate", "bench",                   # the stages that measure real runs
+    "calibrate", "bench", "bench_split",    # the stages that measure real runs (bench_split: over several devices)
     "report",                               # tables and charts
     "doctor",                               # tool beside the pipeline: what this installation can do
     "testing",                              # helpers for tests and benchmarks/

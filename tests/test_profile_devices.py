@@ -4,33 +4,19 @@ and links, then plans over the CPU and two RPC devices that load and write the a
 import llama_cpp
 import pytest
 
-from oatoplan.artifacts import PROFILE_OPS, read_json, write_json
+from oatoplan.artifacts import PROFILE_OPS
 from oatoplan.errors import ProfileError
 from oatoplan.inventory import read_inventory
 from oatoplan.load import generate, load
 from oatoplan.plan import check_plan, make_plan
 from oatoplan.profile_devices import measure_devices
-from oatoplan.rpc import register_rpc_servers
-from oatoplan.schema import Profile, Workload
+from oatoplan.schema import Workload
 from oatoplan.split import plan_split
 from oatoplan.testing import no_repack
-from profiles import shipped_cpu_profile
 
 pytestmark = pytest.mark.skipif(not llama_cpp.llama_supports_rpc(), reason="this llama-cpp-python has no RPC "
                                 "backend (`oatoplan build` builds one with -DGGML_RPC=ON)")
 PROMPT = "The capital of France is a city called"
-
-
-@pytest.fixture(scope="module")
-def rpc_profile(gemma_model, rpc_endpoints, tmp_path_factory):
-    """The shipped CPU profile with the two RPC devices timed for Gemma's shapes (short timing budgets), through
-    JSON and its validation."""
-    register_rpc_servers(rpc_endpoints)
-    devices = [f"RPC[{e}]" for e in rpc_endpoints]
-    measured = measure_devices(shipped_cpu_profile(), read_inventory(gemma_model), devices, budget_s=0.01,
-                               copy_bytes=4 << 20)
-    path = write_json(measured, tmp_path_factory.mktemp("p") / "rpc.json")
-    return read_json(Profile, path)
 
 
 def test_rpc_devices_are_profiled_like_a_gpu(rpc_profile, rpc_endpoints):
