@@ -31,7 +31,7 @@ import pulp
 
 from .cost import CostModel, combine, ubatches, unit_time_us
 from .errors import PlanInfeasibleError
-from .graph import CPU, model_units, role
+from .graph import CPU, NORM, model_units, role, role_info
 from .memory import Settings, compute_stage_bytes, gpu_overhead_bytes, kv_layer_bytes, pool_bytes, usable_bytes
 from .names import device_flag, is_rpc, rpc_endpoint, split_device
 from .plan import llama_cpp_flags, make_plan, target_build, tensor_placement
@@ -122,6 +122,13 @@ def _problem(cost: CostModel, inv: ModelInventory, budgets: dict[str, int], work
         elif not u.is_attention:
             for d in devices:
                 prob += w[i, d] <= w[attn_of[u.layer], d], f"with_layer_{i}_{d}"
+    # A norm runs where the unit after it does (its consumer in the layer): apart, it saves a few KiB of VRAM for a
+    # crossing pair the model prices like the one it replaces, while the split it adds (a CPU norm before an RPC
+    # device's layers) halved decode where it was measured (docs/results.md, several devices)
+    for i, u in enumerate(units[:-1]):
+        if role_info(role(u))[1] == NORM and units[i + 1].layer == u.layer:
+            for d in devices:
+                prob += w[i, d] == w[i + 1, d], f"norm_with_consumer_{i}_{d}"
     # Symmetry: within a device's range, each role's weights on the device are those of its last layers (as
     # n_gpu_layers does for whole layers): on[role l, d] <= on[role l+1, d] unless layer l+1 is on a later device
     by_role: dict[str, list[int]] = {}

@@ -10,7 +10,7 @@ import pytest
 
 from oatoplan.cost import CostModel, combine, fixed_time_us
 from oatoplan.errors import OatoError, ProfileError
-from oatoplan.graph import CPU, model_units
+from oatoplan.graph import CPU, NORM, model_units, role, role_info
 from oatoplan.inventory import read_inventory
 from oatoplan.memory import Settings, parse_budgets, usable_bytes
 from oatoplan.names import split_device
@@ -70,9 +70,15 @@ def four_layers(tmp_path_factory):
     return read_inventory(write_tiny_llama(tmp_path_factory.mktemp("four") / "four.gguf", n_layer=4))
 
 
+def _norms_with_consumers(units, placement) -> bool:
+    """Every norm where the unit after it in its layer (its consumer) is."""
+    return all(placement[u.key] == placement[v.key] for u, v in zip(units, units[1:])
+               if role_info(role(u))[1] == NORM and v.layer == u.layer)
+
+
 def _placements(inv, devices):
     """Every placement the program allows on a one-layer model: the layer (its KV) on a device or the CPU, its
-    weights there or on the CPU, output_norm and output anywhere."""
+    weights there or on the CPU, output_norm and output anywhere; each norm with its consumer."""
     units = model_units(inv)
     layer = [u for u in units if u.layer is not None]
     free = [u for u in units if u.layer is None]
@@ -82,7 +88,9 @@ def _placements(inv, devices):
             base = {u.key: home for u in layer if u.is_attention}
             base.update({u.key: (home if o else CPU) for u, o in itertools.zip_longest(weights, on, fillvalue=False)})
             for rest in itertools.product([CPU] + devices, repeat=len(free)):
-                yield {**base, **{u.key: d for u, d in zip(free, rest)}}
+                placement = {**base, **{u.key: d for u, d in zip(free, rest)}}
+                if _norms_with_consumers(units, placement):
+                    yield placement
 
 
 def best_exists(inv, devices, cost, w, s, device_links, budgets) -> bool:
@@ -146,6 +154,7 @@ def test_plan_expresses_the_solved_placement(four_layers):
         elif not (u.is_output and four_layers.tied_output):
             assert {placed[t] for t in u.tensors} == {plan.placement[u.key]}, u.key
     assert plan.tensor_split == layer_counts(units, plan.placement, list(budgets))
+    assert _norms_with_consumers(units, plan.placement)
     assert "-dev CUDA0,CUDA1" in plan.flags and f"-ts {','.join(map(str, plan.tensor_split))}" in plan.flags
     for d, b in budgets.items():
         assert plan.memory.model_bytes.get(d, 0) + plan.memory.kv_bytes.get(d, 0) <= usable_bytes(b)
