@@ -26,7 +26,7 @@ from .machine import default_threads, llama_cpp_available, llama_cpp_build, logi
 from .memory import Settings, gpu_memory, gpu_overhead_bytes, kv_layer_bytes, vram_terms
 from .schema import (SCHEMA_VERSION, BaselinePrediction, MemoryPrediction, ModelInventory, Plan, Profile,
                      TensorOverride, Workload)
-from .solve import CpuSolution, explain, solve, solve_cpu
+from .solve import CpuSolution, explain, placement_for, solve, solve_cpu
 from .streaming import refine, stream_note
 from .units import format_bytes
 
@@ -329,7 +329,15 @@ def plan_model(inv: ModelInventory, profile: Profile, budget_bytes: int, workloa
                             "VRAM budget of 0); leave --write-lp out")
         return plan_cpu(inv, profile, workload, budget_bytes)
     cost = CostModel(profile)
-    solution = refine(inv, cost, solve(inv, cost, budget_bytes, workload, write_lp), budget_bytes, workload)
+    solution = solve(inv, cost, budget_bytes, workload, write_lp)
+    others = ()
+    if solution.settings.stream_slots and workload.objective != "total":
+        # the program prices streaming as ideal overlap, under which many placements tie for one phase's time: the
+        # whole workload's optimum is one more candidate for the slot simulation (refine) to judge
+        total = placement_for(inv, cost, budget_bytes, dataclasses.replace(workload, objective="total"),
+                              solution.settings)
+        others = (total,) if total else ()
+    solution = refine(inv, cost, solution, budget_bytes, workload, others)
     s = solution.settings
     arms = baseline_arms(inv, cost.gpu, budget_bytes, workload, gpu_overhead_bytes(profile)) + \
         [greedy_arm(inv, cost, budget_bytes, workload, s)]

@@ -258,6 +258,14 @@ def solve_instance(inst: _Instance, budget_mib: float, write_lp: Output | Path |
     return chosen, objective(inst, chosen)
 
 
+def placement_for(inv: ModelInventory, cost: CostModel, budget_bytes: int, workload: Workload,
+                  s: Settings) -> dict[str, str] | None:
+    """The program's placement for one settings candidate (unit key -> "CPU" or the GPU); None when nothing fits."""
+    inst = instance(cost, inv, workload, s)
+    found = solve_instance(inst, usable_bytes(budget_bytes) / BYTES_PER_MIB)
+    return {u.key: (cost.gpu if c else CPU) for u, c in zip(inst.units, found[0])} if found else None
+
+
 def objective(inst: _Instance, chosen: list[int]) -> float:
     """The integer program's objective for a placement (the same terms, evaluated directly)."""
     t = inst.fixed_us + sum(inst.t_gpu[i] if c else inst.t_cpu[i] for i, c in enumerate(chosen))

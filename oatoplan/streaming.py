@@ -53,15 +53,16 @@ def spread(inv: ModelInventory, devices: dict[str, str]) -> dict[str, str]:
 
 
 def refine(inv: ModelInventory, cost: CostModel, solution: Solution, budget_bytes: int,
-           workload: Workload) -> Solution:
-    """The fastest predicted of (the program's placement, its spread) x STREAM_SLOT_CANDIDATES that keeps to the
-    budget rule; the solution unchanged when it does not stream."""
+           workload: Workload, others: tuple[dict[str, str], ...] = ()) -> Solution:
+    """The fastest predicted of (the program's placement, its spread, `others` and theirs) x STREAM_SLOT_CANDIDATES
+    that keeps to the budget rule, at the solution's other settings; the solution unchanged when it does not
+    stream."""
     if not solution.settings.stream_slots:
         return solution
     units = model_units(inv)
     overhead = gpu_overhead_bytes(cost.profile)
     best = (combine(solution.prediction.prefill_s, solution.prediction.decode_s_per_token, workload), solution)
-    for devices in (solution.devices, spread(inv, solution.devices)):
+    for devices in [d for placement in (solution.devices, *others) for d in (placement, spread(inv, placement))]:
         for slots in STREAM_SLOT_CANDIDATES:
             s = dataclasses.replace(solution.settings, stream_slots=slots)
             if not fits(inv, units, devices, s, budget_bytes, overhead):
@@ -79,7 +80,7 @@ def stream_note(inv: ModelInventory, cost: CostModel, solution, workload: Worklo
     if not s.stream_slots or not p.gpu_bytes.get("stream"):
         return ()
     off = predict(cost, inv, solution.devices, workload, dataclasses.replace(s, stream_slots=0))
-    unmeasured = () if cost.stream_split_us else (
+    unmeasured = () if cost.profile.stream_split is not None else (
         f"profile {cost.profile.profile_id} did not measure the fixed cost of a streamed upload (`oatoplan profile "
         f"run --model` on a build with weight streaming does): the prediction leaves it out, and prefill with many "
         f"host tensors is slower than predicted",)
