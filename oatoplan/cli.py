@@ -166,19 +166,25 @@ def _in_range(option: str, value: int | float | None, low: int | float, high: in
 
 
 def _workload(prompt: int, gen: int, depth: int, objective: str, inv: ModelInventory,
-              ctx_over_train: bool = False) -> Workload:
-    """The workload, its context within the model's training length (or MAX_N_CTX with --ctx-over-train)."""
+              ctx_over_train: bool = False, ctx: int = 0) -> Workload:
+    """The workload, its context within the model's training length (or MAX_N_CTX with --ctx-over-train); `ctx`:
+    the context to reserve (--ctx), at least what the workload uses."""
     if objective not in OBJECTIVES:
         raise OatoError(f"--objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
-    for option, value, low in (("--prompt", prompt, 1), ("--gen", gen, 0), ("--depth", depth, 0)):
+    for option, value, low in (("--prompt", prompt, 1), ("--gen", gen, 0), ("--depth", depth, 0), ("--ctx", ctx, 0)):
         _in_range(option, value, low, MAX_N_CTX)
-    n_ctx, n_ctx_train = depth + prompt + gen, inv.hparams.n_ctx_train
+    used, n_ctx_train = depth + prompt + gen, inv.hparams.n_ctx_train
+    if ctx and ctx < used:
+        raise OatoError(f"--ctx {ctx} is less than --depth + --prompt + --gen ({used} tokens): give at least {used}, "
+                        f"or leave --ctx out")
+    what = "--ctx" if ctx else "--depth + --prompt + --gen"
+    n_ctx = max(ctx, used)
     if ctx_over_train and n_ctx > MAX_N_CTX:
-        raise OatoError(f"--depth + --prompt + --gen is {n_ctx} tokens, more than oatoplan's limit of {MAX_N_CTX}")
+        raise OatoError(f"{what} is {n_ctx} tokens, more than oatoplan's limit of {MAX_N_CTX}")
     if not ctx_over_train and n_ctx > n_ctx_train:
-        raise OatoError(f"--depth + --prompt + --gen is {n_ctx} tokens, more than the {n_ctx_train} tokens "
+        raise OatoError(f"{what} is {n_ctx} tokens, more than the {n_ctx_train} tokens "
                         f"{inv.identity.file_name} was trained on: shorten the workload, or add --ctx-over-train")
-    return Workload(prompt, gen, depth, objective)
+    return Workload(prompt, gen, depth, objective, ctx)
 
 
 def _budget(vram: str, prof: Profile) -> int:
@@ -193,6 +199,8 @@ def _budget(vram: str, prof: Profile) -> int:
 PromptOpt = Annotated[int, typer.Option("--prompt", help="Prompt tokens of the workload.")]
 GenOpt = Annotated[int, typer.Option("--gen", help="Generated tokens of the workload.")]
 DepthOpt = Annotated[int, typer.Option("--depth", help="Tokens already in the KV cache.")]
+CtxOpt = Annotated[int, typer.Option("--ctx", help="Context to reserve (llama.cpp's -c), e.g. 32768 for chats "
+                                                   "that are usually short; default: depth + prompt + gen.")]
 CtxOverTrainOpt = Annotated[bool, typer.Option("--ctx-over-train", help="Allow depth + prompt + gen past the "
                                                                         "model's training context.")]
 ProfileOpt = Annotated[Optional[Path], typer.Option("--profile", help="Profile JSON; default: the newest for this "
@@ -291,7 +299,8 @@ def plan(
                                                      "per device in split order: "
                                                      "CUDA0=20GiB,CUDA1=auto,RPC[host:50052]=8GiB.")],
     use: ProfileOpt = None,
-    prompt: PromptOpt = 512, gen: GenOpt = 128, depth: DepthOpt = 0, ctx_over_train: CtxOverTrainOpt = False,
+    prompt: PromptOpt = 512, gen: GenOpt = 128, depth: DepthOpt = 0, ctx: CtxOpt = 0,
+    ctx_over_train: CtxOverTrainOpt = False,
     objective: Annotated[str, typer.Option("--objective", help="total, ttft or decode.")] = "total",
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the plan.")] = Path("plan.json"),
     write_lp: Annotated[Optional[Path], typer.Option("--write-lp", help="Also write the integer program (LP).")]
@@ -306,7 +315,7 @@ def plan(
     check_output(target, "plan")
     if lp:
         check_output(lp, "lp")
-    workload = _workload(prompt, gen, depth, objective, inv, ctx_over_train)
+    workload = _workload(prompt, gen, depth, objective, inv, ctx_over_train, ctx)
     budgets = parse_budgets(vram)
     if budgets and list(budgets) != [prof.gpu_device]:
         if lp:
@@ -327,7 +336,8 @@ def bench(
                                                      "devices one per device, in split order (as for plan): "
                                                      "CUDA0=20GiB,RPC[host:50052]=8GiB.")],
     use: ProfileOpt = None,
-    prompt: PromptOpt = 512, gen: GenOpt = 128, depth: DepthOpt = 0, ctx_over_train: CtxOverTrainOpt = False,
+    prompt: PromptOpt = 512, gen: GenOpt = 128, depth: DepthOpt = 0, ctx: CtxOpt = 0,
+    ctx_over_train: CtxOverTrainOpt = False,
     reps: Annotated[int, typer.Option("--reps", help="Repetitions per arm (after a warm-up).")] = 3,
     objective: Annotated[str, typer.Option("--objective", help="What the plan minimises: total, ttft or "
                                                                "decode.")] = "total",
@@ -341,7 +351,7 @@ def bench(
     """Measure a plan against llama.cpp's own choices at the same VRAM, side by side (interleaved)."""
     _in_range("--reps", reps, 1, MAX_REPS)
     prof = find_profile(use)
-    workload = _workload(prompt, gen, depth, objective, read_inventory(model), ctx_over_train)
+    workload = _workload(prompt, gen, depth, objective, read_inventory(model), ctx_over_train, ctx)
     budgets = parse_budgets(vram)
     several = bool(budgets) and list(budgets) != [prof.gpu_device]
     budget = 0 if several else budgets[prof.gpu_device] if budgets else _budget(vram, prof)

@@ -92,10 +92,13 @@ class Workload:
     n_gen: int = 128              # tokens to generate
     n_depth: int = 0              # tokens already in the KV cache before the prompt
     objective: str = "total"      # "total" (prefill + all decode), "ttft" (prefill), "decode" (per token)
+    # the context the user asks llama.cpp for (-c, e.g. 32768 for a chat that is usually short); 0: what the
+    # workload uses. KV cache and compute buffer are reserved for n_ctx; attention costs follow depth and prompt.
+    n_ctx_asked: int = 0
 
     @property
     def n_ctx(self) -> int:
-        return self.n_depth + self.n_prompt + self.n_gen
+        return max(self.n_ctx_asked, self.n_depth + self.n_prompt + self.n_gen)
 
 
 @dataclass(frozen=True)

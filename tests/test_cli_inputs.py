@@ -68,6 +68,10 @@ CASES = [
                                                   "tokens tiny-llama.gguf was trained on"),
     (VALIDATE + ["--prompt", "4000", "--gen", "200"], "add --ctx-over-train"),
     (PLAN + ["--prompt", "4000", "--gen", str(MAX_N_CTX), "--ctx-over-train"], "more than oatoplan's limit"),
+    (PLAN + ["--prompt", "100", "--gen", "28", "--ctx", "64"], "--ctx 64 is less than --depth + --prompt + --gen "
+                                                               "(128 tokens): give at least 128"),
+    (PLAN + ["--ctx", "8192"], "--ctx is 8192 tokens, more than the 4096 tokens tiny-llama.gguf was trained on"),
+    (BENCH + ["--ctx", "-1"], "--ctx -1 is out of range"),
     # run
     (RUN + ["-n", "0"], "--n-predict 0 is out of range: give a number of at least 1"),
     (RUN + ["-n", "-5"], "--n-predict -5 is out of range"),
@@ -101,6 +105,21 @@ def test_ctx_over_train_plans_past_the_training_context(work, cli):
     plan = read_json(Plan, work["out"])
     assert plan.n_ctx == 4200
     check_plan(read_inventory(work["model"]), plan, "plan.json")     # the workload records that it was asked
+
+
+def test_ctx_reserves_the_context_asked_and_its_kv_cache(work, cli):
+    """--ctx 4096 for a 128-token workload: the plan's context and its KV cache are those of 4096 tokens, as
+    llama.cpp reserves them for -c 4096 (the workload itself is unchanged)."""
+    args = [a.format(**work) for a in PLAN] + ["--prompt", "100", "--gen", "28"]
+    assert cli(args).exit_code == 0
+    short = read_json(Plan, work["out"])
+    result = cli(args + ["--ctx", "4096", "--force"])
+    assert result.exit_code == 0, result.stderr
+    plan = read_json(Plan, work["out"])
+    assert plan.n_ctx == 4096 and short.n_ctx == 128 and "-c 4096" in plan.flags
+    assert plan.workload.n_ctx_asked == 4096 and plan.workload.n_prompt == 100
+    assert sum(plan.memory.kv_bytes.values()) > 8 * sum(short.memory.kv_bytes.values())
+    check_plan(read_inventory(work["model"]), plan, "plan.json")
 
 
 def _edited(work, **fields):
