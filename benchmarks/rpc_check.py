@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     inv, profile = read_inventory(args.model), read_json(Profile, args.profile)
     workload = Workload(args.prompt, args.gen)
+    if args.gpu and not profile.gpu_device:
+        sys.exit(f"rpc_check: --gpu needs a profile of this machine's GPU; {args.profile} has none")
     gpu = profile.gpu_device if args.gpu else None
     procs, endpoints = _start_servers(1, args.server_threads, gpu) if gpu else _start_servers(2, args.server_threads)
     try:

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from oatoplan.artifacts import read_json, to_jsonable, write_json
-from oatoplan.files import Output
 from oatoplan.calibrate import measure_stream_split
+from oatoplan.files import Output
 from oatoplan.schema import Profile
 
 

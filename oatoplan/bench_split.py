@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from .baselines import Arm, all_on
-from .bench import ALL_GPU_ARM, PLAN_ARM, Progress
+from .bench import ALL_GPU_ARM, PLAN_ARM, Progress, bench
 from .cost import CostModel
 from .errors import BackendError
 from .inventory import read_inventory
@@ -91,6 +91,17 @@ def bench_split(model: str | Path, profile: Profile, budgets: dict[str, int], wo
     free = next((d.free_bytes for d in gpu_devices() if d.name == gpu), 0)
     arms = split_arms(inv, plan, profile, budgets, reference, free)
     return dataclasses.replace(run_bench(model, arms, workload, reps, progress), command=command)
+
+
+def bench_budgets(model: str | Path, profile: Profile, budgets: dict[str, int] | None, budget_bytes: int,
+                  workload: Workload, reps: int = 3, progress: Progress | None = None, command: str = "",
+                  reference: bool = True) -> BenchResult:
+    """`bench` as --vram asked for it: over several devices when `budgets` (per device) names more than the
+    profile's GPU, else on that GPU alone at its budget (or `budget_bytes`)."""
+    if budgets and list(budgets) != [profile.gpu_device]:
+        return bench_split(model, profile, budgets, workload, reps, progress, command, reference)
+    return bench(model, profile, budgets[profile.gpu_device] if budgets else budget_bytes, workload, reps, progress,
+                 command=command, reference=reference)
 
 
 def over_budget(arm: BenchArm) -> list[str]:

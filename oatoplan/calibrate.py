@@ -45,7 +45,7 @@ from .inventory import read_inventory
 from .load import load
 from .measure import gpu_used_bytes, measure_once, run_bench
 from .memory import Settings, pool_bytes, stream_slot_bytes
-from .plan import plan_for
+from .plan import llama_cpp_flags, plan_for
 from .schema import (CalibrationArm, GpuOverheadSample, ModelInventory, Plan, Profile, StreamSplitCalibration,
                      StreamSplitSample, Workload)
 from .solve import STREAM_SLOTS, streaming_available
@@ -150,7 +150,10 @@ def _stream_split_plan(inv: ModelInventory, arm: Arm, profile: Profile) -> Plan:
     plan = plan_for(inv, arm.placement, arm.settings, profile, profile.gpu_device)
     host = [stream_slot_bytes(inv, u) for u in model_units(inv) if arm.placement[u.key] == CPU]
     if host and not plan.stream_slots:
-        plan = dataclasses.replace(plan, stream_slots=arm.settings.stream_slots, stream_slot_bytes=max(host))
+        slots, slot_bytes = arm.settings.stream_slots, max(host)
+        memory = dataclasses.replace(plan.memory, stream_bytes={profile.gpu_device: slots * slot_bytes})
+        plan = dataclasses.replace(plan, stream_slots=slots, stream_slot_bytes=slot_bytes, memory=memory)
+        plan = dataclasses.replace(plan, flags=llama_cpp_flags(plan))
     return dataclasses.replace(plan, workload=STREAM_SPLIT_WORKLOAD)
 
 

@@ -18,9 +18,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__, report
-from .bench import bench as bench_plan
 from .bench import decode_bounds, validate
-from .bench_split import bench_split
+from .bench_split import bench_budgets
 from .build import build as build_wheel
 from .calibrate import calibrate
 from .doctor import diagnose
@@ -32,8 +31,8 @@ from .machine import gpu_devices
 from .paths import user_profile_dir
 from .memory import budget_bytes, parse_budgets
 from .names import is_rpc, rpc_endpoint
-from .plan import MAX_N_CTX, plan_model
-from .split import plan_split
+from .plan import MAX_N_CTX
+from .split import plan_budgets
 from .profile import find_profile, measure_profile
 from .profile_devices import check_devices, measure_devices
 from .rpc import DEFAULT_HOST, DEFAULT_PORT, register_rpc_servers, run_rpc_server
@@ -317,12 +316,7 @@ def plan(
         check_output(lp, "lp")
     workload = _workload(prompt, gen, depth, objective, inv, ctx_over_train, ctx)
     budgets = parse_budgets(vram)
-    if budgets and list(budgets) != [prof.gpu_device]:
-        if lp:
-            raise OatoError("--write-lp: a plan over several devices writes no LP file yet; leave --write-lp out")
-        result = plan_split(inv, prof, budgets, workload)
-    else:
-        result = plan_model(inv, prof, budgets[prof.gpu_device] if budgets else _budget(vram, prof), workload, lp)
+    result = plan_budgets(inv, prof, budgets, 0 if budgets else _budget(vram, prof), workload, lp)
     path = write_json(result, target)
     _print(report.plan_view(result, path))
     stdout.print(f"wrote {path}" + (f" and {write_lp}" if write_lp else ""))
@@ -353,15 +347,13 @@ def bench(
     prof = find_profile(use)
     workload = _workload(prompt, gen, depth, objective, read_inventory(model), ctx_over_train, ctx)
     budgets = parse_budgets(vram)
-    several = bool(budgets) and list(budgets) != [prof.gpu_device]
-    budget = 0 if several else budgets[prof.gpu_device] if budgets else _budget(vram, prof)
+    budget = 0 if budgets else _budget(vram, prof)
     targets = [Output(name, (model, use), force, "-o") for name in (out, companion(out, ".md"), companion(out, ".png"))]
     for target, kind in zip(targets, ("bench", "markdown", "png")):     # before minutes of measuring
         check_output(target, kind)
     command = " ".join(["oatoplan"] + sys.argv[1:])
     with _progress("bench") as update:
-        result = bench_split(model, prof, budgets, workload, reps, update, command, reference) if several else \
-            bench_plan(model, prof, budget, workload, reps, update, command=command, reference=reference)
+        result = bench_budgets(model, prof, budgets, budget, workload, reps, update, command, reference)
     path = write_json(result, targets[0])
     bounds = decode_bounds(read_inventory(model), prof, result)
     written = report.write_bench(result, targets[1], targets[2], bounds)

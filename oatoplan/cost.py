@@ -394,18 +394,12 @@ def fixed_time_us(cost: CostModel, inv: ModelInventory, workload: Workload, s: S
     return prefill, launches + cost.elementwise_us(CPU, "GET_ROWS", n_embd)
 
 
-# What the other phase weighs in a one-phase objective: a tie-break, not a trade. With weight streaming priced as ideal
-# overlap, many placements give the same time to first token (the uploads hide behind compute either way); among
-# them, the one that decodes fastest (bigger host tensors, fewer of them) is also the one that overlaps best.
-TIE_BREAK = 1e-3
-
-
 def combine(prefill_us: float, decode_us: float, workload: Workload) -> float:
-    """The objective in microseconds (ttft and decode: that phase, the other at TIE_BREAK)."""
+    """The objective in microseconds."""
     if workload.objective == "ttft":
-        return prefill_us + TIE_BREAK * workload.n_gen * decode_us
+        return prefill_us
     if workload.objective == "decode":
-        return decode_us + TIE_BREAK * prefill_us / max(workload.n_gen, 1)
+        return decode_us
     return prefill_us + workload.n_gen * decode_us
 
 

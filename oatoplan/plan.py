@@ -215,8 +215,8 @@ def check_plan_numbers(inv: ModelInventory, plan: Plan, source: str) -> None:
     limit = min(max(inv.hparams.n_ctx_train, DEFAULT_N_CTX, asked), MAX_N_CTX)
     if not 1 <= plan.n_ctx <= limit:
         raise PlanError(f"{source}: n_ctx {plan.n_ctx} is outside 1..{limit} ({inv.identity.file_name} was trained "
-                        f"on {inv.hparams.n_ctx_train} tokens); plan again with --prompt/--gen/--depth adding up to "
-                        f"the context you need (--ctx-over-train to go past the training length)")
+                        f"on {inv.hparams.n_ctx_train} tokens); plan again with --ctx set to the context you need "
+                        f"(--ctx-over-train to go past the training length)")
     bounds = {"n_ubatch": (1, MAX_N_CTX), "n_batch": (1, MAX_N_CTX), "n_gpu_layers": (-1, MAX_INT32),
               "n_outputs_max": (0, MAX_INT32), "n_threads": (1, 4096), "stream_slots": (0, MAX_STREAM_SLOTS),
               "stream_slot_bytes": (1 if plan.stream_slots else 0, 1 << 40 if plan.stream_slots else 0)}

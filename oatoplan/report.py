@@ -300,7 +300,8 @@ def plan_view(p: Plan, path: Path) -> list[RenderableType]:
     where = f"VRAM budget {format_bytes(p.budget_bytes or 0)}" if p.gpu_devices else "all on the CPU"
     out: list[RenderableType] = [Text.assemble(
         ("plan", "bold"), f" for {p.model.file_name}, {where}, "
-        f"workload pp{w.n_prompt} tg{w.n_gen} depth {w.n_depth}, objective {w.objective}")]
+        f"workload pp{w.n_prompt} tg{w.n_gen} depth {w.n_depth}{f' ctx {w.n_ctx_asked}' if w.n_ctx_asked else ''}, "
+        f"objective {w.objective}")]
     out += [Text(f"  {note}") for note in p.notes]
     if p.gpu_devices:
         out.append(Text("VRAM: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in pred.gpu_bytes.items())

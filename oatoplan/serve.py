@@ -84,7 +84,7 @@ def serving_plan(model: str | Path, plan: Plan | str | Path | None,
     if plan.gpu_devices and n_ctx > plan.n_ctx:
         raise PlanMismatchError(f"{source} puts the KV cache of its GPU layers in a VRAM budget solved for a "
                                 f"context of {plan.n_ctx} tokens; --n-ctx {n_ctx} would not fit it: plan again "
-                                f"with --prompt/--gen/--depth adding up to {n_ctx}, or serve at most {plan.n_ctx}")
+                                f"with --ctx {n_ctx}, or serve at most {plan.n_ctx}")
     plan = dataclasses.replace(plan, n_ctx=n_ctx)
     compute = plan.memory.compute_bytes if plan.memory else None
     memory = predict_memory(inventory, plan, compute)

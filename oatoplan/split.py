@@ -30,11 +30,11 @@ from dataclasses import dataclass
 import pulp
 
 from .cost import CostModel, combine, ubatches, unit_time_us
-from .errors import PlanInfeasibleError
+from .errors import PlanError, PlanInfeasibleError
 from .graph import CPU, NORM, model_units, role, role_info
 from .memory import Settings, compute_stage_bytes, gpu_overhead_bytes, kv_layer_bytes, pool_bytes, usable_bytes
 from .names import device_flag, is_rpc, rpc_endpoint, split_device
-from .plan import llama_cpp_flags, make_plan, target_build, tensor_placement
+from .plan import llama_cpp_flags, make_plan, plan_model, target_build, tensor_placement
 from .solve import crossing_terms
 from .split_cost import Link, decode_rescale, layer_counts, links, predict_split
 from .split_search import best_split
@@ -380,3 +380,14 @@ def split_plan(inv: ModelInventory, profile: Profile, placement: dict[str, str],
     plan = dataclasses.replace(plan, workload=workload, prediction=prediction, placement=dict(placement),
                                budgets_bytes=dict(budgets))
     return dataclasses.replace(plan, flags=llama_cpp_flags(plan))
+
+
+def plan_budgets(inv: ModelInventory, profile: Profile, budgets: dict[str, int] | None, budget_bytes: int,
+                 workload: Workload, write_lp=None) -> Plan:
+    """`plan` as --vram asked for it: over several devices when `budgets` (per device) names more than the
+    profile's GPU, else on that GPU alone at its budget (or `budget_bytes`)."""
+    if budgets and list(budgets) != [profile.gpu_device]:
+        if write_lp:
+            raise PlanError("--write-lp: a plan over several devices writes no LP file yet; leave --write-lp out")
+        return plan_split(inv, profile, budgets, workload)
+    return plan_model(inv, profile, budgets[profile.gpu_device] if budgets else budget_bytes, workload, write_lp)

@@ -87,7 +87,7 @@ for step in "$@"; do
     done ;;
   streamsplit)
     # weight streaming's fixed cost per streamed upload, measured; $W/h200-ss.json: the profile holding it
-    ensure_profile
+    ensure_profile; rm -f $W/h200-ss.json
     timeout 300 $S python3 -m benchmarks.stream_split $MODEL --profile $PROFILE --reps ${REPS:-10} \
       --out $OUT/stream-split.json --profile-out $W/h200-ss.json > $OUT/streamsplit.log 2>&1; echo "streamsplit rc=$?"
     grep -v "^llama\|^load\|^print_info" $OUT/streamsplit.log | tail -6; cp $W/h200-ss.json $OUT/ 2>/dev/null ;;
