@@ -18,10 +18,10 @@ pytestmark = pytest.mark.skipif(ggml.segment_attention() is None, reason="libggm
                                 "attention (patches/0006); run `oatoplan build --cpu`")
 
 N_HEAD_KV = 2
-# flash attention off, max |diff| from the concatenated graph (outputs ~0.3-0.8): one query 2.4e-7 measured (f32
-# sums in another order); a batch of queries 9.8e-5, because ggml's CPU mul_mat picks its kernel by shape, so the KQ
-# of a segment and of the whole cache differ in the last f32 bit, which can move a probability by one f16 step when
-# KQV converts it (the stock graph itself is ~1e-3 from float64). Bounds with margin:
+# flash attention off, max |diff| from the concatenated graph (outputs ~0.3-0.8): for one query only the f32 sums
+# run in another order; for a batch, ggml's CPU mul_mat picks its kernel by shape, so a segment's KQ and the whole
+# cache's differ in the last f32 bit, which can move a probability by one f16 step when KQV converts it (the stock
+# graph itself is ~1e-3 from float64). Measured values: docs/notes/2026-12-02-segment-kv-design.md.
 TOL_OFF = {1: 1e-6, 7: 3e-4}
 # (n_kv of segment a, n_kv of segment b): empty segments on either side, a short prompt, a long one
 SEGMENTS = [(0, 40), (40, 0), (37, 91), (300, 5)]
@@ -107,11 +107,10 @@ def test_segmented_equals_concatenated(cpu, head_dim, gqa, n_a, n_b, n_q):
     assert np.abs(stock_off - got["exact"]).max() < 5e-3
     off = np.abs(got["seg_off"] - stock_off).max()
     assert off <= TOL_OFF[n_q], f"flash attention off: segmented differs from concatenated by {off:.3g}"
-    # flash attention on: as close to attention without it as stock flash attention is (its f16 accumulator);
-    # measured up to 1.16x stock's distance
+    # flash attention on: as close to attention without it as stock flash attention is (its f16 accumulator)
     fa_own = np.abs(stock_on - stock_off).max()
     on = np.abs(got["seg_on"] - stock_off).max()
-    assert on <= 2 * fa_own + 1e-6, f"flash attention on: segmented {on:.3g} from attention, stock FA {fa_own:.3g}"
+    assert on <= 1.25 * fa_own + 1e-6, f"flash attention on: segmented {on:.3g} from attention, stock FA {fa_own:.3g}"
     if n_a == 0 or n_b == 0:   # one segment: the stock nodes themselves
         np.testing.assert_array_equal(got["seg_off"], stock_off)
         np.testing.assert_array_equal(got["seg_on"], stock_on)
