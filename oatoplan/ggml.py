@@ -163,6 +163,17 @@ def segment_attention():
     return fn
 
 
+def memory_bytes(ctx: int) -> int | None:
+    """Bytes of the KV buffers that llama context `ctx` holds now (oatoplan's segment KV cache grows them; patches/
+    0007), or None for a build without the function."""
+    try:
+        fn = llama_cpp.llama_cpp._lib.oato_memory_bytes
+    except AttributeError:
+        return None
+    fn.restype, fn.argtypes = _sz, [p]
+    return int(fn(llama_cpp.llama_get_memory(ctx)))
+
+
 def stream_stats() -> tuple[int, int, int, int] | None:
     """Weight streaming since the last reset_stream_stats(): (weights streamed, bytes streamed, host weights of GPU
     splits copied the stock way while streaming was on, VRAM bytes of the staging rings allocated now), or None for a

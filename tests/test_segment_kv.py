@@ -48,9 +48,10 @@ def _segment_kv(segment_cells: int | None):
             os.environ["OATO_SEGMENT_KV"] = old
 
 
-def _attention_outputs(model, flash_attn: bool, segment_cells: int | None) -> dict[str, np.ndarray]:
-    """Every layer's attention output (kqv_out-N) at the last token of PROMPT + CONTINUATION, decoded alone after
-    the rest as one batch."""
+def _attention_outputs(model, flash_attn: bool, segment_cells: int | None, n_ctx: int = N_CTX,
+                       repeat: int = 1) -> tuple[dict[str, np.ndarray], int]:
+    """Every layer's attention output (kqv_out-N) at the last token of (PROMPT + CONTINUATION) * repeat, decoded
+    alone after the rest as one batch, and the bytes of the KV buffers then."""
     g = ggml.lib()
     g.ggml_get_name.restype, g.ggml_get_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
     g.ggml_nelements.restype, g.ggml_nelements.argtypes = ctypes.c_int64, [ctypes.c_void_p]
@@ -67,14 +68,13 @@ def _attention_outputs(model, flash_attn: bool, segment_cells: int | None) -> di
 
     callback = llama_cpp.ggml_backend_sched_eval_callback(capture)
     llm = llama_cpp.Llama(str(model), n_ctx=N_CTX, n_threads=2, verbose=False, vocab_only=True)
-    tokens = llm.tokenize((PROMPT + CONTINUATION).encode())
+    tokens = llm.tokenize(((PROMPT + CONTINUATION) * repeat).encode())
     llm.close()
-    assert len(tokens) == 15
     with _segment_kv(segment_cells):
         mparams = llama_cpp.llama_model_default_params()
         lmodel = llama_cpp.llama_model_load_from_file(str(model).encode(), mparams)
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx, cparams.n_threads, cparams.n_threads_batch = N_CTX, 2, 2
+        cparams.n_ctx, cparams.n_threads, cparams.n_threads_batch = n_ctx, 2, 2
         cparams.flash_attn_type = 1 if flash_attn else 0
         cparams.cb_eval = callback
         ctx = llama_cpp.llama_init_from_model(lmodel, cparams)
@@ -83,10 +83,20 @@ def _attention_outputs(model, flash_attn: bool, segment_cells: int | None) -> di
             outputs.clear()
             batch = (llama_cpp.llama_token * len(part))(*part)
             assert llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(batch, len(part))) == 0
+        n_bytes = ggml.memory_bytes(ctx)
     finally:
         llama_cpp.llama_free(ctx)
         llama_cpp.llama_model_free(lmodel)
-    return outputs
+    return outputs, n_bytes
+
+
+def _assert_close(segmented, stock, flash_attn):
+    assert stock.keys() == segmented.keys() and len(stock) == 18
+    for il in range(FIRST_GLOBAL):      # SWA layers: the unsegmented cache, bit for bit
+        np.testing.assert_array_equal(segmented[f"kqv_out-{il}"], stock[f"kqv_out-{il}"])
+    name = f"kqv_out-{FIRST_GLOBAL}"
+    rel = np.abs(segmented[name] - stock[name]).max() / np.abs(stock[name]).max()
+    assert rel <= REL_TOL[flash_attn], f"{name}: segmented differs from the unsegmented cache by {rel:.3g} (relative)"
 
 
 def _greedy(model, flash_attn: bool, segment_cells: int | None) -> tuple[list[int], bool]:
@@ -113,14 +123,21 @@ def stock(request, gemma_model):
 def test_segmented_attention_equals_stock(gemma_model, flash_attn, segment_cells):
     """Decoding token 15 of 15: P=4, the batch before it straddled the segments; P=10, it fills segment 0 and
     spills into 1."""
-    stock = _attention_outputs(gemma_model, flash_attn, None)
-    segmented = _attention_outputs(gemma_model, flash_attn, segment_cells)
-    assert stock.keys() == segmented.keys() and len(stock) == 18
-    for il in range(FIRST_GLOBAL):      # SWA layers: the unsegmented cache, bit for bit
-        np.testing.assert_array_equal(segmented[f"kqv_out-{il}"], stock[f"kqv_out-{il}"])
-    name = f"kqv_out-{FIRST_GLOBAL}"
-    rel = np.abs(segmented[name] - stock[name]).max() / np.abs(stock[name]).max()
-    assert rel <= REL_TOL[flash_attn], f"{name}: segmented differs from the unsegmented cache by {rel:.3g} (relative)"
+    stock, _ = _attention_outputs(gemma_model, flash_attn, None)
+    segmented, _ = _attention_outputs(gemma_model, flash_attn, segment_cells)
+    _assert_close(segmented, stock, flash_attn)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+def test_response_segment_grows_in_chunks(gemma_model, flash_attn):
+    """n_ctx 2048, P=16: segment 1 starts with the 240 cells up to the first multiple of 256 and grows by chunks of
+    256 when a ubatch needs more (here the 281-token prompt batch, before its graph is built), keeping its cells."""
+    stock, stock_bytes = _attention_outputs(gemma_model, flash_attn, None, 2048, 20)
+    short, short_bytes = _attention_outputs(gemma_model, flash_attn, 16, 2048, 1)
+    grown, grown_bytes = _attention_outputs(gemma_model, flash_attn, 16, 2048, 20)
+    _assert_close(grown, stock, flash_attn)
+    # the global layers' part: stock reserves 2048 cells; segmented 16 + 240, then 16 + 496 (and 2 spares)
+    assert short_bytes < grown_bytes < stock_bytes
 
 
 @pytest.mark.parametrize("segment_cells", [4, 16])
@@ -132,7 +149,7 @@ def test_segmented_greedy_equals_stock(gemma_model, stock, segment_cells):
     assert tokens == expected
 
 
-@pytest.mark.parametrize("segment_cells", [0, N_CTX])
+@pytest.mark.parametrize("segment_cells", [N_CTX])
 def test_out_of_range_leaves_the_stock_cache(gemma_model, stock, segment_cells):
     flash_attn, expected = stock
     assert _greedy(gemma_model, flash_attn, segment_cells) == (expected, True)
