@@ -108,6 +108,10 @@ _DECLARATIONS = [
     ("ggml_div", p, [p, p, p]),
     ("ggml_reshape_2d", p, [p, p, _i64, _i64]),
     ("ggml_reshape_3d", p, [p, p, _i64, _i64, _i64]),
+    # attention as llama.cpp's build_attn_mha writes it (tests of the segment KV cache's attention)
+    ("ggml_soft_max_ext", p, [p, p, p, _f32, _f32]),
+    ("ggml_permute", p, [p, p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]),
+    ("ggml_cont", p, [p, p]),
     ("ggml_new_graph_custom", p, [p, _sz, ctypes.c_bool]),
     ("ggml_build_forward_expand", None, [p, p]),
 ]
@@ -147,6 +151,27 @@ def _oato_base(name: str):
         return getattr(ctypes.CDLL("libggml-base.so.0", mode=os.RTLD_NOLOAD | os.RTLD_LAZY), name)
     except (OSError, AttributeError):
         return None
+
+
+def segment_attention():
+    """oatoplan's exact attention over two KV segments (native/oato-attn.c, patches/0006): `oato_attn_segmented(ctx,
+    q, k_a, v_a, mask_a, k_b, v_b, mask_b, mask_ab, sinks, scale, max_bias, logit_softcap, flash_attn)`, or None for
+    a build without it."""
+    fn = _oato_base("oato_attn_segmented")
+    if fn is not None:
+        fn.restype, fn.argtypes = p, [p] * 10 + [_f32] * 3 + [ctypes.c_bool]
+    return fn
+
+
+def memory_bytes(ctx: int) -> int | None:
+    """Bytes of the KV buffers that llama context `ctx` holds now (oatoplan's segment KV cache grows them; patches/
+    0007), or None for a build without the function."""
+    try:
+        fn = llama_cpp.llama_cpp._lib.oato_memory_bytes
+    except AttributeError:
+        return None
+    fn.restype, fn.argtypes = _sz, [p]
+    return int(fn(llama_cpp.llama_get_memory(ctx)))
 
 
 def stream_stats() -> tuple[int, int, int, int] | None:
