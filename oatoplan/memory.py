@@ -128,6 +128,27 @@ def kv_layer_bytes(hp: Hyperparameters, layer: int, n_ctx: int, n_ubatch: int, t
     return kv_cells(hp, layer, n_ctx, n_ubatch, swa_full) * kv_bytes_per_token(hp, layer, type_k, type_v)
 
 
+def segment_kv_cells(hp: Hyperparameters, layer: int, n_ctx: int, n_ubatch: int, segment_cells: int, n_used: int,
+                     chunk_cells: int = 256, swa_full: bool = True) -> int:
+    """Cells of `layer`'s cache under the segment KV cache (patches/0007, OATO_SEGMENT_KV=segment_cells) once
+    `n_used` cells were filled in order: the prompt segment's P cells and a spare, and the response segment's cells
+    and a spare. The response segment starts with the cells up to the first multiple of 256 past P, then grows by
+    whole chunks (chunk_cells rounded up to 256; 0: reserved whole), never past the cache. Sliding-window layers (the
+    iSWA cache's own part, full-size or not) and P outside 1..cells-1 keep the stock cache (kv_cells)."""
+    cells = kv_cells(hp, layer, n_ctx, n_ubatch, swa_full)
+    if (layer in hp.swa_layers and hp.n_swa) or not 0 < segment_cells < cells:
+        return cells
+    full, chunk = cells - segment_cells, -(-chunk_cells // 256) * 256
+
+    def capacity(n_cells1: int) -> int:
+        if chunk == 0:
+            return full
+        base = -(-segment_cells // 256) * 256 - segment_cells
+        cap = base + (-(-(n_cells1 - base) // chunk) * chunk if n_cells1 > base else 0)
+        return min(full, cap if cap > 0 else chunk)
+    return segment_cells + 1 + max(capacity(1), capacity(n_used - segment_cells)) + 1
+
+
 def compute_stage_bytes(inv: ModelInventory, s: Settings) -> tuple[int, int]:
     """(output stage, layer stage) bytes of llama.cpp's GPU compute buffer, which it reserves for the worst case
     (n_outputs_max tokens of a ubatch produce logits; by default all). Output stage: logits (n_outputs x n_vocab f32)

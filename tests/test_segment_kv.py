@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 from oatoplan import ggml
+from oatoplan.inventory import kv_bytes_per_token, read_inventory
 from oatoplan.machine import loaded_series
+from oatoplan.memory import segment_kv_cells
 from oatoplan.testing import PROMPT
 
 pytestmark = pytest.mark.skipif("segment-kv-cache" not in (loaded_series() or ""),
@@ -152,3 +154,19 @@ def test_segmented_greedy_equals_stock(gemma_model, stock, segment_cells):
 def test_out_of_range_leaves_the_stock_cache(gemma_model, stock):
     flash_attn, expected = stock
     assert _greedy(gemma_model, flash_attn, N_CTX) == (expected, True)
+
+
+@pytest.mark.parametrize("segment_cells, repeat", [(None, 20), (16, 1), (16, 20), (300, 20)])
+def test_memory_model_predicts_the_segmented_cache(gemma_model, segment_cells, repeat):
+    """memory.segment_kv_cells times each layer's row bytes is what the context holds after the prompt: stock, a
+    response segment not grown yet, grown past its first chunk, and a prompt segment the prompt does not fill."""
+    inv = read_inventory(gemma_model)
+    hp, defaults = inv.hparams, llama_cpp.llama_context_default_params()
+    _, measured = _attention_outputs(gemma_model, False, segment_cells, 2048, repeat)
+    llm = llama_cpp.Llama(str(gemma_model), n_ctx=N_CTX, n_threads=2, verbose=False, vocab_only=True)
+    n_used = len(llm.tokenize(((PROMPT + CONTINUATION) * repeat).encode()))
+    llm.close()
+    predicted = sum(segment_kv_cells(hp, il, 2048, defaults.n_ubatch, segment_cells or 0, n_used,
+                                     swa_full=defaults.swa_full) * kv_bytes_per_token(hp, il, "f16", "f16")
+                    for il in range(hp.n_layer))
+    assert measured == predicted, (measured, predicted, n_used)
