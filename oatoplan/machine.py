@@ -10,6 +10,7 @@ import os
 import platform
 import re
 import shutil
+import socket
 import subprocess
 
 from . import ggml
@@ -28,6 +29,7 @@ RPC_REGISTRY = "RPC"
 RPC = "RPC"     # Device.type of an RPC device (ggml says GPU): never counted as a local GPU
 # llama.cpp's name of an RPC buffer type: RPC<device index on the server>[host:port]
 _RPC_BUFFER = re.compile(r"RPC(\d+)\[(.+)\]")
+RPC_PROBE_TIMEOUT_S = 1.0
 
 
 def rpc_device_name(endpoint: str) -> str:
@@ -58,15 +60,28 @@ def device_handle(device_name: str) -> int:
     return handles[device_name]
 
 
+def _answers(endpoint: str) -> bool:
+    """Whether something listens at an RPC device's "host:port" (ggml's RPC client aborts the process when it asks a
+    server that has gone away)."""
+    host, _, port = endpoint.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=RPC_PROBE_TIMEOUT_S):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def devices() -> list[Device]:
     """The devices of the llama.cpp build that llama-cpp-python loaded, with free and total memory; RPC devices
-    registered in this process as RPC[host:port] with the remote device's memory."""
+    registered in this process as RPC[host:port] with the remote device's memory, 0 and 0 when its server no longer
+    answers."""
     lib = ggml.lib()
     found = []
     for name, dev in _device_handles().items():
         free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
         kind = RPC if name.startswith(f"{RPC}[") else _GGML_DEVICE_TYPES.get(lib.ggml_backend_dev_type(dev), "?")
+        if kind != RPC or _answers(name[len(RPC) + 1:-1]):
+            lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
         found.append(Device(name, lib.ggml_backend_dev_description(dev).decode(), kind, free.value, total.value))
     return found
 

@@ -6,6 +6,8 @@ import dataclasses
 import hashlib
 import re
 import socket
+import subprocess
+import sys
 
 import llama_cpp
 import pytest
@@ -18,7 +20,7 @@ from oatoplan.inventory import read_inventory
 from oatoplan.load import generate, load, run_stats
 from oatoplan.machine import buffer_device, buffer_type, devices, gpu_devices, rpc_devices
 from oatoplan.plan import make_plan
-from conftest import LOOPBACK, free_port
+from conftest import LOOPBACK, free_port, start_rpc_server
 
 needs_rpc = pytest.mark.skipif(not llama_cpp.llama_supports_rpc(), reason="this llama-cpp-python has no RPC backend "
                                "(`oatoplan build` builds one with -DGGML_RPC=ON)")
@@ -181,3 +183,24 @@ def test_rpc_server_cli_refuses_a_build_without_rpc(cli, monkeypatch):
     result = cli(["rpc-server"])
     assert result.exit_code == 1 and result.stderr.strip() == (
         "oatoplan: error: the installed llama-cpp-python has no RPC backend; run `oatoplan build`")
+
+
+@needs_rpc
+def test_devices_survive_a_registered_server_that_went_away():
+    # ggml's RPC client aborts the process when it asks a dead server for its memory, so this runs in a child
+    server = start_rpc_server()
+    endpoint = f"{LOOPBACK}:{server.args[server.args.index('-p') + 1]}"
+    script = ("import sys; from oatoplan import rpc; from oatoplan.machine import devices\n"
+              "rpc.register_rpc_servers([sys.argv[1]]); print('alive', sys.stdout.flush())\n"
+              "sys.stdin.readline()\n"
+              "print({d.name: d.total_bytes for d in devices()}[f'RPC[{sys.argv[1]}]'])\n")
+    try:
+        child = subprocess.Popen([sys.executable, "-c", script, endpoint], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert child.stdout.readline().startswith("alive")
+    finally:
+        server.kill()
+        server.wait()
+    out, err = child.communicate("\n", timeout=60)
+    assert child.returncode == 0, err[-2000:]
+    assert out.split() == ["0"]
