@@ -34,7 +34,8 @@ from oatoplan.load import generate
 from oatoplan.measure import run_bench
 from oatoplan.memory import Settings
 from oatoplan.names import is_rpc, rpc_endpoint, split_device
-from oatoplan.plan import cpu_only_plan, llama_cpp_flags, make_plan, target_build, tensor_placement
+from oatoplan.machine import target_build
+from oatoplan.plan import cpu_only_plan, llama_cpp_flags, make_plan, tensor_placement
 from oatoplan.profile_devices import measure_devices
 from oatoplan.report import markdown
 from oatoplan.errors import RpcError

@@ -2,8 +2,9 @@
 against three placements it never saw (`validate`). Entry points return a BenchResult; measure.py times, report.py
 prints.
 
-Beside the rivals, `bench` measures two reference arms (BenchArm.reference, never a rival): the plan with weight
-streaming off, when the plan streams (what streaming bought), and every unit on the GPU, held to the GPU's free memory
+Beside the rivals, `bench` measures reference arms (BenchArm.reference, never a rival): the plan with weight
+streaming off, when the plan streams (what streaming bought), the best plan with llama.cpp's own KV cache, when the
+plan uses the segment KV cache (what the segments bought), and every unit on the GPU, held to the GPU's free memory
 instead of the budget (what the budget costs).
 """
 
@@ -32,6 +33,7 @@ Progress = Callable[[str, int, int], None]
 PLAN_ARM = "oatoplan plan"
 STREAM_OFF_ARM = "oatoplan plan, streaming off"
 ALL_GPU_ARM = "all GPU (reference)"
+SEGMENTS_OFF_ARM = "oatoplan plan, segments off"
 
 
 def _planned(inv: ModelInventory, arm: Arm, profile: Profile, cost: CostModel, workload: Workload) -> Arm:
@@ -76,6 +78,11 @@ def reference_arms(inv: ModelInventory, plan: Plan, profile: Profile, gpu_free_b
         unstreamed = dataclasses.replace(unstreamed, flags=llama_cpp_flags(unstreamed))
         arms.append(Arm(STREAM_OFF_ARM, dict(plan.placement), off, unstreamed.flags, unstreamed, prediction,
                         reference=True))
+    if plan.kv_segments and plan.budget_bytes:
+        # the best placement with llama.cpp's own cache for the same n_ctx: what the segments bought
+        stock = plan_model(inv, profile, plan.budget_bytes, workload, segments=False)
+        arms.append(Arm(SEGMENTS_OFF_ARM, dict(stock.placement), plan_settings(stock), stock.flags, stock,
+                        stock.prediction, reference=True))
     everything = all_on(inv, cost.gpu)
     if not fits(inv, model_units(inv), everything, off, gpu_free_bytes, gpu_overhead_bytes(profile)):
         log.warning("reference %r left out: every unit on %s does not fit its free memory (%s)", ALL_GPU_ARM,

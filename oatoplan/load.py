@@ -28,6 +28,7 @@ from .machine import buffer_device, buffer_type, default_threads, device_handle,
 from .rpc import register_rpc_servers
 from .artifacts import read_json
 from .plan import ALIGNMENT_SLACK_BYTES, check_plan, cpu_only_plan, override_pattern, predict_memory, stream_env
+from .segments import KV_SEGMENT_PATCH, segment_env
 from .schema import SCHEMA_VERSION, BufferAllocation, MemoryCheck, MemoryReport, Plan, RunStats
 from .units import BYTES_PER_MIB
 
@@ -80,6 +81,9 @@ def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_o
     if plan.llama_cpp_build and plan.llama_cpp_build != build:
         raise PlanMismatchError(f"{source} was solved for {plan.llama_cpp_build}, but this is {build}; plan again "
                                 f"with this build")
+    if plan.kv_segments and KV_SEGMENT_PATCH not in build:
+        raise PlanMismatchError(f"{source} uses the segment KV cache, which {build} lacks (it needs oatoplan's patch "
+                                f"{KV_SEGMENT_PATCH}): run `oatoplan build`, or plan again without --ctx")
     if cpu_only and (plan.gpu_devices or plan.op_offload):
         plan = dataclasses.replace(plan, n_gpu_layers=0, tensor_overrides=(), gpu_devices=(), use_mmap=True,
                                    op_offload=False, rpc_servers=())
@@ -112,7 +116,7 @@ def load(model_path: str | Path, plan: Plan | str | Path | None = None, *, cpu_o
     kwargs.update(llama_kwargs)
     lines: list[str] = []
     with _load_lock, _default_params_with(overrides if plan.tensor_overrides else None, devices, plan.n_outputs_max), \
-            _stream_environment(plan), _capture_log(lines):
+            _native_environment(plan), _capture_log(lines):
         ring_before = (ggml.stream_stats() or (0, 0, 0, 0))[3]
         try:
             llm = llama_cpp.Llama(str(model_path), **kwargs)
@@ -170,14 +174,17 @@ def _user_turned_off() -> bool:
 
 
 @contextmanager
-def _stream_environment(plan: Plan):
-    """The plan's weight-streaming settings in the environment while llama.cpp creates the context (it reads them
-    then). OATO_STREAM=0 set by the user wins: it turns streaming off for A/B runs."""
+def _native_environment(plan: Plan):
+    """The plan's weight-streaming and segment KV cache settings in the environment while llama.cpp creates the
+    context (it reads them then), and nothing else of ours. OATO_STREAM=0 set by the user wins: it turns streaming
+    off for A/B runs."""
     env = stream_env(plan)
     if _user_turned_off() and plan.stream_slots:
         log.info("OATO_STREAM=0: weight streaming off for this load, though the plan has it")
         env = {"OATO_STREAM": "0"}
-    keys = ("OATO_STREAM", "OATO_STREAM_SLOTS", "OATO_STREAM_SLOT_BYTES")
+    env.update(segment_env(plan.kv_segments))
+    keys = ("OATO_STREAM", "OATO_STREAM_SLOTS", "OATO_STREAM_SLOT_BYTES", "OATO_SEGMENT_KV", "OATO_SEGMENT_KV_HOST",
+            "OATO_SEGMENT_KV_CHUNK")
     saved = {k: os.environ.get(k) for k in keys}
     for k in keys:
         os.environ.pop(k, None)

@@ -16,7 +16,7 @@ import subprocess
 from . import ggml
 from .errors import BackendError
 from .graph import CPU
-from .schema import Device, MachineIdentity
+from .schema import Device, MachineIdentity, Profile
 
 try:
     import llama_cpp
@@ -197,3 +197,10 @@ def _nvidia_smi() -> tuple[str, str]:
         return driver, f"gen{gen} x{width}"
     except (OSError, ValueError, IndexError, subprocess.SubprocessError):
         return "", ""
+
+
+def target_build(profile: Profile) -> str:
+    """The llama.cpp build a plan is solved for, and that `load` will insist on: the one installed here, where plans
+    are made to be loaded (a profile measured on another build of the same llama.cpp still prices it: plan_model
+    notes the difference), or the profile's where no llama-cpp-python is installed."""
+    return llama_cpp_build() if llama_cpp_available() else profile.machine.llama_cpp_build

@@ -30,6 +30,8 @@ OP_OFFLOAD_MIN_TOKENS = 32
 # padding at the end, ggml_backend_cuda_buffer_type_get_alloc_size), and aligns buffers to STREAM_SLOT_ALIGN bytes.
 MATRIX_ROW_PADDING = 512
 STREAM_SLOT_ALIGN = 128
+# The segment KV cache's growth (OATO_SEGMENT_KV_CHUNK): its host segment grows by this many cells at a time.
+KV_SEGMENT_GROWTH_CELLS = 256
 # Share of every budget kept free for what the terms below do not count (allocator rounding, CUDA context growth).
 # How far allocations came from predictions: the validate-* and bench-* files in benchmarks/results/.
 VRAM_MARGIN = 0.03
@@ -54,6 +56,10 @@ class Settings:
     n_outputs_max: int = 0
     # weight streaming (patches/0005): staging slots in VRAM for op offload's host weights; 0: off
     stream_slots: int = 0
+    # segment KV cache (patches/0007-0008): cells [0, segment_cells) of every full-attention layer's cache stay with
+    # the layer, the cells past them live in host memory (growing in KV_SEGMENT_GROWTH_CELLS chunks) with their
+    # attention on the CPU; 0: the stock cache, n_ctx cells with the layer
+    segment_cells: int = 0
 
 
 def usable_bytes(budget_bytes: int) -> int:
@@ -149,6 +155,30 @@ def segment_kv_cells(hp: Hyperparameters, layer: int, n_ctx: int, n_ubatch: int,
     return segment_cells + 1 + max(capacity(1), capacity(n_used - segment_cells)) + 1
 
 
+def kv_split_bytes(hp: Hyperparameters, layer: int, s: Settings, swa_full: bool = True) -> tuple[int, int]:
+    """(bytes with the layer, bytes in host memory) of `layer`'s KV cache when the context is created. The stock cache
+    (kv_layer_bytes) is all with the layer. Under the segment KV cache with its second segment in host memory
+    (s.segment_cells = P), segment 0's P cells and its spare cell stay with the layer; segment 1 starts in host memory
+    as segment_kv_cells says for an empty cache and grows there. Sliding-window layers, and a P outside the cache,
+    keep the stock cache."""
+    whole = kv_layer_bytes(hp, layer, s.n_ctx, s.n_ubatch, s.type_k, s.type_v, swa_full)
+    cells = kv_cells(hp, layer, s.n_ctx, s.n_ubatch, swa_full)
+    if not s.segment_cells or (layer in hp.swa_layers and hp.n_swa) or not 0 < s.segment_cells < cells:
+        return whole, 0
+    per_cell = kv_bytes_per_token(hp, layer, s.type_k, s.type_v)
+    total = segment_kv_cells(hp, layer, s.n_ctx, s.n_ubatch, s.segment_cells, 0, KV_SEGMENT_GROWTH_CELLS, swa_full)
+    return (s.segment_cells + 1) * per_cell, (total - s.segment_cells - 1) * per_cell
+
+
+def reserved_n_kv(s: Settings) -> int:
+    """The KV cells a graph views when llama.cpp reserves its compute buffer: n_ctx rounded up to 256; under the
+    segment KV cache, the cells that exist then (segment 0 and segment 1's first chunk, oato_n_kv_full)."""
+    n_ctx = -(-s.n_ctx // 256) * 256
+    if not 0 < s.segment_cells < n_ctx:
+        return n_ctx
+    return min(n_ctx, -(-s.segment_cells // 256) * 256 + KV_SEGMENT_GROWTH_CELLS)
+
+
 def compute_stage_bytes(inv: ModelInventory, s: Settings) -> tuple[int, int]:
     """(output stage, layer stage) bytes of llama.cpp's GPU compute buffer, which it reserves for the worst case
     (n_outputs_max tokens of a ubatch produce logits; by default all). Output stage: logits (n_outputs x n_vocab f32)
@@ -157,7 +187,7 @@ def compute_stage_bytes(inv: ModelInventory, s: Settings) -> tuple[int, int]:
     llama.cpp's allocations to the byte for Qwen2-7B on the H200 (layer stage with one logit row, ubatch 512 and 2048:
     benchmarks/results/2026-12-01-h200-vram-overhead-qwen2-7b.jsonl; output stage: tests/test_cost.py)."""
     hp, u = inv.hparams, effective_ubatch(s)
-    n_ctx = -(-s.n_ctx // 256) * 256
+    n_ctx = reserved_n_kv(s)
     output_stage = 4 * n_outputs(s) * hp.n_vocab + 4 * u * hp.n_embd
     layer_stage = 4 * u * (3 * hp.n_ff + 3 * hp.n_embd) + 2 * u * n_ctx + moe_stage_bytes(hp, u)
     return output_stage, layer_stage
@@ -254,8 +284,7 @@ class VramTerms:
 def vram_terms(inv: ModelInventory, units: Sequence[Unit], s: Settings, overhead_bytes: int) -> VramTerms:
     """The VRAM terms of `units` (model_units(inv)) under settings `s`, with a process overhead of `overhead_bytes`
     (gpu_overhead_bytes(profile))."""
-    unit_bytes = tuple(kv_layer_bytes(inv.hparams, u.layer, s.n_ctx, s.n_ubatch, s.type_k, s.type_v)
-                       if u.is_attention else u.n_bytes for u in units)
+    unit_bytes = tuple(kv_split_bytes(inv.hparams, u.layer, s)[0] if u.is_attention else u.n_bytes for u in units)
     output_stage, layer_stage = compute_stage_bytes(inv, s)
     offload = s.op_offload and s.n_ubatch >= OP_OFFLOAD_MIN_TOKENS
     slots = s.stream_slots if offload else 0

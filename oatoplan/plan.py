@@ -20,12 +20,13 @@ from .baselines import baseline_arms, greedy_arm
 from .cost import CostModel, cpu_cost_model, predict
 from .errors import PlanError, PlanMismatchError
 from .graph import CPU, model_units
-from .inventory import KV_CACHE_TYPES
 from .names import buffer_type_flag, device_flag, is_rpc, override_pattern, rpc_endpoint, split_device
-from .machine import default_threads, llama_cpp_available, llama_cpp_build, logical_cpus
-from .memory import Settings, gpu_memory, gpu_overhead_bytes, kv_layer_bytes, vram_terms
-from .schema import (SCHEMA_VERSION, BaselinePrediction, MemoryPrediction, ModelInventory, Plan, Profile,
+from .machine import default_threads, logical_cpus, target_build
+from .inventory import KV_CACHE_TYPES, kv_cells
+from .memory import KV_SEGMENT_GROWTH_CELLS, Settings, gpu_memory, gpu_overhead_bytes, kv_split_bytes, vram_terms
+from .schema import (SCHEMA_VERSION, BaselinePrediction, KvSegment, MemoryPrediction, ModelInventory, Plan, Profile,
                      TensorOverride, Workload)
+from .segments import segment_env, segment_note
 from .solve import CpuSolution, explain, placement_for, solve, solve_cpu
 from .streaming import refine, stream_note
 from .units import format_bytes
@@ -93,11 +94,27 @@ def predict_memory(inv: ModelInventory, plan: Plan, compute_bytes: dict[str, int
         elif placed[TIED_OUTPUT] == CPU:
             optional_bytes[CPU] = embd_bytes
     kv_bytes: dict[str, int] = defaultdict(int)
+    s = plan_settings(plan)
     for il, device in enumerate(layer_devices(inv, plan)):
-        kv_bytes[device] += kv_layer_bytes(inv.hparams, il, plan.n_ctx, plan.n_ubatch, plan.type_k, plan.type_v,
-                                           plan.swa_full)
+        with_layer, host = kv_split_bytes(inv.hparams, il, s, plan.swa_full)
+        kv_bytes[device] += with_layer
+        if host:
+            kv_bytes[CPU] += host
     return MemoryPrediction(model_bytes=dict(model_bytes), kv_bytes=dict(kv_bytes), compute_bytes=compute_bytes or {},
                             model_optional_bytes=optional_bytes)
+
+
+def kv_segments(inv: ModelInventory, n_ctx: int, n_ubatch: int, segment_cells: int, type_k: str, type_v: str,
+                swa_full: bool) -> tuple[KvSegment, ...]:
+    """The segment KV cache's two segments for a first segment of `segment_cells` cells (0: none): [0, P) with each
+    full-attention layer's KV cache, [P, n_ctx) in host memory, growing; () where no layer's cache is longer than P."""
+    s = Settings(n_ubatch, True, True, n_ctx, type_k, type_v, segment_cells=segment_cells)
+    layers = tuple(il for il in range(inv.hparams.n_layer) if kv_split_bytes(inv.hparams, il, s, swa_full)[1])
+    if not segment_cells or not layers:
+        return ()
+    end = kv_cells(inv.hparams, layers[0], n_ctx, n_ubatch, swa_full)
+    return (KvSegment(0, segment_cells, "layer", type_k, type_v, layers),
+            KvSegment(segment_cells, end, CPU, type_k, type_v, layers, KV_SEGMENT_GROWTH_CELLS))
 
 
 def make_plan(inv: ModelInventory, devices: dict[str, str], *, n_gpu_layers: int, gpu_devices: tuple[str, ...] = (),
@@ -107,7 +124,7 @@ def make_plan(inv: ModelInventory, devices: dict[str, str], *, n_gpu_layers: int
               stream_bytes: dict[str, int] | None = None, n_threads: int | None = None, llama_cpp_build: str = "",
               profile_id: str = "", tensor_split: tuple[int, ...] = (), rpc_servers: tuple[str, ...] = (),
               budget_bytes: int | None = None, compute_bytes: dict[str, int] | None = None,
-              notes: tuple[str, ...] = ()) -> Plan:
+              notes: tuple[str, ...] = (), segment_cells: int = 0) -> Plan:
     """A Plan that puts each tensor where `devices` says (tensors it leaves out follow n_gpu_layers). Overrides are
     emitted only for tensors that differ from n_gpu_layers' rule, merged into one pattern per device.
     use_mmap defaults to off whenever a GPU is used, so that CPU-resident weights sit in pinned memory."""
@@ -143,7 +160,8 @@ def make_plan(inv: ModelInventory, devices: dict[str, str], *, n_gpu_layers: int
                 n_outputs_max=n_outputs_max, stream_slots=stream_slots, stream_slot_bytes=stream_slot_bytes,
                 gpu_devices=tuple(gpu_devices), llama_cpp_build=llama_cpp_build, profile_id=profile_id,
                 budget_bytes=budget_bytes, notes=notes, tensor_split=tuple(tensor_split),
-                rpc_servers=tuple(rpc_servers))
+                rpc_servers=tuple(rpc_servers),
+                kv_segments=kv_segments(inv, n_ctx, n_ubatch, segment_cells, type_k, type_v, swa_full))
     memory = predict_memory(inv, plan, compute_bytes)
     return dataclasses.replace(plan, memory=dataclasses.replace(memory, stream_bytes=dict(stream_bytes or {})))
 
@@ -198,13 +216,6 @@ MAX_INT32 = (1 << 31) - 1     # llama.cpp's int32 parameters
 MAX_STREAM_SLOTS = 16         # native/oato-stream.h's OATO_STREAM_MAX_SLOTS
 
 
-def target_build(profile: Profile) -> str:
-    """The llama.cpp build a plan is solved for, and that `load` will insist on: the one installed here, where plans
-    are made to be loaded (a profile measured on another build of the same llama.cpp still prices it: plan_model
-    notes the difference), or the profile's where no llama-cpp-python is installed."""
-    return llama_cpp_build() if llama_cpp_available() else profile.machine.llama_cpp_build
-
-
 def check_plan_numbers(inv: ModelInventory, plan: Plan, source: str) -> None:
     """Refuse plan fields (a plan.json edited by hand) that llama.cpp would reject, misread or try to allocate."""
     for name in ("type_k", "type_v"):
@@ -224,6 +235,13 @@ def check_plan_numbers(inv: ModelInventory, plan: Plan, source: str) -> None:
         value = getattr(plan, name)
         if not (value is None and name == "n_threads") and not low <= value <= high:
             raise PlanError(f"{source}: {name} {value} is outside {low}..{high}; plan again, or fix the number")
+    if plan.kv_segments:
+        p = plan.kv_segments[0].end_cell
+        expected = kv_segments(inv, plan.n_ctx, plan.n_ubatch, p, plan.type_k, plan.type_v, plan.swa_full)
+        if plan.kv_segments != expected:
+            raise PlanError(f"{source}: kv_segments are not the two this llama.cpp sets up for a first segment of {p} "
+                            f"cells (cells 0-{p} with each full-attention layer, the rest in host memory, the plan's "
+                            f"KV types); plan again")
     if plan.stream_slots == 1:
         raise PlanError(f"{source}: stream_slots 1 is not a ring (the patched llama.cpp takes 2 at least); plan "
                         f"again, or set 0 (off) or 2..{MAX_STREAM_SLOTS}")
@@ -270,7 +288,7 @@ def llama_server_command(plan: Plan, model_path: str | Path, host: str = "127.0.
     n_outputs_max has no flag: llama-server sets it from its slots itself."""
     flags = llama_cpp_flags(plan)
     # always: oatoplan's build streams by default, and a plan without streaming did not count the ring
-    env = "".join(f"{k}={v} " for k, v in stream_env(plan).items())
+    env = "".join(f"{k}={v} " for k, v in {**stream_env(plan), **segment_env(plan.kv_segments)}.items())
     return (f"{env}llama-server -m {shlex.quote(str(model_path))} {flags} -np 1 -fit off "
             f"-a {shlex.quote(Path(model_path).stem)} --host {host} --port {port}")
 
@@ -308,18 +326,24 @@ def plan_for(inv: ModelInventory, unit_devices: dict[str, str], s: Settings, pro
                      llama_cpp_build=target_build(profile), profile_id=profile.profile_id,
                      compute_bytes={gpu: vram["compute"]} if gpu else {},
                      stream_slots=s.stream_slots if slot else 0, stream_slot_bytes=slot if s.stream_slots else 0,
-                     stream_bytes={gpu: vram["stream"]} if gpu and vram["stream"] else {})
+                     stream_bytes={gpu: vram["stream"]} if gpu and vram["stream"] else {},
+                     segment_cells=s.segment_cells)
     return dataclasses.replace(plan, placement=dict(unit_devices), flags=llama_cpp_flags(plan))
 
 
 def plan_settings(plan: Plan) -> Settings:
     """The non-placement decisions a plan made (the inverse of plan_for's)."""
     return Settings(plan.n_ubatch, plan.op_offload, not plan.use_mmap, plan.n_ctx, plan.type_k, plan.type_v,
-                    plan.n_outputs_max, plan.stream_slots)
+                    plan.n_outputs_max, plan.stream_slots, plan_segment_cells(plan))
+
+
+def plan_segment_cells(plan: Plan) -> int:
+    """The first segment's cells of a plan with the segment KV cache, 0 for llama.cpp's own cache."""
+    return plan.kv_segments[0].end_cell if plan.kv_segments else 0
 
 
 def plan_model(inv: ModelInventory, profile: Profile, budget_bytes: int, workload: Workload,
-               write_lp=None) -> Plan:
+               write_lp=None, segments: bool = True) -> Plan:
     """Solve the placement for `workload` within `budget_bytes` of VRAM with `profile`'s costs, and return the
     Plan with its prediction, the baselines' predictions at the same budget and an explanation. With no GPU in the
     profile or a budget of 0: plan_cpu."""
@@ -329,7 +353,7 @@ def plan_model(inv: ModelInventory, profile: Profile, budget_bytes: int, workloa
                             "VRAM budget of 0); leave --write-lp out")
         return plan_cpu(inv, profile, workload, budget_bytes)
     cost = CostModel(profile)
-    solution = solve(inv, cost, budget_bytes, workload, write_lp)
+    solution = solve(inv, cost, budget_bytes, workload, write_lp, segments)
     others = ()
     if solution.settings.stream_slots and workload.objective != "total":
         # the program prices streaming as ideal overlap, under which many placements tie for one phase's time: the
@@ -349,7 +373,7 @@ def plan_model(inv: ModelInventory, profile: Profile, budget_bytes: int, workloa
         f"ubatch {s.n_ubatch}, op offload {'on' if s.op_offload else 'off'}, mmap off (host weights pinned): "
         f"best of {len(solution.candidates)} settings solved in {solution.solve_s:.2f} s",) + \
         ((_outputs_note(s),) if s.n_outputs_max else ()) + stream_note(inv, cost, solution, workload) + \
-        _build_note(profile)
+        segment_note(solution, workload, profile) + _build_note(profile)
     units = model_units(inv)
     slot = vram_terms(inv, units, s, 0).slot([solution.devices[u.key] != CPU for u in units])
     plan = make_plan(inv, devices, n_gpu_layers=n_gpu_layers, gpu_devices=(cost.gpu,), n_ctx=workload.n_ctx,
@@ -359,7 +383,8 @@ def plan_model(inv: ModelInventory, profile: Profile, budget_bytes: int, workloa
                      llama_cpp_build=target_build(profile), profile_id=profile.profile_id,
                      budget_bytes=budget_bytes, compute_bytes={cost.gpu: gpu_bytes.get("compute", 0)}, notes=notes,
                      stream_slots=s.stream_slots if slot else 0, stream_slot_bytes=slot if s.stream_slots else 0,
-                     stream_bytes={cost.gpu: gpu_bytes["stream"]} if gpu_bytes.get("stream") else {})
+                     stream_bytes={cost.gpu: gpu_bytes["stream"]} if gpu_bytes.get("stream") else {},
+                     segment_cells=s.segment_cells)
     plan = dataclasses.replace(plan, workload=workload, prediction=solution.prediction, baselines=tuple(baselines),
                                placement=dict(solution.devices))
     return dataclasses.replace(plan, flags=llama_cpp_flags(plan))

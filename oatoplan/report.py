@@ -16,7 +16,7 @@ from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from .bench import ALL_GPU_ARM, STREAM_OFF_ARM
+from .bench import ALL_GPU_ARM, SEGMENTS_OFF_ARM, STREAM_OFF_ARM
 from .bench_split import over_budget
 from .cost import CostModel
 from .files import Output, write_file
@@ -25,6 +25,7 @@ from .graph import CPU
 from .inventory import kv_bytes_per_token
 from .measure import stats
 from .plan import llama_server_command, stream_env
+from .segments import segment_env
 from .schema import BenchArm, BenchResult, Diagnosis, MemoryReport, ModelInventory, Plan, Profile
 from .units import BYTES_PER_MIB, format_bytes, format_flops, mib
 
@@ -143,6 +144,10 @@ def summary(result: BenchResult) -> str | None:
     off = next((r for r in others if r.arm.reference and r.arm.name == STREAM_OFF_ARM), None)
     if off:
         parts.append(f"streaming on / off: {tests['pp']} {first.pp[0] / off.pp[0]:.2f}x")
+    stock = next((r for r in others if r.arm.reference and r.arm.name == SEGMENTS_OFF_ARM), None)
+    if stock:
+        parts.append(f"segments on / off: {tests['tg']} {first.tg[0] / stock.tg[0]:.2f}x, total time "
+                     f"{first.total_s / stock.total_s:.2f}x")
     if first.pp_share is not None:
         parts.append(f"{tests['pp']} {first.pp_share:.0%} of all on the GPU")
     over = [f"{a.name} on {', '.join(over_budget(a))}" for a in result.arms if over_budget(a)]
@@ -323,7 +328,8 @@ def plan_view(p: Plan, path: Path) -> list[RenderableType]:
         f"n_threads={p.n_threads}, n_threads_batch={p.n_threads})"
         + (" with the -ot overrides above" if p.tensor_overrides else "")
         + (f" and n_outputs_max={p.n_outputs_max}" if p.n_outputs_max else "")
-        + ", in the environment " + " ".join(f"{k}={v}" for k, v in stream_env(p).items())),
+        + ", in the environment " + " ".join(f"{k}={v}" for k, v in {**stream_env(p),
+                                                                      **segment_env(p.kv_segments)}.items())),
         Text(f"llama-server: {llama_server_command(p, p.model.file_name)}")]
 
 

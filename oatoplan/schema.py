@@ -147,6 +147,21 @@ class MemoryPrediction:
 
 
 @dataclass(frozen=True)
+class KvSegment:
+    """One segment of the segment KV cache (patches/0007-0008): cells [first_cell, end_cell) of each listed layer's
+    cache in a buffer of their own. `device` "layer" keeps them where n_gpu_layers puts the layer's KV cache; "CPU":
+    host memory, with the segment's attention run on the CPU (only queries and partial results cross). The last
+    segment ends at n_ctx and grows in chunks of `growth_cells` (0: reserved whole)."""
+    first_cell: int
+    end_cell: int
+    device: str
+    type_k: str
+    type_v: str
+    layers: tuple[int, ...]       # the full-attention layers (a sliding-window layer keeps the stock cache)
+    growth_cells: int = 0
+
+
+@dataclass(frozen=True)
 class Plan:
     schema_version: int
     model: ModelIdentity
@@ -190,6 +205,8 @@ class Plan:
     # maps the n_gpu_layers layers (output counts as one) to them; () = all on gpu_devices[0]
     tensor_split: tuple[int, ...] = ()
     budgets_bytes: dict[str, int] = field(default_factory=dict)   # per-device budget, when planned for several
+    # the segment KV cache's segments, in cell order; () = llama.cpp's own cache
+    kv_segments: tuple[KvSegment, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ a small host tensor then costs a split and saves almost no VRAM. The best candid
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -38,6 +39,7 @@ from .files import Output, write_file
 from .graph import CPU, Unit, crossings, model_units, role
 from .memory import Settings, VramTerms, budget_for, gpu_overhead_bytes, usable_bytes, vram_terms
 from .schema import ModelInventory, Prediction, Profile, Workload
+from .segments import segment_cells_for, segments_available
 from .units import BYTES_PER_MIB, format_bytes
 
 log = logging.getLogger(__name__)
@@ -288,12 +290,14 @@ def ubatch_candidates(workload: Workload, candidates: tuple[int, ...] = UBATCH_C
     return [ub for ub in candidates if ub <= largest]
 
 
-def candidate_settings(workload: Workload, stream_slots: int = 0) -> list[Settings]:
-    """Every ubatch with op offload on (and, with `stream_slots`, weight streaming on as well) and off."""
+def candidate_settings(workload: Workload, stream_slots: int = 0, segment_cells: int = 0) -> list[Settings]:
+    """Every ubatch with op offload on (and, with `stream_slots`, weight streaming on as well) and off; with
+    `segment_cells`, each of them with the segment KV cache as well."""
     # one logit row per ubatch: generation reads only the last prompt token's logits
-    return [Settings(ub, offload, True, workload.n_ctx, n_outputs_max=1, stream_slots=slots)
-            for ub in ubatch_candidates(workload) for offload, slots in
-            [(True, 0)] + ([(True, stream_slots)] if stream_slots else []) + [(False, 0)]]
+    stock = [Settings(ub, offload, True, workload.n_ctx, n_outputs_max=1, stream_slots=slots)
+             for ub in ubatch_candidates(workload) for offload, slots in
+             [(True, 0)] + ([(True, stream_slots)] if stream_slots else []) + [(False, 0)]]
+    return stock + [dataclasses.replace(s, segment_cells=segment_cells) for s in stock if segment_cells]
 
 
 def streaming_available(profile: Profile) -> bool:
@@ -314,8 +318,11 @@ def smallest_gpu_mib(cost: CostModel, inv: ModelInventory, workload: Workload) -
 
 
 def solve(inv: ModelInventory, cost: CostModel, budget_bytes: int, workload: Workload,
-          write_lp: Output | Path | None = None) -> Solution:
-    """The fastest placement within `budget_bytes` of VRAM for `workload` (every candidate settings' ILP)."""
+          write_lp: Output | Path | None = None, segments: bool = True) -> Solution:
+    """The fastest placement within `budget_bytes` of VRAM for `workload` (every candidate settings' ILP); with
+    `segments`, the segment KV cache is a candidate where the build has it and the workload leaves its context
+    partly unused. A segmented candidate wins only by more than CBC's gap: else the stock cache (no host segment to
+    fall back on) is kept."""
     if not cost.gpu:
         raise OatoError(f"profile {cost.profile.profile_id} has no GPU; profile on the machine with the GPU "
                         f"(oatoplan profile run) to plan a GPU placement")
@@ -326,7 +333,8 @@ def solve(inv: ModelInventory, cost: CostModel, budget_bytes: int, workload: Wor
     # objective without streaming, and never below it with (the program prices ideal overlap), so a bound still
     # bounds what a candidate can reach
     bounded = []
-    for s in candidate_settings(workload, STREAM_SLOTS if streaming_available(cost.profile) else 0):
+    segment_cells = segment_cells_for(workload) if segments and segments_available(cost.profile) else 0
+    for s in candidate_settings(workload, STREAM_SLOTS if streaming_available(cost.profile) else 0, segment_cells):
         inst = instance(cost, inv, workload, s)
         problem = build_problem(inst, budget_mib)
         bound = lower_bound(problem)
@@ -353,6 +361,10 @@ def solve(inv: ModelInventory, cost: CostModel, budget_bytes: int, workload: Wor
                                   f"{-(-int(need) // BYTES_PER_MIB)}MiB or more), or run it all on the CPU")
     best_us, s, inst, chosen, prediction = min(results, key=lambda r: (r[0], r[1].n_ubatch, not r[1].op_offload,
                                                                        -r[1].stream_slots))
+    stock = [r for r in results if not r[1].segment_cells]
+    if s.segment_cells and stock and min(r[0] for r in stock) <= best_us * (1 + GAP_REL):
+        best_us, s, inst, chosen, prediction = min(stock, key=lambda r: (r[0], r[1].n_ubatch, not r[1].op_offload,
+                                                                         -r[1].stream_slots))
     if write_lp:
         write_lp_file(build_problem(inst, budget_mib)[0], write_lp)
     devices = {u.key: (cost.gpu if c else CPU) for u, c in zip(inst.units, chosen)}

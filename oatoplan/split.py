@@ -34,7 +34,8 @@ from .errors import PlanError, PlanInfeasibleError
 from .graph import CPU, NORM, model_units, role, role_info
 from .memory import Settings, compute_stage_bytes, gpu_overhead_bytes, kv_layer_bytes, pool_bytes, usable_bytes
 from .names import device_flag, is_rpc, rpc_endpoint, split_device
-from .plan import llama_cpp_flags, make_plan, plan_model, target_build, tensor_placement
+from .machine import target_build
+from .plan import llama_cpp_flags, make_plan, plan_model, tensor_placement
 from .solve import crossing_terms
 from .split_cost import Link, decode_rescale, layer_counts, links, predict_split
 from .split_search import best_split

@@ -23,6 +23,7 @@ ORDER = [
     "build",                                # tool beside the pipeline: builds the patched llama-cpp-python
     "memory",                               # VRAM terms and the budget rule
     "cost",                                 # the time model
+    "segments",                             # the segment KV cache in plans: candidate, environment, note
     "solve", "streaming", "baselines",      # the integer program; weight streaming's layers and slots; named placements
     "plan",                                 # plan semantics and flags
     "split_search", "split_cost", "split",  # over several devices (GPUs, RPC): the search over layer splits; the

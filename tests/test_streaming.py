@@ -13,7 +13,7 @@ from oatoplan.artifacts import read_json
 from oatoplan.cost import CostModel, predict, stream_prefill_us
 from oatoplan.graph import CPU, NORM, is_ffn, model_units, role, role_info
 from oatoplan.inventory import read_inventory
-from oatoplan.load import _stream_environment
+from oatoplan.load import _native_environment
 from oatoplan.machine import llama_cpp_build
 from oatoplan.memory import STREAM_SLOT_ALIGN, Settings, fits, gpu_overhead_bytes, tensor_alloc_bytes, vram_terms
 from oatoplan.plan import check_plan_numbers, llama_server_command, plan_for, plan_model, stream_env
@@ -194,11 +194,11 @@ def test_loader_environment_is_the_plans_and_is_restored(qwen, monkeypatch):
                     synthetic_profile(streaming=True), GPU)
     monkeypatch.delenv("OATO_STREAM", raising=False)
     monkeypatch.setenv("OATO_STREAM_SLOTS", "7")
-    with _stream_environment(plan):
+    with _native_environment(plan):
         assert {k: os.environ.get(k) for k in stream_env(plan)} == stream_env(plan)
     assert os.environ.get("OATO_STREAM") is None and os.environ["OATO_STREAM_SLOTS"] == "7"
     monkeypatch.setenv("OATO_STREAM", "0")                 # the user's A/B switch wins
-    with _stream_environment(plan):
+    with _native_environment(plan):
         assert os.environ["OATO_STREAM"] == "0" and "OATO_STREAM_SLOTS" not in os.environ
     assert os.environ["OATO_STREAM"] == "0"
 

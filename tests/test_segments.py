@@ -1,0 +1,118 @@
+"""The segment KV cache in plans (oatoplan/segments.py, memory.kv_split_bytes, the planner's candidates, load's
+refusal): for a context asked far longer than the workload, the plan keeps the workload's cells with each layer and
+the rest in host memory, and says why; where it gains nothing, it is not used."""
+
+import dataclasses
+import json
+
+import pytest
+
+from oatoplan import segments
+from oatoplan.artifacts import read_json, write_json
+from oatoplan.errors import PlanError
+from oatoplan.inventory import kv_bytes_per_token, read_inventory
+from oatoplan.memory import Settings, kv_split_bytes, segment_kv_cells
+from oatoplan.graph import CPU, model_units
+from oatoplan.plan import check_plan, llama_server_command, plan_for, plan_model
+from oatoplan.schema import Plan, Workload
+from oatoplan.segments import KV_SEGMENT_PATCH, segment_cells_for, segment_env
+from oatoplan.units import BYTES_PER_GIB as GIB
+from profiles import synthetic_profile
+
+CHAT = Workload(n_prompt=512, n_gen=128, n_ctx_asked=32768)
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_header_model):
+    return read_inventory(qwen_header_model)
+
+
+@pytest.fixture
+def patched(monkeypatch):
+    """Plans are made for a build that has the segment KV cache's placement patch."""
+    monkeypatch.setattr(segments, "target_build", lambda profile: f"oatoplan patches 0:0008-llama-oato-{KV_SEGMENT_PATCH}")
+
+
+@pytest.mark.parametrize("workload, cells", [
+    (CHAT, 768),                                                   # 640 tokens used, rounded up to 256
+    (Workload(n_prompt=512, n_gen=128), 0),                        # no context asked beyond the workload
+    (Workload(n_depth=3000, n_prompt=900, n_gen=100, n_ctx_asked=4096), 0),     # 4000 used: rounds up to all of it
+    (Workload(n_depth=4096, n_prompt=512, n_gen=128, n_ctx_asked=32768), 4864),
+])
+def test_first_segment_is_what_the_workload_fills(workload, cells):
+    assert segment_cells_for(workload) == cells
+
+
+def test_kv_bytes_split_between_the_layer_and_host_memory(qwen):
+    hp = qwen.hparams
+    per_cell = kv_bytes_per_token(hp, 0, "f16", "f16")
+    stock = Settings(512, True, True, 32768)
+    segmented = dataclasses.replace(stock, segment_cells=768)
+    assert kv_split_bytes(hp, 0, stock) == (32768 * per_cell, 0)
+    with_layer, host = kv_split_bytes(hp, 0, segmented)
+    assert with_layer == 769 * per_cell                            # P cells and segment 0's spare
+    assert with_layer + host == segment_kv_cells(hp, 0, 32768, 512, 768, 0) * per_cell
+    assert 0 < host < 1024 * per_cell                              # segment 1 starts with one chunk, not 32k cells
+    assert kv_split_bytes(hp, 0, dataclasses.replace(stock, segment_cells=32768)) == (32768 * per_cell, 0)
+
+
+def test_plan_keeps_the_workloads_cells_in_vram_and_the_rest_on_the_host(qwen, patched):
+    profile = synthetic_profile()
+    plan = plan_model(qwen, profile, 3 * GIB, CHAT)
+    stock = plan_model(qwen, profile, 3 * GIB, CHAT, segments=False)
+    first, rest = plan.kv_segments
+    assert (first.first_cell, first.end_cell, first.device) == (0, 768, "layer")
+    assert (rest.first_cell, rest.end_cell, rest.device, rest.growth_cells) == (768, 32768, "CPU", 256)
+    assert first.layers == rest.layers == tuple(range(qwen.hparams.n_layer))
+    assert not stock.kv_segments and stock.n_ctx == plan.n_ctx == 32768
+    # the whole 32k context's KV cache (1.75 GiB for this shape) no longer competes with weights for 3 GiB
+    assert plan.prediction.gpu_bytes["kv"] < stock.prediction.gpu_bytes["kv"] / 10 or \
+        plan.prediction.gpu_bytes["weights"] > stock.prediction.gpu_bytes["weights"]
+    assert plan.prediction.total_s < stock.prediction.total_s
+    assert plan.memory.kv_bytes.get("CPU", 0) > 0
+    assert any(n.startswith("segment KV cache: cells 0-768") for n in plan.notes)
+    assert segment_env(plan.kv_segments) == {"OATO_SEGMENT_KV": "768", "OATO_SEGMENT_KV_HOST": "1",
+                                             "OATO_SEGMENT_KV_CHUNK": "256"}
+    assert "OATO_SEGMENT_KV=768 OATO_SEGMENT_KV_HOST=1" in llama_server_command(plan, "m.gguf")
+    check_plan(qwen, plan, "plan.json")
+
+
+def test_no_segments_where_they_save_nothing_or_the_build_lacks_them(qwen, patched, monkeypatch):
+    profile = synthetic_profile()
+    full = plan_model(qwen, profile, 3 * GIB, Workload(n_prompt=512, n_gen=128))
+    assert not full.kv_segments and not any("segment KV" in n for n in full.notes)
+    monkeypatch.setattr(segments, "target_build", lambda profile: "oatoplan patches 0:0007-llama-oato-segment-kv-cache")
+    unpatched = plan_model(qwen, profile, 3 * GIB, CHAT)
+    assert not unpatched.kv_segments
+    assert any("segment KV cache: not available" in n for n in unpatched.notes)
+
+
+def test_a_generous_budget_keeps_the_stock_cache(qwen, patched):
+    """Everything fits with the whole 32k context's cache: segments would gain nothing, and are not used."""
+    plan = plan_model(qwen, synthetic_profile(), 40 * GIB, CHAT)
+    assert not plan.kv_segments
+    assert any(n.startswith("segment KV cache considered") for n in plan.notes)
+
+
+def test_hand_edited_segments_are_refused(qwen, patched, tmp_path):
+    plan = plan_model(qwen, synthetic_profile(), 3 * GIB, CHAT)
+    path = write_json(plan, tmp_path / "plan.json")
+    data = json.loads(path.read_text())
+    data["kv_segments"][0]["end_cell"] = 1024
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match="kv_segments are not the two this llama.cpp sets up"):
+        check_plan(qwen, read_json(Plan, path), "plan.json")
+
+
+def test_run_refuses_a_segmented_plan_on_a_build_without_the_patch(tiny_model, cli, tmp_path):
+    """This machine's build (no placement patch) would reserve the whole n_ctx where the plan counted on segments:
+    one line, exit 1, before anything is loaded."""
+    inv = read_inventory(tiny_model)
+    on_cpu = {u.key: CPU for u in model_units(inv)}
+    plan = plan_for(inv, on_cpu, Settings(512, False, False, 4096, segment_cells=256), synthetic_profile(gpu=False),
+                    None)
+    assert plan.kv_segments
+    path = write_json(plan, tmp_path / "plan.json")
+    result = cli(["run", str(tiny_model), "--plan", str(path), "-p", "hello"])
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "uses the segment KV cache" in result.stderr and "oatoplan build" in result.stderr
