@@ -342,7 +342,9 @@ def solve(inv: ModelInventory, cost: CostModel, budget_bytes: int, workload: Wor
             bounded.append((bound, s.n_ubatch, not s.op_offload, -s.stream_slots, s, inst, problem))
     results = []
     for bound, _, _, _, s, inst, problem in sorted(bounded, key=lambda b: b[:4]):
-        if results and bound >= min(r[0] for r in results) * (1 - GAP_REL):
+        # (each cache kind against its own: the plan's note compares the best of both)
+        rivals = [r[0] for r in results if bool(r[1].segment_cells) == bool(s.segment_cells)]
+        if rivals and bound >= min(rivals) * (1 - GAP_REL):
             log.debug("ubatch %d op_offload %s: bound %.1f ms, skipped", s.n_ubatch, s.op_offload, bound / 1e3)
             continue
         start = _greedy_start(inst, budget_mib)

@@ -19,6 +19,7 @@
 # $CPU_FFN blocks on the host), streamsweep (2/3/6 slots, host blocks first or spread, against predictions); gputests
 # runs tests/gpu/test_stream_gpu.py on both shapes. build + profile + gputests fit one call (about 390 s on the H200
 # machine), bench2048 + bench512 the next (about 240 s).
+# Segment KV cache (issue #21): segtests (tests/gpu/test_segment_kv_gpu.py), segbenchN (bench at --ctx 32768, depth N).
 set -uo pipefail
 W=${OATO_WORK:-/tmp/oato}
 export OATO_WORK=$W OATOPLAN_CACHE=${OATOPLAN_CACHE:-$W/cache}
@@ -172,6 +173,17 @@ for line in open(sys.argv[1]):
     mv $W/gemma.part $W/gemma3-270m-q4_k_m.gguf
     timeout 120 $S python3 -m benchmarks.gpu_patched_check $W/gemma3-270m-q4_k_m.gguf 32 \
       > $OUT/gemma-gpu-vs-cpu.json 2> $OUT/gemma.log; echo "gemma rc=$?"; cut -c1-600 $OUT/gemma-gpu-vs-cpu.json ;;
+  segbench*)
+    # issue #21: a chat at depth N in a context of 32768 (the user asked -c 32768), prompt 128, tg128
+    ensure_profile
+    d=${step#segbench}
+    timeout 560 $G bench $MODEL --vram $VRAM --profile $PROFILE --ctx 32768 --depth $d --prompt 128 --gen 128 \
+      --reps ${REPS:-3} --out $OUT/bench-ctx32768-depth$d.json > $OUT/segbench$d.log 2>&1; echo "segbench $d rc=$?"
+    tail -8 $OUT/segbench$d.log ;;
+  segtests)
+    ensure_build
+    OATO_STREAM_TEST_MODELS=$W/gemma3-270m.gguf:$MODEL timeout 200 $S python3 -m pytest -q -p no:cacheprovider -m gpu \
+      tests/gpu/test_segment_kv_gpu.py > $OUT/segtests.log 2>&1; echo "segtests rc=$?"; tail -5 $OUT/segtests.log ;;
   bench*)
     ensure_profile
     n=${step#bench}; n=${n%ttft}; objective=total; [ "$step" = "${step%ttft}" ] || objective=ttft
