@@ -19,7 +19,8 @@
 # $CPU_FFN blocks on the host), streamsweep (2/3/6 slots, host blocks first or spread, against predictions); gputests
 # runs tests/gpu/test_stream_gpu.py on both shapes. build + profile + gputests fit one call (about 390 s on the H200
 # machine), bench2048 + bench512 the next (about 240 s).
-# Segment KV cache (issue #21): segtests (tests/gpu/test_segment_kv_gpu.py), segbenchN (bench at --ctx 32768, depth N).
+# Segment KV cache (issue #21): segtests (tests/gpu/test_segment_kv_gpu.py), segbenchN (bench at --ctx 32768, depth N),
+# segoverflow (a chat past the plan's first segment).
 set -uo pipefail
 W=${OATO_WORK:-/tmp/oato}
 export OATO_WORK=$W OATOPLAN_CACHE=${OATOPLAN_CACHE:-$W/cache}
@@ -180,6 +181,12 @@ for line in open(sys.argv[1]):
     timeout 560 $G bench $MODEL --vram $VRAM --profile $PROFILE --ctx 32768 --depth $d --prompt 128 --gen 128 \
       --reps ${REPS:-3} --out $OUT/bench-ctx32768-depth$d.json > $OUT/segbench$d.log 2>&1; echo "segbench $d rc=$?"
     tail -8 $OUT/segbench$d.log ;;
+  segoverflow)
+    # issue #21: the depth-1024 plan's chat run on to 2048 and 4096 (past its first segment), against the stock cache
+    ensure_profile
+    timeout 500 $S python3 -m benchmarks.segment_overflow $MODEL --vram $VRAM --profile $PROFILE --ctx 32768 \
+      --plan-depth 1024 --depths 1024 2048 4096 --out $OUT/segment-overflow.json > $OUT/segoverflow.log 2>&1
+    echo "segoverflow rc=$?"; grep -v "^llama\|^load\|^print_info" $OUT/segoverflow.log | tail -10 ;;
   segtests)
     ensure_build
     OATO_STREAM_TEST_MODELS=$W/gemma3-270m.gguf:$MODEL timeout 200 $S python3 -m pytest -q -p no:cacheprovider -m gpu \

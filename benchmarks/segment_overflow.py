@@ -1,0 +1,102 @@
+"""A chat that outgrows the plan's first KV segment: decode speed and memory of the segmented plan and of the best
+plan with llama.cpp's own cache, both solved for one workload in a large context (`--ctx`), each run at several
+depths. Past the first segment the segmented plan's cells go to host memory and their attention runs on the CPU:
+this measures what that costs, and that the GPU's memory does not grow with the chat (CUDA's used bytes after the
+load and after each depth; the KV cache's bytes per buffer type, from oatoplan's patched build).
+
+    python -m benchmarks.segment_overflow MODEL --vram 2.5GiB --profile P --ctx 32768 --plan-depth 1024 \\
+        --depths 1024 2048 4096 --out F.json
+
+Needs a CUDA build of oatoplan's series with patches/0008.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from oatoplan import ggml
+from oatoplan.artifacts import read_json
+from oatoplan.inventory import read_inventory
+from oatoplan.load import load
+from oatoplan.machine import llama_cpp_build
+from oatoplan.measure import decode, gpu_used_bytes
+from oatoplan.memory import budget_bytes
+from oatoplan.plan import plan_model
+from oatoplan.schema import Profile, Workload
+
+
+def run_depths(llm, plan, depths: list[int], n_prompt: int, n_gen: int, reps: int, gpu: str) -> list[dict]:
+    """Per depth: decode tokens/s of each repetition (after filling the cache to that depth and a prompt), the GPU's
+    used bytes and the KV cache's bytes per buffer type afterwards."""
+    rng = np.random.default_rng(0)
+    n_vocab, memory = llm.n_vocab(), llama_cpp.llama_get_memory(llm._ctx.ctx)
+    rows = []
+    for depth in depths:
+        samples = []
+        for _ in range(reps):
+            llama_cpp.llama_memory_clear(memory, True)
+            tokens = rng.integers(0, n_vocab, depth + n_prompt).tolist()
+            for start in range(0, len(tokens), plan.n_batch):
+                decode(llm, tokens[start:start + plan.n_batch])
+            token = int(rng.integers(0, n_vocab))
+            t0 = time.perf_counter()
+            for _ in range(n_gen):
+                decode(llm, [token])
+            samples.append(n_gen / (time.perf_counter() - t0))
+        rows.append({"depth": depth, "decode_tokens_per_s": samples, "gpu_used_bytes": gpu_used_bytes(gpu),
+                     "kv_bytes": ggml.memory_breakdown(llm._ctx.ctx, "context"),
+                     "compute_bytes": ggml.memory_breakdown(llm._ctx.ctx, "compute")})
+        print(f"  depth {depth}: {np.mean(samples):.1f} tokens/s, GPU {rows[-1]['gpu_used_bytes'] / 2**20:,.0f} MiB, "
+              f"KV {rows[-1]['kv_bytes']}", file=sys.stderr)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--vram", default="2.5GiB")
+    ap.add_argument("--profile", required=True)
+    ap.add_argument("--ctx", type=int, default=32768)
+    ap.add_argument("--plan-depth", type=int, default=1024)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--depths", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    inv, profile = read_inventory(args.model), read_json(Profile, args.profile)
+    budget = budget_bytes(args.vram, profile)
+    workload = Workload(n_prompt=args.prompt, n_gen=args.gen, n_depth=args.plan_depth, n_ctx_asked=args.ctx)
+    result = {"command": " ".join(sys.argv), "machine": platform.node(), "cpu": platform.processor(),
+              "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "llama_cpp_build": llama_cpp_build(), "profile_id": profile.profile_id, "budget_bytes": budget,
+              "workload": vars(args), "arms": []}
+    for name, segments in (("segmented", True), ("stock cache", False)):
+        plan = plan_model(inv, profile, budget, workload, segments=segments)
+        gpu = plan.gpu_devices[0]
+        before = gpu_used_bytes(gpu)
+        llm = load(args.model, plan)
+        print(f"{name}: {plan.flags[:90]} segments {[(s.first_cell, s.end_cell, s.device) for s in plan.kv_segments]}",
+              file=sys.stderr)
+        loaded = gpu_used_bytes(gpu) - before
+        rows = run_depths(llm, plan, args.depths, args.prompt, args.gen, args.reps, gpu)
+        result["arms"].append({"name": name, "flags": plan.flags, "kv_segments": [vars(s) for s in plan.kv_segments],
+                               "predicted_decode_tokens_per_s": plan.prediction.decode_tokens_per_s,
+                               "predicted_gpu_bytes": plan.prediction.gpu_bytes, "gpu_bytes_after_load": loaded,
+                               "gpu_used_before_load": before, "depths": rows})
+        llm.close()
+    Path(args.out).write_text(json.dumps(result, indent=1, default=list))
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
