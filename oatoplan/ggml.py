@@ -174,6 +174,22 @@ def memory_bytes(ctx: int) -> int | None:
     return int(fn(llama_cpp.llama_get_memory(ctx)))
 
 
+def memory_breakdown(ctx: int, part: str = "context") -> dict[str, int] | None:
+    """Bytes that llama context `ctx` holds now per buffer type name ("CPU", "CUDA0", "RPC0[host:port]"), of one part:
+    "context" (the KV cache; a segment KV cache's segment in host memory is under "CPU"), "compute" (the
+    scheduler's compute buffers) or "model" (weights); patches/0008. None for a build without the function."""
+    try:
+        fn = llama_cpp.llama_cpp._lib.oato_memory_breakdown
+    except AttributeError:
+        return None
+    column = ("model", "context", "compute").index(part)
+    fn.restype, fn.argtypes = _sz, [p, ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(_sz), _sz]
+    n = int(fn(ctx, None, None, 0))
+    names, n_bytes = (ctypes.c_char_p * n)(), (_sz * (3 * n))()
+    fn(ctx, names, n_bytes, n)
+    return {names[i].decode(): int(n_bytes[3 * i + column]) for i in range(n) if n_bytes[3 * i + column]}
+
+
 def stream_stats() -> tuple[int, int, int, int] | None:
     """Weight streaming since the last reset_stream_stats(): (weights streamed, bytes streamed, host weights of GPU
     splits copied the stock way while streaming was on, VRAM bytes of the staging rings allocated now), or None for a

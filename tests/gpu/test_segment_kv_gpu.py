@@ -1,0 +1,48 @@
+"""GPU-only: the segment KV cache's placement (patches/0008) on CUDA0, as tests/test_segment_kv_host.py checks it with
+an RPC device: every layer of the real Gemma 3 270M on CUDA0, segment 0 (P cells) with them, segment 1 in host memory
+(OATO_SEGMENT_KV_HOST=1) with the nodes that read it on the CPU backend.
+
+- Greedy tokens (the suite's prompt, P=16, 64 tokens): flash attention off, those of the unsegmented cache on CUDA0;
+  on, those of stage 1's segmented cache on CUDA0 (both segments in VRAM). CUDA refuses the FLASH_ATTN_EXT nodes
+  that also write the log-sum-exp (patches/0006) until stage 3, so with flash attention on segment 0's attention runs
+  on the CPU too, from a copy of segment 0: correct, slower, expected in this stage.
+- The nodes that read segment 1 run on the CPU; with segment 1 in VRAM (stage 1) on CUDA0.
+- Segment 1's bytes are in a CPU buffer, none on CUDA0; CUDA0's compute buffer is the same at load, after a prompt
+  that overflows P = 256 and after generation that grows segment 1 (n_ctx 2048).
+Not run on a GPU by its author (no GPU on the development machine)."""
+
+import pytest
+
+from oatoplan import ggml
+from oatoplan.machine import gpu_devices, loaded_series
+from oatoplan.testing import PROMPT
+from test_segment_kv_host import CONTINUATION, SEGMENT_CELLS, _run
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def cuda0():
+    if not any(d.name == "CUDA0" for d in gpu_devices()):
+        pytest.skip("no CUDA0 in this llama.cpp build")
+    assert "segment-kv-placement" in (loaded_series() or ""), "run `oatoplan build --cuda` (patches/0008)"
+    return ggml.device_handle("CUDA0")
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+def test_host_segment_on_cuda(gemma_model, cuda0, flash_attn):
+    stock, on_device, on_host = (_run(gemma_model, cuda0, flash_attn, cells, host)
+                                 for cells, host in ((None, None), (SEGMENT_CELLS, None), (SEGMENT_CELLS, 1)))
+    assert on_host["tokens"] == (on_device if flash_attn else stock)["tokens"]
+    attention = "FLASH_ATTN_EXT" if flash_attn else "MUL_MAT"
+    assert {"SET_ROWS", attention} <= on_host["readers"].keys()
+    assert all(buffers == {"CPU"} for buffers in on_host["readers"].values()), on_host["readers"]
+    assert on_device["readers"]["SET_ROWS"] == {"CUDA0"}
+    assert on_host["first"]["kv"]["CPU"] > 0 and on_device["first"]["kv"].get("CPU", 0) == 0
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+def test_cuda_compute_buffer_does_not_grow_past_p(gemma_model, cuda0, flash_attn):
+    run = _run(gemma_model, cuda0, flash_attn, 256, 1, (PROMPT + CONTINUATION) * 20, 2048, 240)
+    assert run["n_prompt"] + 240 > 512 and run["kv"]["CPU"] > run["first"]["kv"]["CPU"]
+    assert run["compute"]["CUDA0"] == run["first"]["compute"]["CUDA0"] == run["load_compute"]["CUDA0"]
