@@ -7,7 +7,7 @@ backend) stands in for the GPU: all of Gemma 3 270M's layers on it, segment 0 wi
   segments on the server): there the segmented and stock flash attention part at step 9 with or without the host
   segment (segment 0's partial accumulates V in f32, stock in f16, and the first logits already differ by ~0.015).
 - The nodes that read segment 1 (SET_ROWS, KQ and KQV mul_mats, FLASH_ATTN_EXT) run on the CPU backend: their
-  outputs are in the CPU's compute buffer, not the server's. Without the pinning the scheduler runs them on the
+  outputs are in the CPU's compute buffer, not the server's; those that read segment 0 run on the server. Without the pinning the scheduler runs them on the
   server and copies the segment there every token; this test then fails (checked by building 0008 without the
   ggml_backend_sched_set_tensor_backend calls).
 - Segment 1's bytes are in a CPU buffer, segment 0's (and the SWA cache's) on the server (oato_memory_breakdown).
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 from contextlib import contextmanager
 
 import llama_cpp
@@ -89,9 +90,14 @@ def _run(model, device, flash_attn: bool, segment_cells: int | None, host: int |
 
     def note(t, ask, _):
         node = _Tensor.from_address(t)
-        if ask and node.buffer and any(s and b"_seg1" in _Tensor.from_address(s).name for s in node.src):
-            op = g.ggml_op_name(node.op).decode()
-            readers.setdefault(op, set()).add(g.ggml_backend_buffer_name(node.buffer).decode())
+        if ask and node.buffer:
+            # sources that are (views or the scheduler's copies of) a global layer's segment: 0 or 1
+            segs = {1 if m[2] else 0 for s in node.src if s
+                    for m in [re.search(rb"cache_[kv]_l(\d+)(_seg1)?(?![\d_])", _Tensor.from_address(s).name)]
+                    if m and int(m[1]) in GLOBAL_LAYERS}
+            for seg in segs:
+                key = g.ggml_op_name(node.op).decode() + ("" if seg else "@0")
+                readers.setdefault(key, set()).add(g.ggml_backend_buffer_name(node.buffer).decode())
         return False
 
     callback = llama_cpp.ggml_backend_sched_eval_callback(note)
@@ -128,14 +134,16 @@ def _run(model, device, flash_attn: bool, segment_cells: int | None, host: int |
 
 @pytest.fixture(scope="module", params=[False, True], ids=["fa-off", "fa-on"])
 def runs(request, gemma_model, server):
-    """(flash_attn, the unsegmented run, stage 1's segmented run, the run with segment 1 on the host)."""
+    """(flash_attn, the unsegmented run, stage 1's segmented run, the run with segment 1 on the host, the run with
+    segment 0 on the host)."""
     flash_attn = request.param
     return flash_attn, *(_run(gemma_model, server, flash_attn, cells, host)
-                         for cells, host in ((None, None), (SEGMENT_CELLS, None), (SEGMENT_CELLS, 1)))
+                         for cells, host in ((None, None), (SEGMENT_CELLS, None), (SEGMENT_CELLS, 1),
+                                             (SEGMENT_CELLS, 0)))
 
 
 def test_host_segment_greedy_equals_the_same_devices(runs):
-    flash_attn, stock, on_device, on_host = runs
+    flash_attn, stock, on_device, on_host, _ = runs
     assert len(on_host["tokens"]) == N_TOKENS and on_host["n_prompt"] < SEGMENT_CELLS
     assert on_host["tokens"] == on_device["tokens"]
     if not flash_attn:
@@ -143,10 +151,13 @@ def test_host_segment_greedy_equals_the_same_devices(runs):
 
 
 def test_nodes_that_read_a_host_segment_run_on_the_cpu(runs):
-    flash_attn, _, on_device, on_host = runs
+    flash_attn, _, on_device, on_host, _ = runs
     attention = "FLASH_ATTN_EXT" if flash_attn else "MUL_MAT"
-    assert {"SET_ROWS", attention} <= on_host["readers"].keys()
-    assert all(buffers == {"CPU"} for buffers in on_host["readers"].values()), on_host["readers"]
+    host = {op: buffers for op, buffers in on_host["readers"].items() if not op.endswith("@0")}
+    assert {"SET_ROWS", attention} <= host.keys()
+    assert all(buffers == {"CPU"} for buffers in host.values()), on_host["readers"]
+    # and segment 0's on the server, with its layer
+    assert on_host["readers"][attention + "@0"] == on_host["readers"]["SET_ROWS@0"] != {"CPU"}
     # the same nodes, segment 1 with its layer: on the server (what the scheduler does with a KV buffer)
     assert on_device["readers"][attention] == on_device["readers"]["SET_ROWS"] != {"CPU"}
 
@@ -154,7 +165,7 @@ def test_nodes_that_read_a_host_segment_run_on_the_cpu(runs):
 def test_host_segment_bytes_are_in_host_memory(runs, gemma_model):
     """After the prompt: segment 1 (240 cells up to the first multiple of 256, and its spare) of the three global
     layers in a CPU buffer; segment 0 and the SWA cache on the server, together what the memory model predicts."""
-    _, stock, on_device, on_host = runs
+    _, stock, on_device, on_host, _ = runs
     hp = read_inventory(gemma_model).hparams
     row = {il: kv_bytes_per_token(hp, il, "f16", "f16") for il in range(hp.n_layer)}
     kv = on_host["first"]["kv"]
@@ -165,6 +176,17 @@ def test_host_segment_bytes_are_in_host_memory(runs, gemma_model):
     assert sum(kv.values()) == predicted
     assert set(kv) == set(on_device["first"]["kv"]) | {"CPU"} and "CPU" not in on_device["first"]["kv"]
     assert set(stock["first"]["kv"]) == set(on_device["first"]["kv"])
+
+
+def test_segment_0_on_the_host(runs):
+    """OATO_SEGMENT_KV_HOST=0: the mirror image: segment 0's nodes on the CPU, segment 1's on the server."""
+    flash_attn, _, on_device, _, prompt_on_host = runs
+    attention = "FLASH_ATTN_EXT" if flash_attn else "MUL_MAT"
+    assert prompt_on_host["tokens"] == on_device["tokens"]
+    readers = prompt_on_host["readers"]
+    assert readers["SET_ROWS@0"] == readers[attention + "@0"] == {"CPU"}
+    assert readers["SET_ROWS"] == readers[attention] != {"CPU"}
+    assert "CPU" in prompt_on_host["first"]["kv"]
 
 
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
