@@ -3,6 +3,7 @@ refusal): for a context asked far longer than the workload, the plan keeps the w
 the rest in host memory, and says why; where it gains nothing, it is not used."""
 
 import dataclasses
+import importlib
 import json
 
 import pytest
@@ -104,13 +105,16 @@ def test_hand_edited_segments_are_refused(qwen, patched, tmp_path):
         check_plan(qwen, read_json(Plan, path), "plan.json")
 
 
-def test_run_refuses_a_segmented_plan_on_a_build_without_the_patch(tiny_model, cli, tmp_path):
-    """This machine's build (no placement patch) would reserve the whole n_ctx where the plan counted on segments:
-    one line, exit 1, before anything is loaded."""
+def test_run_refuses_a_segmented_plan_on_a_build_without_the_patch(tiny_model, cli, tmp_path, monkeypatch):
+    """A build without the placement patch would reserve the whole n_ctx where the plan counted on segments: one
+    line, exit 1, before anything is loaded (a plan made by hand, for any build)."""
+    monkeypatch.setattr(importlib.import_module("oatoplan.load"), "llama_cpp_build",
+                        lambda: "oatoplan patches 0:0007-llama-oato-segment-kv-cache")
     inv = read_inventory(tiny_model)
     on_cpu = {u.key: CPU for u in model_units(inv)}
     plan = plan_for(inv, on_cpu, Settings(512, False, False, 4096, segment_cells=256), synthetic_profile(gpu=False),
                     None)
+    plan = dataclasses.replace(plan, llama_cpp_build="")
     assert plan.kv_segments
     path = write_json(plan, tmp_path / "plan.json")
     result = cli(["run", str(tiny_model), "--plan", str(path), "-p", "hello"])
