@@ -29,14 +29,12 @@ from oatoplan.inventory import kv_bytes_per_token, read_inventory
 from oatoplan.machine import loaded_series
 from oatoplan.memory import segment_kv_cells
 from oatoplan.testing import PROMPT
-from test_segment_kv import CONTINUATION
+from test_segment_kv import CONTINUATION, N_CTX, N_TOKENS
 
 pytestmark = pytest.mark.skipif("segment-kv-placement" not in (loaded_series() or ""),
                                 reason="llama.cpp build without oatoplan's segment KV placement (patches/0008); run "
                                        "`oatoplan build --cpu`")
 
-N_CTX = 256
-N_TOKENS = 64
 SEGMENT_CELLS = 16
 GLOBAL_LAYERS = (5, 11, 17)     # Gemma 3 270M's layers of global attention: the segmented cache's
 
