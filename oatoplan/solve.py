@@ -361,12 +361,12 @@ def solve(inv: ModelInventory, cost: CostModel, budget_bytes: int, workload: Wor
         raise PlanInfeasibleError(f"a VRAM budget of {format_bytes(budget_bytes)} holds no GPU placement of "
                                   f"{inv.identity.file_name}; the smallest needs {format_bytes(need)} (use --vram "
                                   f"{-(-int(need) // BYTES_PER_MIB)}MiB or more), or run it all on the CPU")
-    best_us, s, inst, chosen, prediction = min(results, key=lambda r: (r[0], r[1].n_ubatch, not r[1].op_offload,
-                                                                       -r[1].stream_slots))
+    def preference(r):      # the fastest; among equals the smaller ubatch, op offload on, more slots
+        return r[0], r[1].n_ubatch, not r[1].op_offload, -r[1].stream_slots
+    best_us, s, inst, chosen, prediction = min(results, key=preference)
     stock = [r for r in results if not r[1].segment_cells]
     if s.segment_cells and stock and min(r[0] for r in stock) <= best_us * (1 + GAP_REL):
-        best_us, s, inst, chosen, prediction = min(stock, key=lambda r: (r[0], r[1].n_ubatch, not r[1].op_offload,
-                                                                         -r[1].stream_slots))
+        best_us, s, inst, chosen, prediction = min(stock, key=preference)
     if write_lp:
         write_lp_file(build_problem(inst, budget_mib)[0], write_lp)
     devices = {u.key: (cost.gpu if c else CPU) for u, c in zip(inst.units, chosen)}
