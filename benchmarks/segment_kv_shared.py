@@ -23,7 +23,6 @@ import os
 import platform
 import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import llama_cpp
@@ -41,20 +40,6 @@ N_UBATCH = 512
 LLAMA_MAX_SEQ = 256     # llama.cpp's cap on n_seq_max (src/llama-cparams.h)
 
 
-@contextmanager
-def segment_kv(segment_cells: int | None):
-    """OATO_SEGMENT_KV set (None: unset) while a context is made: llama.cpp reads it then."""
-    old = os.environ.pop("OATO_SEGMENT_KV", None)
-    if segment_cells:
-        os.environ["OATO_SEGMENT_KV"] = str(segment_cells)
-    try:
-        yield
-    finally:
-        os.environ.pop("OATO_SEGMENT_KV", None)
-        if old is not None:
-            os.environ["OATO_SEGMENT_KV"] = old
-
-
 def completions(model: str, prompt: list[int], n_seq: int, n_tokens: int, *, flash_attn: bool, unified: bool,
                 segment_cells: int | None, n_ctx: int, firsts: list[int] | None = None, n_threads: int = 2,
                 swa_full: bool = True, ctx_check=None) -> tuple[list[list[int]], list[list[float]], int]:
@@ -62,7 +47,7 @@ def completions(model: str, prompt: list[int], n_seq: int, n_tokens: int, *, fla
     most likely next token), then greedy. Returns the tokens, each step's top-2 logit gap per sequence (the step that
     chose token i+1 is gap i), and the context memory's bytes after the last decode. ctx_check(ctx), if given, runs
     on the context before it is freed."""
-    with segment_kv(segment_cells):
+    with ggml.environment(OATO_SEGMENT_KV=segment_cells or None):
         lmodel = llama_cpp.llama_model_load_from_file(model.encode(), llama_cpp.llama_model_default_params())
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx, cparams.n_threads, cparams.n_threads_batch = n_ctx, n_threads, n_threads

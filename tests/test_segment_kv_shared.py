@@ -148,10 +148,11 @@ def test_what_a_shared_segmented_cache_refuses(gemma_model):
 
 def test_per_sequence_caches_as_predicted(gemma_model):
     """kv_unified off: n_ctx split into one stream per sequence, each sized like a one-sequence cache; seq_cp copies
-    the prompt into every stream."""
+    the prompt into every stream. OATO_SEGMENT_KV is not applied to several streams (llama.cpp logs why): the stock
+    cache."""
     prompt = _prompt(gemma_model)
     _, _, n_bytes = completions(str(gemma_model), prompt, N_SEQ, 2, flash_attn=False, unified=False,
-                                segment_cells=None, n_ctx=N_CTX, n_threads=THREADS)
+                                segment_cells=len(prompt), n_ctx=N_CTX, n_threads=THREADS)
     hp = read_inventory(gemma_model).hparams
     assert n_bytes == predicted_bytes(hp, N_CTX, N_SEQ, False, None, 1)
 
