@@ -48,7 +48,9 @@ def completions(model: str, prompt: list[int], n_seq: int, n_tokens: int, *, fla
     chose token i+1 is gap i), and the context memory's bytes after the last decode. ctx_check(ctx), if given, runs
     on the context before it is freed."""
     with ggml.environment(OATO_SEGMENT_KV=segment_cells or None):
-        lmodel = llama_cpp.llama_model_load_from_file(model.encode(), llama_cpp.llama_model_default_params())
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = 0    # the CPU, even where another device (a GPU, an RPC server) is registered
+        lmodel = llama_cpp.llama_model_load_from_file(model.encode(), mparams)
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx, cparams.n_threads, cparams.n_threads_batch = n_ctx, n_threads, n_threads
         cparams.n_batch = cparams.n_ubatch = N_UBATCH
