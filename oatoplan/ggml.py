@@ -163,6 +163,20 @@ def segment_attention():
     return fn
 
 
+@contextmanager
+def environment(**values) -> Iterator[None]:
+    """OATO_* variables set (None: unset) while llama.cpp makes a context (it reads them then), restored after."""
+    saved = {k: os.environ.pop(k, None) for k in values}
+    os.environ.update({k: str(v) for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
+
+
 def memory_bytes(ctx: int) -> int | None:
     """Bytes of the KV buffers that llama context `ctx` holds now (oatoplan's segment KV cache grows them; patches/
     0007), or None for a build without the function."""

@@ -155,6 +155,33 @@ def segment_kv_cells(hp: Hyperparameters, layer: int, n_ctx: int, n_ubatch: int,
     return segment_cells + 1 + max(capacity(1), capacity(n_used - segment_cells)) + 1
 
 
+def parallel_kv_cells(hp: Hyperparameters, layer: int, n_ctx: int, n_ubatch: int, n_seq: int, unified: bool,
+                      swa_full: bool = True) -> int:
+    """Cells of `layer`'s stock cache in a context for `n_seq` parallel sequences (n_seq_max). Per-sequence caches
+    (unified off): n_ctx (rounded up to 256) split into n_seq streams of n_ctx / n_seq rounded up to 256, each sized
+    like a one-sequence cache. Unified: one stream of n_ctx cells that every sequence shares; a sliding-window layer
+    without swa_full keeps n_swa cells per sequence and a ubatch (llama_kv_cache_iswa)."""
+    n_ctx = -(-n_ctx // 256) * 256
+    if not unified:
+        return n_seq * kv_cells(hp, layer, -(-(n_ctx // n_seq) // 256) * 256, n_ubatch, swa_full)
+    if layer in hp.swa_layers and hp.n_swa and not swa_full:
+        return -(-min(n_ctx, hp.n_swa * n_seq + n_ubatch) // 256) * 256
+    return n_ctx
+
+
+def shared_segment_kv_cells(hp: Hyperparameters, layer: int, n_ctx: int, n_ubatch: int, n_seq: int,
+                            segment_cells: int, n_decoded: int, chunk_cells: int = 256, swa_full: bool = True) -> int:
+    """Cells of `layer`'s cache when `n_seq` sequences share one prompt of `segment_cells` tokens in a unified
+    segment KV cache (kv_unified, OATO_SEGMENT_KV=P, the prompt decoded once and llama_memory_seq_cp'd to the others)
+    and each then decoded `n_decoded` tokens: the prompt's cells are segment 0, stored once; every sequence's
+    tokens take cells of segment 1 in turn (P + n_seq * n_decoded used), which grows in chunks as for one sequence
+    (segment_kv_cells). Sliding-window layers keep the unified stock cache (parallel_kv_cells)."""
+    if layer in hp.swa_layers and hp.n_swa:
+        return parallel_kv_cells(hp, layer, n_ctx, n_ubatch, n_seq, True, swa_full)
+    return segment_kv_cells(hp, layer, n_ctx, n_ubatch, segment_cells, segment_cells + n_seq * n_decoded,
+                            chunk_cells, swa_full)
+
+
 def kv_split_bytes(hp: Hyperparameters, layer: int, s: Settings, swa_full: bool = True) -> tuple[int, int]:
     """(bytes with the layer, bytes in host memory) of `layer`'s KV cache when the context is created. The stock cache
     (kv_layer_bytes) is all with the layer. Under the segment KV cache with its second segment in host memory

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-import os
-from contextlib import contextmanager
 
 import llama_cpp
 import numpy as np
@@ -36,20 +34,6 @@ REL_TOL = {False: 1e-5, True: 1e-2}
 CONTINUATION = " red, yellow and blue. Mixing them gives"
 
 
-@contextmanager
-def _segment_kv(segment_cells: int | None):
-    """OATO_SEGMENT_KV set (or unset) while a cache is built: it reads the variable then."""
-    old = os.environ.pop("OATO_SEGMENT_KV", None)
-    if segment_cells is not None:
-        os.environ["OATO_SEGMENT_KV"] = str(segment_cells)
-    try:
-        yield
-    finally:
-        os.environ.pop("OATO_SEGMENT_KV", None)
-        if old is not None:
-            os.environ["OATO_SEGMENT_KV"] = old
-
-
 def _attention_outputs(model, flash_attn: bool, segment_cells: int | None, n_ctx: int = N_CTX,
                        repeat: int = 1) -> tuple[dict[str, np.ndarray], int]:
     """Every layer's attention output (kqv_out-N) at the last token of (PROMPT + CONTINUATION) * repeat, decoded
@@ -72,7 +56,7 @@ def _attention_outputs(model, flash_attn: bool, segment_cells: int | None, n_ctx
     llm = llama_cpp.Llama(str(model), n_ctx=N_CTX, n_threads=2, verbose=False, vocab_only=True)
     tokens = llm.tokenize(((PROMPT + CONTINUATION) * repeat).encode())
     llm.close()
-    with _segment_kv(segment_cells):
+    with ggml.environment(OATO_SEGMENT_KV=segment_cells):
         mparams = llama_cpp.llama_model_default_params()
         lmodel = llama_cpp.llama_model_load_from_file(str(model).encode(), mparams)
         cparams = llama_cpp.llama_context_default_params()
@@ -103,7 +87,7 @@ def _assert_close(segmented, stock, flash_attn):
 
 def _greedy(model, flash_attn: bool, segment_cells: int | None) -> tuple[list[int], bool]:
     """Greedy tokens after PROMPT, and whether the cache can shift (a segmented cache cannot)."""
-    with _segment_kv(segment_cells):
+    with ggml.environment(OATO_SEGMENT_KV=segment_cells):
         llm = llama_cpp.Llama(str(model), n_ctx=N_CTX, n_threads=2, seed=0, flash_attn=flash_attn, verbose=False)
     prompt = llm.tokenize(PROMPT.encode())
     assert len(prompt) > 4          # segment 0 of 4 cells ends inside the prompt

@@ -16,9 +16,7 @@ backend) stands in for the GPU: all of Gemma 3 270M's layers on it, segment 0 wi
 from __future__ import annotations
 
 import ctypes
-import os
 import re
-from contextlib import contextmanager
 
 import llama_cpp
 import numpy as np
@@ -45,20 +43,6 @@ class _Tensor(ctypes.Structure):
                 ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
                 ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
                 ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64)]
-
-
-@contextmanager
-def _environment(**values):
-    """OATO_* variables set (None: unset) while a context is made: llama.cpp reads them then."""
-    saved = {k: os.environ.pop(k, None) for k in values}
-    os.environ.update({k: str(v) for k, v in values.items() if v is not None})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None)
-            if v is not None:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +92,7 @@ def _run(model, device, flash_attn: bool, segment_cells: int | None, host: int |
     cparams.flash_attn_type = 1 if flash_attn else 0
     cparams.n_outputs_max = 1     # the last token's logits only: then the compute buffers are mostly attention's
     cparams.cb_eval = callback
-    with _environment(OATO_SEGMENT_KV=segment_cells, OATO_SEGMENT_KV_HOST=host):
+    with ggml.environment(OATO_SEGMENT_KV=segment_cells, OATO_SEGMENT_KV_HOST=host):
         ctx = llama_cpp.llama_init_from_model(lmodel, cparams)
     try:
         vocab = llama_cpp.llama_model_get_vocab(lmodel)
