@@ -185,18 +185,8 @@ def _native_environment(plan: Plan):
     env.update(segment_env(plan.kv_segments))
     keys = ("OATO_STREAM", "OATO_STREAM_SLOTS", "OATO_STREAM_SLOT_BYTES", "OATO_SEGMENT_KV", "OATO_SEGMENT_KV_HOST",
             "OATO_SEGMENT_KV_CHUNK")
-    saved = {k: os.environ.get(k) for k in keys}
-    for k in keys:
-        os.environ.pop(k, None)
-    os.environ.update(env)
-    try:
+    with ggml.environment(**{k: env.get(k) for k in keys}):
         yield
-    finally:
-        for k, value in saved.items():
-            if value is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = value
 
 
 def _ggml_type(name: str) -> int:
