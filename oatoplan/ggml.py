@@ -163,6 +163,15 @@ def segment_attention():
     return fn
 
 
+def flash_attn_lse():
+    """`oato_flash_attn_ext_lse(ctx, q, k, v, mask, scale, max_bias, logit_softcap)` (patches/0006): FLASH_ATTN_EXT
+    whose rows carry one more column, their log-sum-exp; None for a build without it."""
+    fn = _oato_base("oato_flash_attn_ext_lse")
+    if fn is not None:
+        fn.restype, fn.argtypes = p, [p] * 5 + [_f32] * 3
+    return fn
+
+
 @contextmanager
 def environment(**values) -> Iterator[None]:
     """OATO_* variables set (None: unset) while llama.cpp makes a context (it reads them then), restored after."""

@@ -1,0 +1,145 @@
+"""GPU-only: CUDA's flash attention nodes that also write their rows' log-sum-exp (oato_flash_attn_ext_lse,
+patches/0009, native/ggml-cuda/oato-fattn-lse.cu), and the segment KV cache's attention built from them on CUDA0.
+
+- supports_op: CUDA takes such nodes where K is F16 or Q8_0 (the log-sum-exp pass reads it), refuses Q4_0 K.
+- The node's first DV columns are the stock kernel's output for the same node, bit for bit; column DV is the rows'
+  log-sum-exp, against float64; a row that sees no key gets -inf and zeros, as the CPU's.
+- oato_attn_segmented on CUDA0 is as close to attention (float64) as the stock graph over [a | b] on CUDA0 is, with
+  flash attention off and on, over head sizes, GQA ratios, empty segments, one query and a causal batch."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import numpy as np
+import pytest
+
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from oatoplan import ggml
+from oatoplan.ggml import Backend, graph_on, lib
+from oatoplan.machine import gpu_devices
+from test_segment_attention import N_HEAD_KV, SEGMENTS, _mask, run_attention
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def cuda0():
+    if not any(d.name == "CUDA0" for d in gpu_devices()):
+        pytest.skip("no CUDA0 in this llama.cpp build")
+    assert ggml.flash_attn_lse() is not None, "run `oatoplan build --cuda` (patches/0006)"
+    backend = Backend("CUDA0")
+    yield backend
+    backend.close()
+
+
+def _lse_node(backend, head_dim, n_head, n_kv, n_q, k_type="F16", masked_rows=(), seed=0):
+    """(stock FLASH_ATTN_EXT output (n_q, n_head, DV), the log-sum-exp node's (n_q, n_head, DV + 1), float64
+    log-sum-exp (n_q, n_head), whether the device supports the node) for one random causal case; `masked_rows`:
+    queries whose mask hides every key."""
+    rng = np.random.default_rng(seed)
+    scale = 1.0 / math.sqrt(head_dim)
+    q = rng.standard_normal((n_head, n_q, head_dim), dtype=np.float32)
+    k = rng.standard_normal((N_HEAD_KV, n_kv, head_dim), dtype=np.float32).astype(np.float16)
+    v = rng.standard_normal((N_HEAD_KV, n_kv, head_dim), dtype=np.float32).astype(np.float16)
+    if k_type == "Q8_0":   # K and V both Q8_0 (CUDA's default build pairs same-type K and V); the reference reads K's values
+        qtype = GGMLQuantizationType.Q8_0
+        k_q, v_q = quantize(k.astype(np.float32), qtype), quantize(v.astype(np.float32), qtype)
+        k = dequantize(k_q, qtype).reshape(k.shape)
+    mask = _mask(n_kv, n_q)
+    mask[list(masked_rows)] = -np.inf
+    g = lib()
+    g.ggml_backend_dev_supports_op.restype = ctypes.c_bool
+    g.ggml_backend_dev_supports_op.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    data = {}
+    with graph_on(backend) as gr:
+        def tensor(array, ggml_type):
+            t = gr.tensor(ggml_type, *reversed(array.shape))
+            data[t] = np.ascontiguousarray(array).tobytes()
+            return t
+
+        tq, tm = tensor(q, "F32"), tensor(mask.astype(np.float16), "F16")
+        if k_type == "F16":
+            tk, tv = tensor(k, "F16"), tensor(v, "F16")
+        elif k_type == "Q8_0":
+            tk, tv = gr.tensor("Q8_0", head_dim, n_kv, N_HEAD_KV), gr.tensor("Q8_0", head_dim, n_kv, N_HEAD_KV)
+            data[tk], data[tv] = k_q.tobytes(), v_q.tobytes()
+        else:   # the values do not matter: only supports_op is asked
+            tk, tv = gr.tensor(k_type, head_dim, n_kv, N_HEAD_KV), gr.tensor(k_type, head_dim, n_kv, N_HEAD_KV)
+        stock = g.ggml_flash_attn_ext(gr.ctx, tq, tk, tv, tm, scale, 0.0, 0.0)
+        node = ggml.flash_attn_lse()(gr.ctx, tq, tk, tv, tm, scale, 0.0, 0.0)
+        supported = g.ggml_backend_dev_supports_op(backend.dev, node)
+        if k_type not in ("F16", "Q8_0"):
+            return None, None, None, supported
+        gr.output(stock)
+        gr.output(node)
+        gr.allocate(lambda t, ggml_type, n_bytes: data.get(t))
+        gr.compute()
+        got_stock = gr.read(stock).reshape(n_q, n_head, head_dim)
+        got = gr.read(node).reshape(n_q, n_head, head_dim + 1)
+    ratio = n_head // N_HEAD_KV
+    s = np.einsum("hqd,hkd->qhk", q.astype(np.float64), np.repeat(k.astype(np.float64), ratio, 0)) * scale
+    s = s + mask[:, None, :]
+    top = s.max(-1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        lse = (top + np.log(np.exp(s - top).sum(-1, keepdims=True)))[..., 0]
+    lse[list(masked_rows)] = -np.inf
+    return got_stock, got, lse, supported
+
+
+def test_cuda_takes_lse_nodes_with_f16_or_q8_0_k(cuda0):
+    assert _lse_node(cuda0, 128, 8, 256, 1, k_type="Q4_0")[3] is False
+    assert _lse_node(cuda0, 128, 8, 256, 1)[3] is True
+
+
+@pytest.mark.parametrize("n_q", [1, 7, 64])
+@pytest.mark.parametrize("n_kv", [40, 256, 1024])
+@pytest.mark.parametrize("gqa", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_lse_node_is_stock_output_plus_log_sum_exp(cuda0, head_dim, gqa, n_kv, n_q):
+    stock, got, lse, supported = _lse_node(cuda0, head_dim, N_HEAD_KV * gqa, n_kv, n_q)
+    assert supported
+    seen = np.isfinite(lse[:, 0])   # n_q > n_kv: the first queries see no key (stock: 0/0, this node: 0 and -inf)
+    np.testing.assert_array_equal(got[seen, :, :head_dim], stock[seen])
+    assert (got[~seen, :, :head_dim] == 0).all() and np.isneginf(got[~seen, :, head_dim]).all()
+    err = np.abs(got[seen, :, head_dim] - lse[seen]).max()
+    assert err < 1e-3, f"log-sum-exp {err:.3g} from float64"
+
+
+@pytest.mark.parametrize("n_q", [1, 7])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_lse_node_with_q8_0_cache(cuda0, head_dim, n_q):
+    stock, got, lse, supported = _lse_node(cuda0, head_dim, 8, 512, n_q, k_type="Q8_0")
+    assert supported
+    np.testing.assert_array_equal(got[..., :head_dim], stock)
+    err = np.abs(got[..., head_dim] - lse).max()
+    assert err < 1e-3, f"log-sum-exp {err:.3g} from float64"
+
+
+def test_row_that_sees_no_key(cuda0):
+    stock, got, lse, _ = _lse_node(cuda0, 128, 8, 256, 7, masked_rows=(0, 3))
+    assert np.isneginf(got[[0, 3], :, 128]).all()
+    assert (got[[0, 3], :, :128] == 0).all()
+    rest = [1, 2, 4, 5, 6]
+    np.testing.assert_array_equal(got[rest, :, :128], stock[rest])
+    assert np.abs(got[rest, :, 128] - lse[rest]).max() < 1e-3
+
+
+@pytest.mark.parametrize("n_q", [1, 7])
+@pytest.mark.parametrize("n_a,n_b", SEGMENTS)
+@pytest.mark.parametrize("gqa", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_segmented_on_cuda_as_close_as_stock(cuda0, head_dim, gqa, n_a, n_b, n_q):
+    got = run_attention(cuda0, head_dim, N_HEAD_KV * gqa, n_a, n_b, n_q)
+    err = {name: np.abs(got[name] - got["exact"]).max() for name in ("stock_off", "stock_on", "seg_off", "seg_on")}
+    # the stock graphs compute attention at all (f16 K/V and probabilities: ~1e-3 from float64)
+    assert max(err["stock_off"], err["stock_on"]) < 5e-3, err
+    # segmented: the stock kernels on each segment plus an f32 merge, so about the stock graph's own error; with
+    # flash attention off CUDA's mat-muls round the probabilities to f16 per segment (up to 5e-4 more)
+    assert err["seg_off"] <= 2 * err["stock_off"] + 5e-4, err
+    assert err["seg_on"] <= 2 * err["stock_on"] + 1e-4, err
+    if n_a == 0 or n_b == 0:   # one segment: the stock nodes themselves
+        np.testing.assert_array_equal(got["seg_on"], got["stock_on"])
