@@ -35,9 +35,9 @@ CONTINUATION = " red, yellow and blue. Mixing them gives"
 
 
 def _attention_outputs(model, flash_attn: bool, segment_cells: int | None, n_ctx: int = N_CTX,
-                       repeat: int = 1) -> tuple[dict[str, np.ndarray], int]:
+                       repeat: int = 1, types1: str | None = None) -> tuple[dict[str, np.ndarray], int]:
     """Every layer's attention output (kqv_out-N) at the last token of (PROMPT + CONTINUATION) * repeat, decoded
-    alone after the rest as one batch, and the bytes of the KV buffers then."""
+    alone after the rest as one batch, and the bytes of the KV buffers then; `types1`: segment 1's K,V types."""
     g = ggml.lib()
     g.ggml_get_name.restype, g.ggml_get_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
     g.ggml_nelements.restype, g.ggml_nelements.argtypes = ctypes.c_int64, [ctypes.c_void_p]
@@ -56,7 +56,7 @@ def _attention_outputs(model, flash_attn: bool, segment_cells: int | None, n_ctx
     llm = llama_cpp.Llama(str(model), n_ctx=N_CTX, n_threads=2, verbose=False, vocab_only=True)
     tokens = llm.tokenize(((PROMPT + CONTINUATION) * repeat).encode())
     llm.close()
-    with ggml.environment(OATO_SEGMENT_KV=segment_cells):
+    with ggml.environment(OATO_SEGMENT_KV=segment_cells, OATO_SEGMENT_KV_TYPES1=types1):
         mparams = llama_cpp.llama_model_default_params()
         lmodel = llama_cpp.llama_model_load_from_file(str(model).encode(), mparams)
         cparams = llama_cpp.llama_context_default_params()
@@ -154,3 +154,43 @@ def test_memory_model_predicts_the_segmented_cache(gemma_model, segment_cells, r
                                      swa_full=defaults.swa_full) * kv_bytes_per_token(hp, il, "f16", "f16")
                     for il in range(hp.n_layer))
     assert measured == predicted, (measured, predicted, n_used)
+
+
+@pytest.mark.skipif("segment-kv-types" not in (loaded_series() or ""), reason="patches/0010 not in this build")
+@pytest.mark.parametrize("flash_attn, types1, stored", [(True, "q8_0,q8_0", ("q8_0", "q8_0")),
+                                                        (False, "q8_0,f16", ("q8_0", "f16")),
+                                                        (False, "q8_0,q8_0", ("f16", "f16")),
+                                                        (True, "q8_0,bogus", ("f16", "f16"))],
+                         ids=["fa-on-q8_0", "fa-off-k-only", "fa-off-quantized-v-refused", "bad-name-ignored"])
+def test_response_segment_types(gemma_model, flash_attn, types1, stored):
+    """OATO_SEGMENT_KV_TYPES1 (patches/0010), P=16, n_ctx 2048, a 281-token chat: segment 1 stores K and V in its own
+    types while segment 0 and the SWA cache keep f16 (the context's KV bytes, to the byte); a quantized V without
+    flash attention, or a name that is not a KV cache type, leaves f16. The first global layer's attention stays
+    within q8_0's rounding of the f16 cache's."""
+    hp = read_inventory(gemma_model).hparams
+    defaults = llama_cpp.llama_context_default_params()
+    stock, _ = _attention_outputs(gemma_model, flash_attn, None, 2048, 20)
+    f16, f16_bytes = _attention_outputs(gemma_model, flash_attn, 16, 2048, 20)
+    typed, typed_bytes = _attention_outputs(gemma_model, flash_attn, 16, 2048, 20, types1)
+    llm = llama_cpp.Llama(str(gemma_model), n_ctx=N_CTX, n_threads=2, verbose=False, vocab_only=True)
+    n_used = len(llm.tokenize(((PROMPT + CONTINUATION) * 20).encode()))
+    llm.close()
+
+    def tensor_bytes(ggml_type: str, n_cells: int, il: int, head_dim: int) -> int:   # in a CPU buffer: 32-aligned
+        return -(-n_cells * ggml.row_bytes(ggml_type.upper(), hp.n_head_kv[il] * head_dim) // 32) * 32
+
+    # segment 1: its cells and its spare (segment 0 holds P = 16 and a spare)
+    n_seg1 = {il: segment_kv_cells(hp, il, 2048, defaults.n_ubatch, 16, n_used, swa_full=defaults.swa_full) - 17
+              for il in range(hp.n_layer) if il not in hp.swa_layers}
+    saved = sum(tensor_bytes("f16", n, il, dim) - tensor_bytes(t, n, il, dim) for il, n in n_seg1.items()
+                for t, dim in zip(stored, (hp.head_dim_k, hp.head_dim_v)))
+    assert f16_bytes - typed_bytes == saved
+    if stored == ("f16", "f16"):
+        assert typed_bytes == f16_bytes
+        for name in typed:
+            np.testing.assert_array_equal(typed[name], f16[name])
+    else:
+        assert saved > 0
+        name = f"kqv_out-{FIRST_GLOBAL}"
+        rel = np.abs(typed[name] - stock[name]).max() / np.abs(stock[name]).max()
+        assert rel <= 5e-2, f"{name}: {rel:.3g} from the f16 cache (relative)"
