@@ -23,8 +23,9 @@ N_HEAD_KV = 2
 # cache's differ in the last f32 bit, which can move a probability by one f16 step when KQV converts it (the stock
 # graph itself is ~1e-3 from float64). Measured values: docs/notes/2026-12-02-segment-kv-design.md.
 TOL_OFF = {1: 1e-6, 7: 3e-4}
-# (n_kv of segment a, n_kv of segment b): empty segments on either side, a short prompt, a long one
-SEGMENTS = [(0, 40), (40, 0), (37, 91), (300, 5)]
+# (n_kv of segment a, n_kv of segment b): empty segments on either side, a short prompt, a long one, and one long
+# enough (>= 512 cells) that a single query's flash attention takes the CPU's split-KV path (patches/0011)
+SEGMENTS = [(0, 40), (40, 0), (37, 91), (300, 5), (600, 40)]
 
 
 @pytest.fixture(scope="module")

@@ -123,6 +123,12 @@ struct ggml_tensor * oato_attn_segmented(
     const int64_t n_b = k_b->ne[1];
     struct ggml_tensor * p_a = ggml_view_4d(ctx, kq, n_a, kq->ne[1], kq->ne[2], kq->ne[3], kq->nb[1], kq->nb[2], kq->nb[3], 0);
     struct ggml_tensor * p_b = ggml_view_4d(ctx, kq, n_b, kq->ne[1], kq->ne[2], kq->ne[3], kq->nb[1], kq->nb[2], kq->nb[3], n_a*ggml_element_size(kq));
+    if ((n_a + n_b) % 2 != 0 || n_a % 2 != 0) {
+        // CUDA's mat-vec kernels read the probabilities two at a time and assert an even row stride; llama.cpp's
+        // n_kv and our segments are multiples of 256, so a cache never comes here
+        p_a = ggml_cont(ctx, p_a);
+        p_b = ggml_cont(ctx, p_b);
+    }
     struct ggml_tensor * kqv = ggml_add(ctx, ggml_mul_mat(ctx, v_a, p_a), ggml_mul_mat(ctx, v_b, p_b));
     return ggml_permute(ctx, kqv, 0, 2, 1, 3);
 }
