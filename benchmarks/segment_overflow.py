@@ -34,30 +34,34 @@ from oatoplan.plan import plan_model
 from oatoplan.schema import Profile, Workload
 
 
-def run_depths(llm, plan, depths: list[int], n_prompt: int, n_gen: int, reps: int, gpu: str) -> list[dict]:
-    """Per depth: decode tokens/s of each repetition (after filling the cache to that depth and a prompt), the GPU's
-    used bytes and the KV cache's bytes per buffer type afterwards."""
+def run_depths(llm, plan, depths: list[int], n_prompt: int, n_gen: int, reps: int, gpu: str,
+               rows: list[dict], save) -> None:
+    """Per depth, appended to `rows` (then `save()`, so that a run cut short keeps what it measured): decode
+    tokens/s of each repetition (after filling the cache to that depth and a prompt), the prefill's tokens/s, the
+    GPU's used bytes and the KV cache's bytes per buffer type afterwards."""
     rng = np.random.default_rng(0)
     n_vocab, memory = llm.n_vocab(), llama_cpp.llama_get_memory(llm._ctx.ctx)
-    rows = []
     for depth in depths:
-        samples = []
+        samples, prefill = [], []
         for _ in range(reps):
             llama_cpp.llama_memory_clear(memory, True)
             tokens = rng.integers(0, n_vocab, depth + n_prompt).tolist()
+            t0 = time.perf_counter()
             for start in range(0, len(tokens), plan.n_batch):
                 decode(llm, tokens[start:start + plan.n_batch])
+            prefill.append(len(tokens) / (time.perf_counter() - t0))
             token = int(rng.integers(0, n_vocab))
             t0 = time.perf_counter()
             for _ in range(n_gen):
                 decode(llm, [token])
             samples.append(n_gen / (time.perf_counter() - t0))
-        rows.append({"depth": depth, "decode_tokens_per_s": samples, "gpu_used_bytes": gpu_used_bytes(gpu),
+        rows.append({"depth": depth, "decode_tokens_per_s": samples, "prefill_tokens_per_s": prefill,
+                     "gpu_used_bytes": gpu_used_bytes(gpu),
                      "kv_bytes": ggml.memory_breakdown(llm._ctx.ctx, "context"),
                      "compute_bytes": ggml.memory_breakdown(llm._ctx.ctx, "compute")})
         print(f"  depth {depth}: {np.mean(samples):.1f} tokens/s, GPU {rows[-1]['gpu_used_bytes'] / 2**20:,.0f} MiB, "
               f"KV {rows[-1]['kv_bytes']}", file=sys.stderr)
-    return rows
+        save()
 
 
 def main() -> None:
@@ -80,6 +84,10 @@ def main() -> None:
               "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "llama_cpp_build": llama_cpp_build(), "profile_id": profile.profile_id, "budget_bytes": budget,
               "workload": vars(args), "arms": []}
+
+    def save() -> None:
+        Path(args.out).write_text(json.dumps(result, indent=1, default=list))
+
     for name, segments in (("segmented", True), ("stock cache", False)):
         plan = plan_model(inv, profile, budget, workload, segments=segments)
         gpu = plan.gpu_devices[0]
@@ -88,13 +96,13 @@ def main() -> None:
         print(f"{name}: {plan.flags[:90]} segments {[(s.first_cell, s.end_cell, s.device) for s in plan.kv_segments]}",
               file=sys.stderr)
         loaded = gpu_used_bytes(gpu) - before
-        rows = run_depths(llm, plan, args.depths, args.prompt, args.gen, args.reps, gpu)
+        rows: list[dict] = []
         result["arms"].append({"name": name, "flags": plan.flags, "kv_segments": [vars(s) for s in plan.kv_segments],
                                "predicted_decode_tokens_per_s": plan.prediction.decode_tokens_per_s,
                                "predicted_gpu_bytes": plan.prediction.gpu_bytes, "gpu_bytes_after_load": loaded,
                                "gpu_used_before_load": before, "depths": rows})
+        run_depths(llm, plan, args.depths, args.prompt, args.gen, args.reps, gpu, rows, save)
         llm.close()
-    Path(args.out).write_text(json.dumps(result, indent=1, default=list))
     print(f"wrote {args.out}", file=sys.stderr)
 
 

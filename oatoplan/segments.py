@@ -63,7 +63,9 @@ def segment_note(solution, workload: Workload, profile: Profile) -> tuple[str, .
     if solution.settings.segment_cells:
         return (f"segment KV cache: cells 0-{cells} of each full-attention layer's cache stay with the layer, cells "
                 f"{cells}-{workload.n_ctx} go to host memory in chunks of {KV_SEGMENT_GROWTH_CELLS} as a chat grows "
-                f"past {cells} (their attention then runs on the CPU, slower, still exact); KV cache in VRAM {kv}; "
+                f"past {cells} (their attention then runs on the CPU, still exact: decode about as fast as with the "
+                f"whole cache in host memory, prompt batches past {cells} cells much slower, since the host "
+                f"segment is never copied to the GPU); KV cache in VRAM {kv}; "
                 f"best predicted {workload.objective} time: {times}",)
     return (f"segment KV cache considered (first segment {cells} cells) and not used: best predicted "
             f"{workload.objective} time: {times} (the stock cache is kept unless segments gain more than the "

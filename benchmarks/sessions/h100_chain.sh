@@ -19,8 +19,9 @@
 # $CPU_FFN blocks on the host), streamsweep (2/3/6 slots, host blocks first or spread, against predictions); gputests
 # runs tests/gpu/test_stream_gpu.py on both shapes. build + profile + gputests fit one call (about 390 s on the H200
 # machine), bench2048 + bench512 the next (about 240 s).
-# Segment KV cache (issue #21): segtests (tests/gpu/test_segment_kv_gpu.py), segbenchN (bench at --ctx 32768, depth N),
-# segoverflow (a chat past the plan's first segment).
+# Segment KV cache (issue #21): segtests (tests/gpu/test_segment_kv_gpu.py), segattn (tests/gpu/
+# test_segment_attention_gpu.py), segbenchN (bench at --ctx 32768, depth N), segoverflow (a chat past the plan's
+# first segment).
 set -uo pipefail
 W=${OATO_WORK:-/tmp/oato}
 export OATO_WORK=$W OATOPLAN_CACHE=${OATOPLAN_CACHE:-$W/cache}
@@ -132,7 +133,8 @@ for line in open(sys.argv[1]):
       $OUT/stream-check.jsonl ;;
   gputests)
     ensure_build
-    OATO_STREAM_TEST_MODELS=$W/gemma3-270m.gguf:$MODEL timeout 200 $S python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu > $OUT/gputests.log 2>&1
+    OATO_STREAM_TEST_MODELS=$W/gemma3-270m.gguf:$MODEL timeout ${GPUTESTS_S:-200} $S python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu \
+      ${GPUTESTS_ARGS:-} > $OUT/gputests.log 2>&1
     echo "gputests rc=$?"; tail -3 $OUT/gputests.log ;;
   tests)
     ensure_build
@@ -188,19 +190,24 @@ for line in open(sys.argv[1]):
       --plan-depth 1024 --depths 1024 2048 4096 --out $OUT/segment-overflow.json > $OUT/segoverflow.log 2>&1
     echo "segoverflow rc=$?"; grep -v "^llama\|^load\|^print_info" $OUT/segoverflow.log | tail -10 ;;
   gemmapart)
-    # the real Gemma 3 270M in four parts (split -n 4 -d into gemma-parts/g0N.gguf, git-ignored), one carried per call
+    # the real Gemma 3 270M in parts (split -n 5 -d into gemma-parts/g0N.gguf, git-ignored), one carried per call
     for f in gemma-parts/g0*.gguf; do [ -f "$f" ] && cp "$f" $W/ && echo "carried $f"; done ;;
   segtests)
-    # with all four parts on this machine: the real Gemma (its sha256 checked), else the shape-faithful stand-in
+    # with all five parts on this machine: the real Gemma (its sha256 checked), else the shape-faithful stand-in
     ensure_build; real=$W/gemma-3-270m-q4_k_m.gguf
-    if [ ! -f $real ] && [ -f $W/g03.gguf ]; then
-      cat $W/g00.gguf $W/g01.gguf $W/g02.gguf $W/g03.gguf > $real.part
+    if [ ! -f $real ] && [ -f $W/g04.gguf ]; then
+      cat $W/g00.gguf $W/g01.gguf $W/g02.gguf $W/g03.gguf $W/g04.gguf > $real.part
       echo "${GEMMA_SHA256:-none}  $real.part" | sha256sum -c - && mv $real.part $real
     fi
     [ -f $real ] && export OATO_GEMMA_MODEL=$real || export OATO_GEMMA_MODEL=$W/gemma3-270m.gguf
     echo "segtests on $OATO_GEMMA_MODEL"
     OATO_STREAM_TEST_MODELS=$W/gemma3-270m.gguf:$MODEL timeout 200 $S python3 -m pytest -q -p no:cacheprovider -m gpu \
       tests/gpu/test_segment_kv_gpu.py > $OUT/segtests.log 2>&1; echo "segtests rc=$?"; tail -5 $OUT/segtests.log ;;
+  segattn)
+    # the CUDA flash attention nodes that write the log-sum-exp (patches/0009), and the segmented attention on CUDA0
+    ensure_build
+    timeout 200 $S python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_segment_attention_gpu.py \
+      > $OUT/segattn.log 2>&1; echo "segattn rc=$?"; tail -5 $OUT/segattn.log ;;
   bench*)
     ensure_profile
     n=${step#bench}; n=${n%ttft}; objective=total; [ "$step" = "${step%ttft}" ] || objective=ttft
