@@ -31,18 +31,13 @@ def node_us(backend: Backend, lse: bool, n_kv: int) -> list[float]:
     k = rng.standard_normal((N_HEAD_KV, n_kv, HEAD_DIM), dtype=np.float32).astype(np.float16)
     v = rng.standard_normal((N_HEAD_KV, n_kv, HEAD_DIM), dtype=np.float32).astype(np.float16)
     mask = np.zeros((1, n_kv), np.float16)
-    data = {}
     with graph_on(backend) as gr:
-        def tensor(array, ggml_type):
-            t = gr.tensor(ggml_type, *reversed(array.shape))
-            data[t] = np.ascontiguousarray(array).tobytes()
-            return t
 
-        args = (gr.ctx, tensor(q, "F32"), tensor(k, "F16"), tensor(v, "F16"), tensor(mask, "F16"),
+        args = (gr.ctx, gr.array(q, "F32"), gr.array(k, "F16"), gr.array(v, "F16"), gr.array(mask, "F16"),
                 1 / math.sqrt(HEAD_DIM), 0.0, 0.0)
         node = ggml.flash_attn_lse()(*args) if lse else lib().ggml_flash_attn_ext(*args)
         gr.output(node)
-        gr.allocate(lambda t, ggml_type, n_bytes: data.get(t))
+        gr.allocate()
         return time_us(gr.compute, min_samples=5, max_samples=30)
 
 

@@ -391,7 +391,8 @@ class Backend:
 
 class Graph:
     """A ggml context whose tensors live in one backend buffer, and a graph over them.
-    Build: g.tensor(...) / g.op("ggml_mul_mat", a, b) / g.output(t); then g.allocate(fill) and g.compute()."""
+    Build: g.tensor(...) or g.array(values, type) / g.op("ggml_mul_mat", a, b) / g.output(t); then g.allocate(fill)
+    (or g.allocate() for arrays) and g.compute()."""
 
     def __init__(self, backend: Backend, max_tensors: int = 4096):
         g = lib()
@@ -400,6 +401,7 @@ class Graph:
         self.ctx = g.ggml_init(InitParams(size, None, True))
         self.graph = g.ggml_new_graph_custom(self.ctx, max_tensors, False)
         self.inputs: list[tuple[int, str]] = []
+        self.data: dict[int, bytes] = {}   # input bytes `allocate` sets (`array`)
         self.buffer = None
 
     def tensor(self, ggml_type: str, *shape: int) -> int:
@@ -409,15 +411,22 @@ class Graph:
         self.inputs.append((t, ggml_type))
         return t
 
+    def array(self, values: np.ndarray, ggml_type: str) -> int:
+        """An input tensor of `values`' shape (ggml's order: reversed) whose bytes (already of `ggml_type`) `allocate`
+        sets."""
+        t = self.tensor(ggml_type, *reversed(values.shape))
+        self.data[t] = np.ascontiguousarray(values).tobytes()
+        return t
+
     def op(self, name: str, *args) -> int:
         return getattr(lib(), name)(self.ctx, *args)
 
     def output(self, t: int) -> None:
         lib().ggml_build_forward_expand(self.graph, t)
 
-    def allocate(self, fill, buffer_type: int | None = None) -> None:
+    def allocate(self, fill=None, buffer_type: int | None = None) -> None:
         """Allocate every tensor on the backend (or in `buffer_type`, e.g. a GPU's pinned host memory);
-        `fill(tensor, ggml_type, n_bytes)` gives inputs' bytes or None."""
+        `fill(tensor, ggml_type, n_bytes)` gives inputs' bytes or None (then those of `array`, if any)."""
         g = lib()
         self.buffer = (g.ggml_backend_alloc_ctx_tensors_from_buft(self.ctx, buffer_type) if buffer_type else
                        g.ggml_backend_alloc_ctx_tensors(self.ctx, self.backend.handle))
@@ -425,7 +434,8 @@ class Graph:
             raise BackendError(f"out of memory on {self.backend.device} allocating a profiling graph")
         for t, ggml_type in self.inputs:
             n_bytes = g.ggml_nbytes(t)
-            data = fill(t, ggml_type, n_bytes)
+            data = fill(t, ggml_type, n_bytes) if fill else None
+            data = self.data.get(t) if data is None else data
             if data is not None:
                 g.ggml_backend_tensor_set(t, data, 0, n_bytes)
 

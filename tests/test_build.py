@@ -67,7 +67,8 @@ def test_series_hash_covers_native_sources(tmp_path):
     before = build.series_hash(patches, native)
     (native / "oato-x.c").write_text("int x;\n")
     assert build.series_hash(patches, native) != before
-    assert build.native_sources() and all(f.suffix in (".c", ".h") for f in build.native_sources())
+    suffixes = {f.suffix for f in build.native_sources()}
+    assert suffixes == {".c", ".h", ".cu", ".cuh"}   # the CPU files and native/ggml-cuda's, README left out
 
 
 def test_a_patch_that_does_not_apply_is_named_and_changes_nothing(tmp_path):

@@ -61,12 +61,8 @@ def run_attention(backend, head_dim, n_head, n_a, n_b, n_q, seed=0):
     mask = _mask(n_kv, n_q)
     g = lib()
     seg = ggml.segment_attention()
-    data = {}
     with graph_on(backend) as gr:
-        def tensor(array, ggml_type):
-            t = gr.tensor(ggml_type, *reversed(array.shape))
-            data[t] = np.ascontiguousarray(array).tobytes()
-            return t
+        tensor = gr.array
 
         def segment(lo, hi):
             """(k, v, v transposed, f32 mask, f16 mask) of positions lo:hi, or Nones for an empty segment."""
@@ -90,7 +86,7 @@ def run_attention(backend, head_dim, n_head, n_a, n_b, n_q, seed=0):
                                                   scale, 0.0, 0.0, True))}
         for t in outs.values():
             gr.output(t)
-        gr.allocate(lambda t, ggml_type, n_bytes: data.get(t))
+        gr.allocate()
         gr.compute()
         got = {name: gr.read(t).reshape(n_q, n_head, head_dim) for name, t in outs.items()}
     got["exact"] = _reference(q, k, v, mask, scale)

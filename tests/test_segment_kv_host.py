@@ -61,10 +61,11 @@ def _decode(ctx, tokens: list[int]) -> None:
 
 
 def _run(model, device, flash_attn: bool, segment_cells: int | None, host: int | None, prompt: str = PROMPT,
-         n_ctx: int = N_CTX, n_tokens: int = N_TOKENS) -> dict:
-    """Every layer on `device`; the prompt as one batch, then n_tokens greedy tokens one at a time. Returns the
-    tokens, the buffer (CPU or the server's) of every node that reads segment 1 by op name, and the context's KV and
-    compute bytes per buffer type after the prompt and at the end."""
+         n_ctx: int = N_CTX, n_tokens: int = N_TOKENS, forced: list[int] | None = None) -> dict:
+    """Every layer on `device`; the prompt as one batch, then n_tokens greedy tokens one at a time (`forced`: those
+    tokens decoded instead, the argmax still recorded at each step). Returns the tokens, the buffer (CPU or the
+    server's) of every node that reads segment 1 by op name, and the context's KV and compute bytes per buffer type
+    after the prompt and at the end."""
     g = ggml.lib()
     g.ggml_backend_buffer_name.restype, g.ggml_backend_buffer_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
     g.ggml_op_name.restype, g.ggml_op_name.argtypes = ctypes.c_char_p, [ctypes.c_int]
@@ -103,10 +104,10 @@ def _run(model, device, flash_attn: bool, segment_cells: int | None, host: int |
         _decode(ctx, list(ids[:n]))
         first = {"kv": ggml.memory_breakdown(ctx), "compute": ggml.memory_breakdown(ctx, "compute")}
         tokens, n_vocab = [], llama_cpp.llama_vocab_n_tokens(vocab)
-        for _ in range(n_tokens):
+        for i in range(n_tokens):
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
             tokens.append(int(logits.argmax()))
-            _decode(ctx, tokens[-1:])
+            _decode(ctx, [forced[i]] if forced else tokens[-1:])
         return {"tokens": tokens, "readers": readers, "n_prompt": n, "load_compute": load_compute, "first": first,
                 "kv": ggml.memory_breakdown(ctx), "compute": ggml.memory_breakdown(ctx, "compute")}
     finally:

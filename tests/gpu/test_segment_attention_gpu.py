@@ -54,19 +54,14 @@ def _lse_node(backend, head_dim, n_head, n_kv, n_q, k_type="F16", masked_rows=()
     g = lib()
     g.ggml_backend_dev_supports_op.restype = ctypes.c_bool
     g.ggml_backend_dev_supports_op.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    data = {}
     with graph_on(backend) as gr:
-        def tensor(array, ggml_type):
-            t = gr.tensor(ggml_type, *reversed(array.shape))
-            data[t] = np.ascontiguousarray(array).tobytes()
-            return t
 
-        tq, tm = tensor(q, "F32"), tensor(mask.astype(np.float16), "F16")
+        tq, tm = gr.array(q, "F32"), gr.array(mask.astype(np.float16), "F16")
         if k_type == "F16":
-            tk, tv = tensor(k, "F16"), tensor(v, "F16")
+            tk, tv = gr.array(k, "F16"), gr.array(v, "F16")
         elif k_type == "Q8_0":
             tk, tv = gr.tensor("Q8_0", head_dim, n_kv, N_HEAD_KV), gr.tensor("Q8_0", head_dim, n_kv, N_HEAD_KV)
-            data[tk], data[tv] = k_q.tobytes(), v_q.tobytes()
+            gr.data[tk], gr.data[tv] = k_q.tobytes(), v_q.tobytes()
         else:   # the values do not matter: only supports_op is asked
             tk, tv = gr.tensor(k_type, head_dim, n_kv, N_HEAD_KV), gr.tensor(k_type, head_dim, n_kv, N_HEAD_KV)
         stock = g.ggml_flash_attn_ext(gr.ctx, tq, tk, tv, tm, scale, 0.0, 0.0)
@@ -76,7 +71,7 @@ def _lse_node(backend, head_dim, n_head, n_kv, n_q, k_type="F16", masked_rows=()
             return None, None, None, supported
         gr.output(stock)
         gr.output(node)
-        gr.allocate(lambda t, ggml_type, n_bytes: data.get(t))
+        gr.allocate()
         gr.compute()
         got_stock = gr.read(stock).reshape(n_q, n_head, head_dim)
         got = gr.read(node).reshape(n_q, n_head, head_dim + 1)

@@ -2,15 +2,20 @@
 an RPC device: every layer of the real Gemma 3 270M on CUDA0, segment 0 (P cells) with them, segment 1 in host memory
 (OATO_SEGMENT_KV_HOST=1) with the nodes that read it on the CPU backend.
 
-- Greedy tokens (the suite's prompt, P=16, 64 tokens): flash attention off, those of the unsegmented cache on CUDA0;
-  on, those of stage 1's segmented cache on CUDA0 (both segments in VRAM). CUDA refuses the FLASH_ATTN_EXT nodes
-  that also write the log-sum-exp (patches/0006) until stage 3, so with flash attention on segment 0's attention runs
-  on the CPU too, from a copy of segment 0: correct, slower, expected in this stage.
+- Greedy tokens (the suite's prompt, P=16, 64 tokens), flash attention off and on: those of the unsegmented cache
+  on CUDA0, or, as tests/gpu/test_patched_gpu.py allows CUDA's rounding, >= 95% top-1 agreement with them when fed
+  the unsegmented cache's tokens. On the H200 the real Gemma's greedy tokens part early under any change of
+  rounding: llama.cpp's own runs with flash attention off and on part at tokens 0-21 over six prompts
+  (benchmarks/segment_tokens_gpu.py, benchmarks/results/2026-12-02-h200-segment-tokens-gemma3-270m.json), and the
+  strict form of this test failed there at tokens 9 (off) and 2 (on); this form has not run on a GPU yet. With flash
+  attention on, segment 0's FLASH_ATTN_EXT nodes also write their rows' log-sum-exp, which CUDA computes since
+  patches/0009, so they run on CUDA0 next to segment 0.
 - The nodes that read segment 1 run on the CPU; with segment 1 in VRAM (stage 1) on CUDA0.
 - Segment 1's bytes are in a CPU buffer, none on CUDA0; CUDA0's compute buffer is the same at load, after a prompt
   that overflows P = 256 and after generation that grows segment 1 (n_ctx 2048).
-Not run on a GPU by its author (no GPU on the development machine)."""
+"""
 
+import numpy as np
 import pytest
 
 from oatoplan import ggml
@@ -33,17 +38,20 @@ def cuda0():
 def test_host_segment_on_cuda(gemma_model, cuda0, flash_attn):
     stock, on_device, on_host = (_run(gemma_model, cuda0, flash_attn, cells, host)
                                  for cells, host in ((None, None), (SEGMENT_CELLS, None), (SEGMENT_CELLS, 1)))
-    assert on_host["tokens"] == (on_device if flash_attn else stock)["tokens"]
+    for run, cells, host in ((on_host, SEGMENT_CELLS, 1), (on_device, SEGMENT_CELLS, None)):
+        if run["tokens"] != stock["tokens"]:
+            fed = _run(gemma_model, cuda0, flash_attn, cells, host, forced=stock["tokens"])["tokens"]
+            agreement = np.mean(np.array(fed) == np.array(stock["tokens"]))
+            assert agreement >= 0.95, f"top-1 agreement {agreement:.2f} on the unsegmented cache's tokens"
     attention = "FLASH_ATTN_EXT" if flash_attn else "MUL_MAT"
     # host memory: the CPU backend's compute buffers of a CUDA build are pinned (CUDA_Host), its other buffers "CPU"
     host_buffers = {"CPU", "CUDA_Host"}
     host = {op: buffers for op, buffers in on_host["readers"].items() if not op.endswith("@0")}
     assert {"SET_ROWS", attention} <= host.keys()
     assert all(buffers <= host_buffers for buffers in host.values()), on_host["readers"]
-    # segment 0's on CUDA0, but the flash attention nodes that write the log-sum-exp (CUDA refuses them for now)
+    # segment 0's on CUDA0, flash attention's log-sum-exp nodes included (patches/0009)
     assert on_host["readers"]["SET_ROWS@0"] == {"CUDA0"}
-    readers = on_host["readers"][attention + "@0"]
-    assert readers <= host_buffers if flash_attn else readers == {"CUDA0"}
+    assert on_host["readers"][attention + "@0"] == {"CUDA0"}
     assert on_device["readers"]["SET_ROWS"] == {"CUDA0"}
     assert on_host["first"]["kv"]["CPU"] > 0 and on_device["first"]["kv"].get("CPU", 0) == 0
 
