@@ -93,10 +93,15 @@ def run_attention(backend, head_dim, n_head, n_a, n_b, n_q, seed=0):
     return got
 
 
-@pytest.mark.parametrize("n_q", [1, 7])
-@pytest.mark.parametrize("n_a,n_b", SEGMENTS)
-@pytest.mark.parametrize("gqa", [1, 4, 8])
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def attention_cases(test):
+    """The grid of both backends' differential tests: head sizes, GQA ratios, SEGMENTS, one query and a batch."""
+    for mark in (pytest.mark.parametrize("n_q", [1, 7]), pytest.mark.parametrize("n_a,n_b", SEGMENTS),
+                 pytest.mark.parametrize("gqa", [1, 4, 8]), pytest.mark.parametrize("head_dim", [64, 128, 256])):
+        test = mark(test)
+    return test
+
+
+@attention_cases
 def test_segmented_equals_concatenated(cpu, head_dim, gqa, n_a, n_b, n_q):
     got = run_attention(cpu, head_dim, N_HEAD_KV * gqa, n_a, n_b, n_q)
     stock_off, stock_on = got["stock_off"], got["stock_on"]

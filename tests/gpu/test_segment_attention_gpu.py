@@ -21,7 +21,7 @@ from gguf.quants import dequantize, quantize
 from oatoplan import ggml
 from oatoplan.ggml import Backend, graph_on, lib
 from oatoplan.machine import gpu_devices
-from test_segment_attention import N_HEAD_KV, SEGMENTS, _mask, run_attention
+from test_segment_attention import N_HEAD_KV, _mask, attention_cases, run_attention
 
 pytestmark = pytest.mark.gpu
 
@@ -123,10 +123,7 @@ def test_row_that_sees_no_key(cuda0):
     assert np.abs(got[rest, :, 128] - lse[rest]).max() < 1e-3
 
 
-@pytest.mark.parametrize("n_q", [1, 7])
-@pytest.mark.parametrize("n_a,n_b", SEGMENTS)
-@pytest.mark.parametrize("gqa", [1, 4, 8])
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@attention_cases
 def test_segmented_on_cuda_as_close_as_stock(cuda0, head_dim, gqa, n_a, n_b, n_q):
     got = run_attention(cuda0, head_dim, N_HEAD_KV * gqa, n_a, n_b, n_q)
     err = {name: np.abs(got[name] - got["exact"]).max() for name in ("stock_off", "stock_on", "seg_off", "seg_on")}
