@@ -21,7 +21,7 @@
 # machine), bench2048 + bench512 the next (about 240 s).
 # Segment KV cache (issue #21): segtests (tests/gpu/test_segment_kv_gpu.py), segattn (tests/gpu/
 # test_segment_attention_gpu.py), segbenchN (bench at --ctx 32768, depth N), segoverflow (a chat past the plan's
-# first segment).
+# first segment). attncopies: benchmarks/attn_copies.py (the profile's CPU attention from the caches?).
 set -uo pipefail
 W=${OATO_WORK:-/tmp/oato}
 export OATO_WORK=$W OATOPLAN_CACHE=${OATOPLAN_CACHE:-$W/cache}
@@ -208,6 +208,10 @@ for line in open(sys.argv[1]):
     ensure_build
     timeout 200 $S python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_segment_attention_gpu.py \
       > $OUT/segattn.log 2>&1; echo "segattn rc=$?"; tail -5 $OUT/segattn.log ;;
+  attncopies)
+    # does the profile time CPU decode attention from the caches? (8 against 64 copies a graph)
+    ensure_build
+    timeout 120 $S python3 -m benchmarks.attn_copies --threads 16 --out $OUT/attn-copies.json 2>&1 | tail -4 ;;
   bench*)
     ensure_profile
     n=${step#bench}; n=${n%ttft}; objective=total; [ "$step" = "${step%ttft}" ] || objective=ttft
