@@ -1,7 +1,7 @@
 """The CPU's flash-attention node that also writes its rows' log-sum-exp (oato_flash_attn_ext_lse, patches/0006 and
 0011) against the stock FLASH_ATTN_EXT node on the same inputs: one query (decode) over n_kv cached tokens, Qwen2-7B's
 attention shape (28 query heads, 4 KV heads, head size 128, f16 K/V), wall time of the one-node graph on the CPU
-backend. Run it with the build to measure (`oatoplan build --cpu`); records the build, raw samples and the machine.
+backend; `--queries N` for a prompt batch of N queries instead. Run it with the build to measure (`oatoplan build --cpu`); records the build, raw samples and the machine.
 
     python -m benchmarks.fa_lse_cpu --n-kv 1024 3072 --threads 2 --out F.json
 """
@@ -25,12 +25,12 @@ from oatoplan.machine import llama_cpp_build
 HEAD_DIM, N_HEAD, N_HEAD_KV = 128, 28, 4
 
 
-def node_us(backend: Backend, lse: bool, n_kv: int) -> list[float]:
+def node_us(backend: Backend, lse: bool, n_kv: int, n_q: int = 1) -> list[float]:
     rng = np.random.default_rng(0)
-    q = rng.standard_normal((N_HEAD, 1, HEAD_DIM), dtype=np.float32)
+    q = rng.standard_normal((N_HEAD, n_q, HEAD_DIM), dtype=np.float32)
     k = rng.standard_normal((N_HEAD_KV, n_kv, HEAD_DIM), dtype=np.float32).astype(np.float16)
     v = rng.standard_normal((N_HEAD_KV, n_kv, HEAD_DIM), dtype=np.float32).astype(np.float16)
-    mask = np.zeros((1, n_kv), np.float16)
+    mask = np.zeros((n_q, n_kv), np.float16)
     with graph_on(backend) as gr:
 
         args = (gr.ctx, gr.array(q, "F32"), gr.array(k, "F16"), gr.array(v, "F16"), gr.array(mask, "F16"),
@@ -44,6 +44,7 @@ def node_us(backend: Backend, lse: bool, n_kv: int) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n-kv", type=int, nargs="+", default=[1024, 3072])
+    ap.add_argument("--queries", type=int, default=1, help="queries a node: 1 (decode) or a prompt batch")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -53,8 +54,8 @@ def main() -> None:
     rows = []
     for n_kv in args.n_kv:
         for name, lse in (("stock", False), ("log-sum-exp", True)):
-            samples = node_us(backend, lse, n_kv)
-            rows.append({"node": name, "n_kv": n_kv, "samples_us": samples})
+            samples = node_us(backend, lse, n_kv, args.queries)
+            rows.append({"node": name, "n_kv": n_kv, "n_q": args.queries, "samples_us": samples})
             print(f"{name:12s} n_kv {n_kv:6d}: {np.median(samples):8.0f} us (median of {len(samples)})",
                   file=sys.stderr)
     backend.close()

@@ -101,6 +101,18 @@ def attention_cases(test):
     return test
 
 
+@pytest.mark.parametrize("n_a,n_b", [(300, 100), (100, 300), (0, 200)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_a_batch_of_queries(cpu, head_dim, n_a, n_b):
+    """64 queries (a prompt batch): the CPU's flash attention takes its tiled path (GGML_FA_TILE_Q = 64), the
+    log-sum-exp nodes too (patches/0011), and the segmented result stays as close to attention as stock's."""
+    got = run_attention(cpu, head_dim, N_HEAD_KV * 4, n_a, n_b, 64)
+    fa_own = np.abs(got["stock_on"] - got["stock_off"]).max()
+    on = np.abs(got["seg_on"] - got["stock_off"]).max()
+    assert np.abs(got["stock_off"] - got["exact"]).max() < 5e-3
+    assert on <= 1.25 * fa_own + 1e-6, f"flash attention on: segmented {on:.3g} from attention, stock FA {fa_own:.3g}"
+
+
 @attention_cases
 def test_segmented_equals_concatenated(cpu, head_dim, gqa, n_a, n_b, n_q):
     got = run_attention(cpu, head_dim, N_HEAD_KV * gqa, n_a, n_b, n_q)
