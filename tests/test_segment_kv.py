@@ -29,7 +29,7 @@ N_TOKENS = 64
 # Gemma 3's first global-attention layer (every 6th layer is global; the others use the SWA cache)
 FIRST_GLOBAL = 5
 # max |diff| / max |out| of that layer's attention output against the unsegmented cache's. Flash attention off: the
-# same f32 arithmetic in another order. On: stock's decode path accumulates V in f16, the segments' in f32.
+# same f32 arithmetic in another order. On: each segment's node rounds its f16 accumulator on its own, then the merge.
 REL_TOL = {False: 1e-5, True: 1e-2}
 CONTINUATION = " red, yellow and blue. Mixing them gives"
 
