@@ -61,15 +61,18 @@ def _decode(ctx, tokens: list[int]) -> None:
 
 
 def _run(model, device, flash_attn: bool, segment_cells: int | None, host: int | None, prompt: str = PROMPT,
-         n_ctx: int = N_CTX, n_tokens: int = N_TOKENS, forced: list[int] | None = None) -> dict:
+         n_ctx: int = N_CTX, n_tokens: int = N_TOKENS, forced: list[int] | None = None,
+         offload_cells: int | None = None) -> dict:
     """Every layer on `device`; the prompt as one batch, then n_tokens greedy tokens one at a time (`forced`: those
     tokens decoded instead, the argmax still recorded at each step). Returns the tokens, the buffer (CPU or the
-    server's) of every node that reads segment 1 by op name, and the context's KV and compute bytes per buffer type
-    after the prompt and at the end."""
+    server's) of every node that reads segment 1 by op name (in the whole run, and in the prompt's batch), and the
+    context's KV and compute bytes per buffer type after the prompt and at the end."""
     g = ggml.lib()
     g.ggml_backend_buffer_name.restype, g.ggml_backend_buffer_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
     g.ggml_op_name.restype, g.ggml_op_name.argtypes = ctypes.c_char_p, [ctypes.c_int]
     readers: dict[str, set[str]] = {}
+    prompt_readers: dict[str, set[str]] = {}
+    in_prompt = [True]
 
     def note(t, ask, _):
         node = _Tensor.from_address(t)
@@ -80,7 +83,8 @@ def _run(model, device, flash_attn: bool, segment_cells: int | None, host: int |
                     if m and int(m[1]) in GLOBAL_LAYERS}
             for seg in segs:
                 key = g.ggml_op_name(node.op).decode() + ("" if seg else "@0")
-                readers.setdefault(key, set()).add(g.ggml_backend_buffer_name(node.buffer).decode())
+                for into in (readers, prompt_readers) if in_prompt[0] else (readers,):
+                    into.setdefault(key, set()).add(g.ggml_backend_buffer_name(node.buffer).decode())
         return False
 
     callback = llama_cpp.ggml_backend_sched_eval_callback(note)
@@ -93,7 +97,8 @@ def _run(model, device, flash_attn: bool, segment_cells: int | None, host: int |
     cparams.flash_attn_type = 1 if flash_attn else 0
     cparams.n_outputs_max = 1     # the last token's logits only: then the compute buffers are mostly attention's
     cparams.cb_eval = callback
-    with ggml.environment(OATO_SEGMENT_KV=segment_cells, OATO_SEGMENT_KV_HOST=host):
+    with ggml.environment(OATO_SEGMENT_KV=segment_cells, OATO_SEGMENT_KV_HOST=host,
+                          OATO_SEGMENT_KV_OFFLOAD=offload_cells):
         ctx = llama_cpp.llama_init_from_model(lmodel, cparams)
     try:
         vocab = llama_cpp.llama_model_get_vocab(lmodel)
@@ -102,13 +107,14 @@ def _run(model, device, flash_attn: bool, segment_cells: int | None, host: int |
         n = llama_cpp.llama_tokenize(vocab, text, len(text), ids, len(ids), True, False)
         load_compute = ggml.memory_breakdown(ctx, "compute")
         _decode(ctx, list(ids[:n]))
+        in_prompt[0] = False
         first = {"kv": ggml.memory_breakdown(ctx), "compute": ggml.memory_breakdown(ctx, "compute")}
         tokens, n_vocab = [], llama_cpp.llama_vocab_n_tokens(vocab)
         for i in range(n_tokens):
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
             tokens.append(int(logits.argmax()))
             _decode(ctx, [forced[i]] if forced else tokens[-1:])
-        return {"tokens": tokens, "readers": readers, "n_prompt": n, "load_compute": load_compute, "first": first,
+        return {"tokens": tokens, "readers": readers, "prompt_readers": prompt_readers, "n_prompt": n, "load_compute": load_compute, "first": first,
                 "kv": ggml.memory_breakdown(ctx), "compute": ggml.memory_breakdown(ctx, "compute")}
     finally:
         llama_cpp.llama_free(ctx)
@@ -185,3 +191,24 @@ def test_device_compute_buffer_does_not_grow_past_p(gemma_model, server, flash_a
     assert on_host["compute"][device] == on_host["first"]["compute"][device] == on_host["load_compute"][device]
     on_device = _run(gemma_model, server, flash_attn, 256, None, prompt, 2048, 240)
     assert on_host["compute"][device] < on_device["load_compute"][device] <= on_device["compute"][device]
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+def test_a_large_batch_attends_to_a_host_segment_on_the_device(gemma_model, server, flash_attn):
+    """OATO_SEGMENT_KV_OFFLOAD (0012): a prompt batch of 32 tokens or more past P attends to segment 1 on the server,
+    the scheduler copying its K/V views there, while segment 1 holds at most that many cells (the view's: n_kv is
+    padded to 256, so 240 here); one token at a time it stays on the CPU, and so does a batch over a segment past
+    the bound. The tokens are those of the run with segment 1 pinned to the CPU (the server is a CPU backend)."""
+    prompt = (PROMPT + CONTINUATION) * 4
+    pinned = _run(gemma_model, server, flash_attn, SEGMENT_CELLS, 1, prompt, n_tokens=8)
+    offloaded = _run(gemma_model, server, flash_attn, SEGMENT_CELLS, 1, prompt, n_tokens=8, offload_cells=240)
+    too_small = _run(gemma_model, server, flash_attn, SEGMENT_CELLS, 1, prompt, n_tokens=8, offload_cells=239)
+    attention = "FLASH_ATTN_EXT" if flash_attn else "MUL_MAT"
+    assert offloaded["n_prompt"] >= SEGMENT_CELLS + 32
+    server_name = next(iter(pinned["prompt_readers"][attention + "@0"]))
+    assert server_name != "CPU"
+    assert offloaded["prompt_readers"][attention] == {server_name}
+    assert offloaded["prompt_readers"]["SET_ROWS"] == {"CPU"}   # written where it lives
+    assert offloaded["readers"][attention] == {server_name, "CPU"}   # the single tokens after it: on the CPU
+    assert pinned["readers"][attention] == too_small["readers"][attention] == {"CPU"}
+    assert offloaded["tokens"] == pinned["tokens"]
