@@ -1,8 +1,12 @@
 """A chat that outgrows the plan's first KV segment: decode speed and memory of the segmented plan and of the best
 plan with llama.cpp's own cache, both solved for one workload in a large context (`--ctx`), each run at several
-depths. Past the first segment the segmented plan's cells go to host memory and their attention runs on the CPU:
-this measures what that costs, and that the GPU's memory does not grow with the chat (CUDA's used bytes after the
-load and after each depth; the KV cache's bytes per buffer type, from oatoplan's patched build).
+depths. Past the first segment the segmented plan's cells go to host memory and their attention runs on the CPU,
+except for prompt batches while the host segment holds at most the plan's `offload_cells` (patches/0012: then its
+K/V are copied to the GPU). This measures what that costs, and how far the GPU's memory grows with the chat (CUDA's
+used bytes after the load and after each depth, against the budget; the KV cache's bytes per buffer type, from
+oatoplan's patched build). With patches/0012 two more arms run the same segmented plan with prompt batches over
+the host segment always on the CPU (offload 0), and always copied (offload = the whole host segment: the copy's
+VRAM is then not held to the budget; it measures what the copy gains and costs).
 
     python -m benchmarks.segment_overflow MODEL --vram 2.5GiB --profile P --ctx 32768 --plan-depth 1024 \\
         --depths 1024 2048 4096 --out F.json
@@ -13,6 +17,7 @@ Needs a CUDA build of oatoplan's series with patches/0008.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -88,8 +93,17 @@ def main() -> None:
     def save() -> None:
         Path(args.out).write_text(json.dumps(result, indent=1, default=list))
 
-    for name, segments in (("segmented", True), ("stock cache", False)):
-        plan = plan_model(inv, profile, budget, workload, segments=segments)
+    segmented = plan_model(inv, profile, budget, workload)
+    arms = [("segmented", segmented)]
+    if segmented.kv_segments and "segment-kv-offload" in llama_cpp_build():
+        host = segmented.kv_segments[-1]
+        for name, cells in (("segmented, host segment on the CPU", 0),
+                            ("segmented, host segment always copied (over budget)", host.end_cell - host.first_cell)):
+            if cells != host.offload_cells:
+                rest = dataclasses.replace(host, offload_cells=cells)
+                arms.append((name, dataclasses.replace(segmented, kv_segments=segmented.kv_segments[:-1] + (rest,))))
+    arms.append(("stock cache", plan_model(inv, profile, budget, workload, segments=False)))
+    for name, plan in arms:
         gpu = plan.gpu_devices[0]
         before = gpu_used_bytes(gpu)
         llm = load(args.model, plan)

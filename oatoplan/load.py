@@ -184,7 +184,7 @@ def _native_environment(plan: Plan):
         env = {"OATO_STREAM": "0"}
     env.update(segment_env(plan.kv_segments))
     keys = ("OATO_STREAM", "OATO_STREAM_SLOTS", "OATO_STREAM_SLOT_BYTES", "OATO_SEGMENT_KV", "OATO_SEGMENT_KV_HOST",
-            "OATO_SEGMENT_KV_CHUNK")
+            "OATO_SEGMENT_KV_CHUNK", "OATO_SEGMENT_KV_OFFLOAD")
     with ggml.environment(**{k: env.get(k) for k in keys}):
         yield
 

@@ -290,15 +290,19 @@ class VramTerms:
         """Bytes of one weight-streaming slot for a placement: its largest host weight that op offload copies."""
         return max((self.slot_bytes[i] for i in self.copied() if not on_gpu[i]), default=0)
 
+    def layer_copy(self, on_gpu: Sequence) -> int:
+        """Bytes of the largest host weight op offload copies into the layer stage (0 with streaming: every host
+        weight goes through the ring of slots, none through the compute buffer)."""
+        host_copies = [i for i in self.copied() if not on_gpu[i]]
+        return 0 if self.stream_slots else max((self.unit_bytes[i] for i in host_copies), default=0)
+
     def of(self, on_gpu: Sequence) -> dict[str, int]:
         """VRAM by category of the placement that puts unit i on the GPU when on_gpu[i] (bool or 0/1)."""
         weights = sum(b for u, b, g in zip(self.units, self.unit_bytes, on_gpu) if g and not u.is_attention)
         kv = sum(b for u, b, g in zip(self.units, self.unit_bytes, on_gpu) if g and u.is_attention)
         out = self.output
-        host_copies = [i for i in self.copied() if not on_gpu[i]]
-        # streaming: every host weight goes through the ring of slots, none through the compute buffer
         stream = self.stream_slots * self.slot(on_gpu)
-        copy_layer = 0 if self.stream_slots else max((self.unit_bytes[i] for i in host_copies), default=0)
+        copy_layer = self.layer_copy(on_gpu)
         output_stage = 0
         if on_gpu[out] or self.offload:
             copy_output = self.unit_bytes[out] if self.copy_output and not on_gpu[out] else 0
@@ -318,6 +322,38 @@ def vram_terms(inv: ModelInventory, units: Sequence[Unit], s: Settings, overhead
     return VramTerms(tuple(units), unit_bytes, tuple(stream_slot_bytes(inv, u) for u in units), slots, output_stage,
                      layer_stage, pool_bytes(inv, s), overhead_bytes, offload,
                      offload and n_outputs(s) >= OP_OFFLOAD_MIN_TOKENS)
+
+
+def segment_copy_bytes(hp: Hyperparameters, s: Settings, n_cells: int) -> tuple[int, int]:
+    """(K/V, mask) bytes the GPU's compute buffer holds while a prompt batch attends to `n_cells` host-segment cells on
+    the GPU (patches/0012, OATO_SEGMENT_KV_OFFLOAD; flash attention on, as GPU plans run). K/V: the scheduler's copy
+    of one layer's K and V views (the widest layer's), freed after that layer's attention. Mask: the copy of the
+    segment's f16 mask columns, n_ubatch values a cell, made once a graph and read by every layer's attention."""
+    widest = max(kv_bytes_per_token(hp, il, s.type_k, s.type_v) for il in range(hp.n_layer))
+    return widest * n_cells, 2 * effective_ubatch(s) * n_cells
+
+
+def segment_offload_cells(hp: Hyperparameters, terms: VramTerms, on_gpu: Sequence, s: Settings, budget_bytes: int,
+                          host_cells: int) -> int:
+    """The most host-segment cells (a multiple of 256, at most `host_cells`) a prompt batch past the first segment
+    may copy to the GPU, within the VRAM the placement leaves under the budget. The mask copy lives through the
+    whole graph, so it comes on top of the layer stage and its weight copy; the K/V copy comes on top of the layer
+    stage only: the scheduler starts a new split at every op whose weight it copies, so a weight's copy and the
+    attention's inputs are never allocated together. 0 where op offload would not run a ubatch on the GPU."""
+    if not (s.segment_cells and terms.offload):
+        return 0
+    vram = terms.of(on_gpu)
+    room = usable_bytes(budget_bytes) - sum(vram.values())
+    layer, copy = terms.layer_stage_bytes, terms.layer_copy(on_gpu)
+
+    def growth(n: int) -> int:
+        kv, mask = segment_copy_bytes(hp, s, n)
+        return max(vram["compute"], layer + copy + mask, layer + kv + mask) - vram["compute"]
+
+    cells = 0
+    while cells + 256 <= host_cells and growth(cells + 256) <= room:
+        cells += 256
+    return cells
 
 
 def tensor_alloc_bytes(ggml_type: str, shape: tuple[int, ...], n_bytes: int) -> int:

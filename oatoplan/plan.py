@@ -23,10 +23,11 @@ from .graph import CPU, model_units
 from .names import buffer_type_flag, device_flag, is_rpc, override_pattern, rpc_endpoint, split_device
 from .machine import default_threads, logical_cpus, target_build
 from .inventory import KV_CACHE_TYPES, kv_cells
-from .memory import KV_SEGMENT_GROWTH_CELLS, Settings, gpu_memory, gpu_overhead_bytes, kv_split_bytes, vram_terms
+from .memory import (KV_SEGMENT_GROWTH_CELLS, Settings, gpu_memory, gpu_overhead_bytes, kv_split_bytes,
+                     segment_copy_bytes, vram_terms)
 from .schema import (SCHEMA_VERSION, BaselinePrediction, KvSegment, MemoryPrediction, ModelInventory, Plan, Profile,
                      TensorOverride, Workload)
-from .segments import segment_env, segment_note
+from .segments import offload_cells_for, segment_env, segment_note
 from .solve import CpuSolution, explain, placement_for, solve, solve_cpu
 from .streaming import refine, stream_note
 from .units import format_bytes
@@ -105,16 +106,17 @@ def predict_memory(inv: ModelInventory, plan: Plan, compute_bytes: dict[str, int
 
 
 def kv_segments(inv: ModelInventory, n_ctx: int, n_ubatch: int, segment_cells: int, type_k: str, type_v: str,
-                swa_full: bool) -> tuple[KvSegment, ...]:
+                swa_full: bool, offload_cells: int = 0) -> tuple[KvSegment, ...]:
     """The segment KV cache's two segments for a first segment of `segment_cells` cells (0: none): [0, P) with each
-    full-attention layer's KV cache, [P, n_ctx) in host memory, growing; () where no layer's cache is longer than P."""
+    full-attention layer's KV cache, [P, n_ctx) in host memory, growing, copied to the GPU for a prompt batch while
+    it holds at most `offload_cells`; () where no layer's cache is longer than P."""
     s = Settings(n_ubatch, True, True, n_ctx, type_k, type_v, segment_cells=segment_cells)
     layers = tuple(il for il in range(inv.hparams.n_layer) if kv_split_bytes(inv.hparams, il, s, swa_full)[1])
     if not segment_cells or not layers:
         return ()
     end = kv_cells(inv.hparams, layers[0], n_ctx, n_ubatch, swa_full)
     return (KvSegment(0, segment_cells, "layer", type_k, type_v, layers),
-            KvSegment(segment_cells, end, CPU, type_k, type_v, layers, KV_SEGMENT_GROWTH_CELLS))
+            KvSegment(segment_cells, end, CPU, type_k, type_v, layers, KV_SEGMENT_GROWTH_CELLS, offload_cells))
 
 
 def make_plan(inv: ModelInventory, devices: dict[str, str], *, n_gpu_layers: int, gpu_devices: tuple[str, ...] = (),
@@ -124,7 +126,7 @@ def make_plan(inv: ModelInventory, devices: dict[str, str], *, n_gpu_layers: int
               stream_bytes: dict[str, int] | None = None, n_threads: int | None = None, llama_cpp_build: str = "",
               profile_id: str = "", tensor_split: tuple[int, ...] = (), rpc_servers: tuple[str, ...] = (),
               budget_bytes: int | None = None, compute_bytes: dict[str, int] | None = None,
-              notes: tuple[str, ...] = (), segment_cells: int = 0) -> Plan:
+              notes: tuple[str, ...] = (), segment_cells: int = 0, segment_offload_cells: int = 0) -> Plan:
     """A Plan that puts each tensor where `devices` says (tensors it leaves out follow n_gpu_layers). Overrides are
     emitted only for tensors that differ from n_gpu_layers' rule, merged into one pattern per device.
     use_mmap defaults to off whenever a GPU is used, so that CPU-resident weights sit in pinned memory."""
@@ -161,7 +163,8 @@ def make_plan(inv: ModelInventory, devices: dict[str, str], *, n_gpu_layers: int
                 gpu_devices=tuple(gpu_devices), llama_cpp_build=llama_cpp_build, profile_id=profile_id,
                 budget_bytes=budget_bytes, notes=notes, tensor_split=tuple(tensor_split),
                 rpc_servers=tuple(rpc_servers),
-                kv_segments=kv_segments(inv, n_ctx, n_ubatch, segment_cells, type_k, type_v, swa_full))
+                kv_segments=kv_segments(inv, n_ctx, n_ubatch, segment_cells, type_k, type_v, swa_full,
+                                        segment_offload_cells))
     memory = predict_memory(inv, plan, compute_bytes)
     return dataclasses.replace(plan, memory=dataclasses.replace(memory, stream_bytes=dict(stream_bytes or {})))
 
@@ -236,8 +239,11 @@ def check_plan_numbers(inv: ModelInventory, plan: Plan, source: str) -> None:
         if not (value is None and name == "n_threads") and not low <= value <= high:
             raise PlanError(f"{source}: {name} {value} is outside {low}..{high}; plan again, or fix the number")
     if plan.kv_segments:
-        p = plan.kv_segments[0].end_cell
-        expected = kv_segments(inv, plan.n_ctx, plan.n_ubatch, p, plan.type_k, plan.type_v, plan.swa_full)
+        p, offload = plan.kv_segments[0].end_cell, plan.kv_segments[-1].offload_cells
+        expected = kv_segments(inv, plan.n_ctx, plan.n_ubatch, p, plan.type_k, plan.type_v, plan.swa_full, offload)
+        if expected and not 0 <= offload <= expected[-1].end_cell - p:
+            raise PlanError(f"{source}: kv_segments' offload_cells {offload} is outside 0..{expected[-1].end_cell - p} "
+                            f"(the host segment's cells); plan again, or fix the number")
         if plan.kv_segments != expected:
             raise PlanError(f"{source}: kv_segments are not the two this llama.cpp sets up for a first segment of {p} "
                             f"cells (cells 0-{p} with each full-attention layer, the rest in host memory, the plan's "
@@ -369,11 +375,13 @@ def plan_model(inv: ModelInventory, profile: Profile, budget_bytes: int, workloa
                                     if a.placement else None) for a in arms]
     devices, n_gpu_layers = tensor_placement(inv, solution.devices)
     gpu_bytes = solution.prediction.gpu_bytes
+    offload_cells = offload_cells_for(inv, profile, s, solution.devices, budget_bytes)
     notes = tuple(explain(inv, cost, solution, workload)) + (
         f"ubatch {s.n_ubatch}, op offload {'on' if s.op_offload else 'off'}, mmap off (host weights pinned): "
         f"best of {len(solution.candidates)} settings solved in {solution.solve_s:.2f} s",) + \
         ((_outputs_note(s),) if s.n_outputs_max else ()) + stream_note(inv, cost, solution, workload) + \
-        segment_note(solution, workload, profile) + _build_note(profile)
+        segment_note(solution, workload, profile, offload_cells,
+                     sum(segment_copy_bytes(inv.hparams, s, offload_cells))) + _build_note(profile)
     units = model_units(inv)
     slot = vram_terms(inv, units, s, 0).slot([solution.devices[u.key] != CPU for u in units])
     plan = make_plan(inv, devices, n_gpu_layers=n_gpu_layers, gpu_devices=(cost.gpu,), n_ctx=workload.n_ctx,
@@ -384,7 +392,7 @@ def plan_model(inv: ModelInventory, profile: Profile, budget_bytes: int, workloa
                      budget_bytes=budget_bytes, compute_bytes={cost.gpu: gpu_bytes.get("compute", 0)}, notes=notes,
                      stream_slots=s.stream_slots if slot else 0, stream_slot_bytes=slot if s.stream_slots else 0,
                      stream_bytes={cost.gpu: gpu_bytes["stream"]} if gpu_bytes.get("stream") else {},
-                     segment_cells=s.segment_cells)
+                     segment_cells=s.segment_cells, segment_offload_cells=offload_cells)
     plan = dataclasses.replace(plan, workload=workload, prediction=solution.prediction, baselines=tuple(baselines),
                                placement=dict(solution.devices))
     return dataclasses.replace(plan, flags=llama_cpp_flags(plan))

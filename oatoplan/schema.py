@@ -151,7 +151,9 @@ class KvSegment:
     """One segment of the segment KV cache (patches/0007-0008): cells [first_cell, end_cell) of each listed layer's
     cache in a buffer of their own. `device` "layer" keeps them where n_gpu_layers puts the layer's KV cache; "CPU":
     host memory, with the segment's attention run on the CPU (only queries and partial results cross). The last
-    segment ends at n_ctx and grows in chunks of `growth_cells` (0: reserved whole)."""
+    segment ends at n_ctx and grows in chunks of `growth_cells` (0: reserved whole). A host segment of at most
+    `offload_cells` cells is copied to the layer's GPU for a prompt batch instead, one layer's K/V at a time in
+    the compute buffer (patches/0012; 0: never)."""
     first_cell: int
     end_cell: int
     device: str
@@ -159,6 +161,7 @@ class KvSegment:
     type_v: str
     layers: tuple[int, ...]       # the full-attention layers (a sliding-window layer keeps the stock cache)
     growth_cells: int = 0
+    offload_cells: int = 0
 
 
 @dataclass(frozen=True)

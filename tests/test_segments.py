@@ -12,11 +12,12 @@ from oatoplan import segments
 from oatoplan.artifacts import read_json, write_json
 from oatoplan.errors import PlanError
 from oatoplan.inventory import kv_bytes_per_token, read_inventory
-from oatoplan.memory import Settings, kv_split_bytes, segment_kv_cells
+from oatoplan.memory import (Settings, gpu_overhead_bytes, kv_split_bytes, segment_copy_bytes,
+                             segment_kv_cells, usable_bytes, vram_terms)
 from oatoplan.graph import CPU, model_units
 from oatoplan.plan import check_plan, llama_server_command, plan_for, plan_model
 from oatoplan.schema import Plan, Workload
-from oatoplan.segments import KV_SEGMENT_PATCH, segment_cells_for, segment_env
+from oatoplan.segments import KV_OFFLOAD_PATCH, KV_SEGMENT_PATCH, segment_cells_for, segment_env
 from oatoplan.units import BYTES_PER_GIB as GIB
 from profiles import synthetic_profile
 
@@ -78,6 +79,43 @@ def test_plan_keeps_the_workloads_cells_in_vram_and_the_rest_on_the_host(qwen, p
     check_plan(qwen, plan, "plan.json")
 
 
+@pytest.mark.parametrize("budget_gib", [2.5, 3])
+def test_a_prompt_batch_past_p_copies_the_host_segment_within_the_budget(qwen, monkeypatch, budget_gib):
+    """With patches/0012 in the build, the host segment gets the cells whose copy (one layer's K/V on top of the
+    layer stage, the mask columns on top of the layer stage and its weight copy) fits the VRAM the placement leaves
+    under the budget, a multiple of 256; the environment and llama-server's command carry it; the note says how far a prompt batch runs on
+    the GPU. Without the patch: 0, and the note says the batch runs on the CPU."""
+    monkeypatch.setattr(segments, "target_build", lambda profile: f"oatoplan patches 0:0008-llama-oato-"
+                        f"{KV_SEGMENT_PATCH} 0:0012-llama-oato-{KV_OFFLOAD_PATCH}")
+    profile, budget = synthetic_profile(), int(budget_gib * GIB)
+    plan = plan_model(qwen, profile, budget, CHAT)
+    cells = plan.kv_segments[-1].offload_cells
+    assert 0 < cells <= 32768 - 768 and cells % 256 == 0
+    units = model_units(qwen)
+    s = Settings(plan.n_ubatch, plan.op_offload, not plan.use_mmap, plan.n_ctx, plan.type_k, plan.type_v,
+                 plan.n_outputs_max, plan.stream_slots, 768)
+    terms = vram_terms(qwen, units, s, gpu_overhead_bytes(profile))
+    on_gpu = [plan.placement[u.key] != CPU for u in units]
+    vram = terms.of(on_gpu)
+    assert vram == plan.prediction.gpu_bytes
+    def past_p(n):          # the compute buffer while a batch attends to n host cells on the GPU
+        kv, mask = segment_copy_bytes(qwen.hparams, s, n)
+        layer = terms.layer_stage_bytes
+        return max(vram["compute"], layer + terms.layer_copy(on_gpu) + mask, layer + kv + mask)
+    assert sum(vram.values()) - vram["compute"] + past_p(cells) <= usable_bytes(budget)
+    assert cells == 32768 - 768 or \
+        sum(vram.values()) - vram["compute"] + past_p(cells + 256) > usable_bytes(budget)
+    assert segment_env(plan.kv_segments)["OATO_SEGMENT_KV_OFFLOAD"] == str(cells)
+    assert f"OATO_SEGMENT_KV_OFFLOAD={cells}" in llama_server_command(plan, "m.gguf")
+    assert any(f"on the GPU, their K/V copied there one layer at a time, up to {cells} host cells" in n
+               for n in plan.notes)
+    check_plan(qwen, plan, "plan.json")
+    monkeypatch.setattr(segments, "target_build", lambda profile: f"oatoplan patches 0:0008-llama-oato-{KV_SEGMENT_PATCH}")
+    without = plan_model(qwen, profile, budget, CHAT)
+    assert without.kv_segments[-1].offload_cells == 0 and "OATO_SEGMENT_KV_OFFLOAD" not in segment_env(without.kv_segments)
+    assert any("much slower, since the host segment is not copied to the GPU" in n for n in without.notes)
+
+
 def test_no_segments_where_they_save_nothing_or_the_build_lacks_them(qwen, patched, monkeypatch):
     profile = synthetic_profile()
     full = plan_model(qwen, profile, 3 * GIB, Workload(n_prompt=512, n_gen=128))
@@ -102,6 +140,11 @@ def test_hand_edited_segments_are_refused(qwen, patched, tmp_path):
     data["kv_segments"][0]["end_cell"] = 1024
     path.write_text(json.dumps(data))
     with pytest.raises(PlanError, match="kv_segments are not the two this llama.cpp sets up"):
+        check_plan(qwen, read_json(Plan, path), "plan.json")
+    data["kv_segments"][0]["end_cell"] = 768
+    data["kv_segments"][1]["offload_cells"] = 40000
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match="offload_cells 40000 is outside 0..32000"):
         check_plan(qwen, read_json(Plan, path), "plan.json")
 
 

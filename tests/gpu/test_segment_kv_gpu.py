@@ -13,6 +13,7 @@ an RPC device: every layer of the real Gemma 3 270M on CUDA0, segment 0 (P cells
 - The nodes that read segment 1 run on the CPU; with segment 1 in VRAM (stage 1) on CUDA0.
 - Segment 1's bytes are in a CPU buffer, none on CUDA0; CUDA0's compute buffer is the same at load, after a prompt
   that overflows P = 256 and after generation that grows segment 1 (n_ctx 2048).
+- With OATO_SEGMENT_KV_OFFLOAD (patches/0012), a prompt batch past P reads segment 1 on CUDA0 instead.
 """
 
 import numpy as np
@@ -61,3 +62,27 @@ def test_cuda_compute_buffer_does_not_grow_past_p(gemma_model, cuda0, flash_attn
     run = _run(gemma_model, cuda0, flash_attn, 256, 1, (PROMPT + CONTINUATION) * 20, 2048, 240)
     assert run["n_prompt"] + 240 > 512 and run["kv"]["CPU"] > run["first"]["kv"]["CPU"]
     assert run["compute"]["CUDA0"] == run["first"]["compute"]["CUDA0"] == run["load_compute"]["CUDA0"]
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+def test_a_large_batch_attends_to_the_host_segment_on_cuda(gemma_model, cuda0, flash_attn):
+    """patches/0012 on CUDA0: with OATO_SEGMENT_KV_OFFLOAD, a prompt batch past P (32 tokens or more) reads segment 1
+    on CUDA0, from the scheduler's copy, while SET_ROWS writes it in host memory; the single tokens after it read it
+    on the CPU. Tokens: those of the run with segment 1 pinned to the CPU, or >= 95% top-1 agreement with them when
+    fed them (CUDA's kernels round differently from the CPU's)."""
+    assert "segment-kv-offload" in (loaded_series() or ""), "run `oatoplan build --cuda` (patches/0012)"
+    prompt = (PROMPT + CONTINUATION) * 4
+    pinned = _run(gemma_model, cuda0, flash_attn, SEGMENT_CELLS, 1, prompt)
+    offloaded = _run(gemma_model, cuda0, flash_attn, SEGMENT_CELLS, 1, prompt, offload_cells=240)
+    attention = "FLASH_ATTN_EXT" if flash_attn else "MUL_MAT"
+    host_buffers = {"CPU", "CUDA_Host"}
+    assert offloaded["n_prompt"] >= SEGMENT_CELLS + 32
+    assert pinned["prompt_readers"][attention] <= host_buffers
+    assert offloaded["prompt_readers"][attention] == {"CUDA0"}
+    assert offloaded["prompt_readers"]["SET_ROWS"] <= host_buffers
+    assert offloaded["readers"][attention] - {"CUDA0"} and offloaded["readers"][attention] - {"CUDA0"} <= host_buffers
+    if offloaded["tokens"] != pinned["tokens"]:
+        fed = _run(gemma_model, cuda0, flash_attn, SEGMENT_CELLS, 1, prompt, forced=pinned["tokens"],
+                   offload_cells=240)["tokens"]
+        agreement = np.mean(np.array(fed) == np.array(pinned["tokens"]))
+        assert agreement >= 0.95, f"top-1 agreement {agreement:.2f} on the pinned run's tokens"
