@@ -104,7 +104,7 @@ def test_lse_node_is_stock_output_plus_log_sum_exp(cuda0, head_dim, gqa, n_kv, n
     assert err < 1e-3, f"log-sum-exp {err:.3g} from float64"
 
 
-@pytest.mark.parametrize("n_q", [1, 7])
+@pytest.mark.parametrize("n_q", [1, 7, 64])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_lse_node_with_q8_0_cache(cuda0, head_dim, n_q):
     stock, got, lse, supported = _lse_node(cuda0, head_dim, 8, 512, n_q, k_type="Q8_0")
@@ -114,11 +114,12 @@ def test_lse_node_with_q8_0_cache(cuda0, head_dim, n_q):
     assert err < 1e-3, f"log-sum-exp {err:.3g} from float64"
 
 
-def test_row_that_sees_no_key(cuda0):
-    stock, got, lse, _ = _lse_node(cuda0, 128, 8, 256, 7, masked_rows=(0, 3))
+@pytest.mark.parametrize("n_q", [7, 16])   # the one-block-per-row pass, and the tiled one for a batch
+def test_row_that_sees_no_key(cuda0, n_q):
+    stock, got, lse, _ = _lse_node(cuda0, 128, 8, 256, n_q, masked_rows=(0, 3))
     assert np.isneginf(got[[0, 3], :, 128]).all()
     assert (got[[0, 3], :, :128] == 0).all()
-    rest = [1, 2, 4, 5, 6]
+    rest = [i for i in range(n_q) if i not in (0, 3)]
     np.testing.assert_array_equal(got[rest, :, :128], stock[rest])
     assert np.abs(got[rest, :, 128] - lse[rest]).max() < 1e-3
 
