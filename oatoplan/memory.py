@@ -326,10 +326,14 @@ def vram_terms(inv: ModelInventory, units: Sequence[Unit], s: Settings, overhead
 
 def segment_copy_bytes(hp: Hyperparameters, s: Settings, n_cells: int) -> tuple[int, int]:
     """(K/V, mask) bytes the GPU's compute buffer holds while a prompt batch attends to `n_cells` host-segment cells on
-    the GPU (patches/0012, OATO_SEGMENT_KV_OFFLOAD; flash attention on, as GPU plans run). K/V: the scheduler's copy
-    of one layer's K and V views (the widest layer's), freed after that layer's attention. Mask: the copy of the
+    the GPU (patches/0012, OATO_SEGMENT_KV_OFFLOAD; flash attention on, as GPU plans run: with it off the scores and
+    the transposed V's whole capacity would be copied too, and plans do not offload then). K/V: the scheduler's copy
+    of one layer's K and V views (the widest layer's), freed after that layer's attention, and for a quantized cache
+    the f16 conversion CUDA's batched flash-attention kernels make of it beside the copy. Mask: the copy of the
     segment's f16 mask columns, n_ubatch values a cell, made once a graph and read by every layer's attention."""
-    widest = max(kv_bytes_per_token(hp, il, s.type_k, s.type_v) for il in range(hp.n_layer))
+    quantized = (s.type_k, s.type_v) != ("f16", "f16")
+    widest = max(kv_bytes_per_token(hp, il, s.type_k, s.type_v) +
+                 (kv_bytes_per_token(hp, il, "f16", "f16") if quantized else 0) for il in range(hp.n_layer))
     return widest * n_cells, 2 * effective_ubatch(s) * n_cells
 
 

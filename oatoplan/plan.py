@@ -241,9 +241,13 @@ def check_plan_numbers(inv: ModelInventory, plan: Plan, source: str) -> None:
     if plan.kv_segments:
         p, offload = plan.kv_segments[0].end_cell, plan.kv_segments[-1].offload_cells
         expected = kv_segments(inv, plan.n_ctx, plan.n_ubatch, p, plan.type_k, plan.type_v, plan.swa_full, offload)
+        # (a hand-set offload_cells is the user's call: the budget is not checked again here)
         if expected and not 0 <= offload <= expected[-1].end_cell - p:
             raise PlanError(f"{source}: kv_segments' offload_cells {offload} is outside 0..{expected[-1].end_cell - p} "
                             f"(the host segment's cells); plan again, or fix the number")
+        if offload and not plan.flash_attn:
+            raise PlanError(f"{source}: kv_segments' offload_cells {offload} needs flash attention (with it off the "
+                            f"copy would not be bounded by it); set flash_attn true or offload_cells 0")
         if plan.kv_segments != expected:
             raise PlanError(f"{source}: kv_segments are not the two this llama.cpp sets up for a first segment of {p} "
                             f"cells (cells 0-{p} with each full-attention layer, the rest in host memory, the plan's "

@@ -39,7 +39,8 @@ def segments_available(profile: Profile) -> bool:
 def offload_cells_for(inv: ModelInventory, profile: Profile, s: Settings, unit_devices: dict[str, str],
                       budget_bytes: int) -> int:
     """The host segment's cells a prompt batch past the first segment may copy to the GPU: as many as the VRAM the
-    placement leaves under the budget holds (memory.segment_offload_cells); 0 for a build without the patch."""
+    placement leaves under the budget holds (memory.segment_offload_cells; GPU plans run flash attention, which that
+    count assumes); 0 for a build without the patch."""
     if not s.segment_cells or KV_OFFLOAD_PATCH not in target_build(profile):
         return 0
     units = model_units(inv)

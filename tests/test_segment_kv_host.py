@@ -199,6 +199,8 @@ def test_a_large_batch_attends_to_a_host_segment_on_the_device(gemma_model, serv
     the scheduler copying its K/V views there, while segment 1 holds at most that many cells (the view's: n_kv is
     padded to 256, so 240 here); one token at a time it stays on the CPU, and so does a batch over a segment past
     the bound. The tokens are those of the run with segment 1 pinned to the CPU (the server is a CPU backend)."""
+    if "segment-kv-offload" not in (loaded_series() or ""):
+        pytest.skip("llama.cpp build without patches/0012; run `oatoplan build --cpu`")
     prompt = (PROMPT + CONTINUATION) * 4
     pinned = _run(gemma_model, server, flash_attn, SEGMENT_CELLS, 1, prompt, n_tokens=8)
     offloaded = _run(gemma_model, server, flash_attn, SEGMENT_CELLS, 1, prompt, n_tokens=8, offload_cells=240)

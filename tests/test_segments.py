@@ -116,6 +116,15 @@ def test_a_prompt_batch_past_p_copies_the_host_segment_within_the_budget(qwen, m
     assert any("much slower, since the host segment is not copied to the GPU" in n for n in without.notes)
 
 
+def test_the_copy_of_host_cells_in_bytes(qwen):
+    """Qwen2-7B (4 KV heads of 128): one layer's f16 K and V are 2 KiB a cell, the f16 mask column 2 bytes a ubatch
+    token; a q8_0 cache's copy (2 x 4 x 136 bytes) comes with CUDA's f16 conversion of it (2 KiB)."""
+    s = Settings(512, True, True, 32768, segment_cells=768)
+    assert segment_copy_bytes(qwen.hparams, s, 256) == (256 * 2048, 256 * 1024)
+    q8 = dataclasses.replace(s, type_k="q8_0", type_v="q8_0")
+    assert segment_copy_bytes(qwen.hparams, q8, 256) == (256 * (1088 + 2048), 256 * 1024)
+
+
 def test_no_segments_where_they_save_nothing_or_the_build_lacks_them(qwen, patched, monkeypatch):
     profile = synthetic_profile()
     full = plan_model(qwen, profile, 3 * GIB, Workload(n_prompt=512, n_gen=128))
@@ -145,6 +154,10 @@ def test_hand_edited_segments_are_refused(qwen, patched, tmp_path):
     data["kv_segments"][1]["offload_cells"] = 40000
     path.write_text(json.dumps(data))
     with pytest.raises(PlanError, match="offload_cells 40000 is outside 0..32000"):
+        check_plan(qwen, read_json(Plan, path), "plan.json")
+    data["kv_segments"][1]["offload_cells"], data["flash_attn"] = 512, False
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match="offload_cells 512 needs flash attention"):
         check_plan(qwen, read_json(Plan, path), "plan.json")
 
 
