@@ -22,12 +22,11 @@ from .errors import PlanError, PlanMismatchError
 from .graph import CPU, model_units
 from .names import buffer_type_flag, device_flag, is_rpc, override_pattern, rpc_endpoint, split_device
 from .machine import default_threads, logical_cpus, target_build
-from .inventory import KV_CACHE_TYPES, kv_cells
-from .memory import (KV_SEGMENT_GROWTH_CELLS, Settings, gpu_memory, gpu_overhead_bytes, kv_split_bytes,
-                     segment_copy_bytes, vram_terms)
-from .schema import (SCHEMA_VERSION, BaselinePrediction, KvSegment, MemoryPrediction, ModelInventory, Plan, Profile,
+from .inventory import KV_CACHE_TYPES
+from .memory import Settings, gpu_memory, gpu_overhead_bytes, kv_split_bytes, segment_copy_bytes, vram_terms
+from .schema import (SCHEMA_VERSION, BaselinePrediction, MemoryPrediction, ModelInventory, Plan, Profile,
                      TensorOverride, Workload)
-from .segments import offload_cells_for, segment_env, segment_note
+from .segments import check_kv_segments, kv_segments, offload_cells_for, segment_env, segment_note
 from .solve import CpuSolution, explain, placement_for, solve, solve_cpu
 from .streaming import refine, stream_note
 from .units import format_bytes
@@ -103,20 +102,6 @@ def predict_memory(inv: ModelInventory, plan: Plan, compute_bytes: dict[str, int
             kv_bytes[CPU] += host
     return MemoryPrediction(model_bytes=dict(model_bytes), kv_bytes=dict(kv_bytes), compute_bytes=compute_bytes or {},
                             model_optional_bytes=optional_bytes)
-
-
-def kv_segments(inv: ModelInventory, n_ctx: int, n_ubatch: int, segment_cells: int, type_k: str, type_v: str,
-                swa_full: bool, offload_cells: int = 0) -> tuple[KvSegment, ...]:
-    """The segment KV cache's two segments for a first segment of `segment_cells` cells (0: none): [0, P) with each
-    full-attention layer's KV cache, [P, n_ctx) in host memory, growing, copied to the GPU for a prompt batch while
-    it holds at most `offload_cells`; () where no layer's cache is longer than P."""
-    s = Settings(n_ubatch, True, True, n_ctx, type_k, type_v, segment_cells=segment_cells)
-    layers = tuple(il for il in range(inv.hparams.n_layer) if kv_split_bytes(inv.hparams, il, s, swa_full)[1])
-    if not segment_cells or not layers:
-        return ()
-    end = kv_cells(inv.hparams, layers[0], n_ctx, n_ubatch, swa_full)
-    return (KvSegment(0, segment_cells, "layer", type_k, type_v, layers),
-            KvSegment(segment_cells, end, CPU, type_k, type_v, layers, KV_SEGMENT_GROWTH_CELLS, offload_cells))
 
 
 def make_plan(inv: ModelInventory, devices: dict[str, str], *, n_gpu_layers: int, gpu_devices: tuple[str, ...] = (),
@@ -238,20 +223,7 @@ def check_plan_numbers(inv: ModelInventory, plan: Plan, source: str) -> None:
         value = getattr(plan, name)
         if not (value is None and name == "n_threads") and not low <= value <= high:
             raise PlanError(f"{source}: {name} {value} is outside {low}..{high}; plan again, or fix the number")
-    if plan.kv_segments:
-        p, offload = plan.kv_segments[0].end_cell, plan.kv_segments[-1].offload_cells
-        expected = kv_segments(inv, plan.n_ctx, plan.n_ubatch, p, plan.type_k, plan.type_v, plan.swa_full, offload)
-        # (a hand-set offload_cells is the user's call: the budget is not checked again here)
-        if expected and not 0 <= offload <= expected[-1].end_cell - p:
-            raise PlanError(f"{source}: kv_segments' offload_cells {offload} is outside 0..{expected[-1].end_cell - p} "
-                            f"(the host segment's cells); plan again, or fix the number")
-        if offload and not plan.flash_attn:
-            raise PlanError(f"{source}: kv_segments' offload_cells {offload} needs flash attention (with it off the "
-                            f"copy would not be bounded by it); set flash_attn true or offload_cells 0")
-        if plan.kv_segments != expected:
-            raise PlanError(f"{source}: kv_segments are not the two this llama.cpp sets up for a first segment of {p} "
-                            f"cells (cells 0-{p} with each full-attention layer, the rest in host memory, the plan's "
-                            f"KV types); plan again")
+    check_kv_segments(inv, plan, source)
     if plan.stream_slots == 1:
         raise PlanError(f"{source}: stream_slots 1 is not a ring (the patched llama.cpp takes 2 at least); plan "
                         f"again, or set 0 (off) or 2..{MAX_STREAM_SLOTS}")

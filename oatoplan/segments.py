@@ -11,9 +11,12 @@ chat that outgrows P stays correct, only slower. The VRAM a plan holds does not 
 
 from __future__ import annotations
 
+from .errors import PlanError
 from .graph import CPU, model_units
+from .inventory import kv_cells
 from .machine import target_build
-from .memory import KV_SEGMENT_GROWTH_CELLS, Settings, gpu_overhead_bytes, segment_offload_cells, vram_terms
+from .memory import (KV_SEGMENT_GROWTH_CELLS, Settings, gpu_overhead_bytes, kv_split_bytes, segment_offload_cells,
+                     vram_terms)
 from .schema import KvSegment, ModelInventory, Profile, Workload
 from .units import format_bytes
 
@@ -29,6 +32,39 @@ def segment_cells_for(workload: Workload) -> int:
     segment builds the stock nodes); 0 where the workload fills its context (segments would save nothing)."""
     used = -(-(workload.n_depth + workload.n_prompt + workload.n_gen) // 256) * 256
     return used if used < -(-workload.n_ctx // 256) * 256 else 0
+
+
+def kv_segments(inv: ModelInventory, n_ctx: int, n_ubatch: int, segment_cells: int, type_k: str, type_v: str,
+                swa_full: bool, offload_cells: int = 0) -> tuple[KvSegment, ...]:
+    """The segment KV cache's two segments for a first segment of `segment_cells` cells (0: none): [0, P) with each
+    full-attention layer's KV cache, [P, n_ctx) in host memory, growing, copied to the GPU for a prompt batch while
+    it holds at most `offload_cells`; () where no layer's cache is longer than P."""
+    s = Settings(n_ubatch, True, True, n_ctx, type_k, type_v, segment_cells=segment_cells)
+    layers = tuple(il for il in range(inv.hparams.n_layer) if kv_split_bytes(inv.hparams, il, s, swa_full)[1])
+    if not segment_cells or not layers:
+        return ()
+    end = kv_cells(inv.hparams, layers[0], n_ctx, n_ubatch, swa_full)
+    return (KvSegment(0, segment_cells, "layer", type_k, type_v, layers),
+            KvSegment(segment_cells, end, CPU, type_k, type_v, layers, KV_SEGMENT_GROWTH_CELLS, offload_cells))
+
+
+def check_kv_segments(inv: ModelInventory, plan, source: str) -> None:
+    """Refuse a plan's kv_segments that are not the two this llama.cpp sets up for its first segment (plan.Plan; a
+    hand-set offload_cells is the user's call: the budget is not checked again here)."""
+    if not plan.kv_segments:
+        return
+    p, offload = plan.kv_segments[0].end_cell, plan.kv_segments[-1].offload_cells
+    expected = kv_segments(inv, plan.n_ctx, plan.n_ubatch, p, plan.type_k, plan.type_v, plan.swa_full, offload)
+    if expected and not 0 <= offload <= expected[-1].end_cell - p:
+        raise PlanError(f"{source}: kv_segments' offload_cells {offload} is outside 0..{expected[-1].end_cell - p} "
+                        f"(the host segment's cells); plan again, or fix the number")
+    if offload and not plan.flash_attn:
+        raise PlanError(f"{source}: kv_segments' offload_cells {offload} needs flash attention (with it off the "
+                        f"copy would not be bounded by it); set flash_attn true or offload_cells 0")
+    if plan.kv_segments != expected:
+        raise PlanError(f"{source}: kv_segments are not the two this llama.cpp sets up for a first segment of {p} "
+                        f"cells (cells 0-{p} with each full-attention layer, the rest in host memory, the plan's "
+                        f"KV types); plan again")
 
 
 def segments_available(profile: Profile) -> bool:
