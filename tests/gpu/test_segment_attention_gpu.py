@@ -3,25 +3,21 @@ patches/0009, native/ggml-cuda/oato-fattn-lse.cu), and the segment KV cache's at
 
 - supports_op: CUDA takes such nodes where K is F16 or Q8_0 (the log-sum-exp pass reads it), refuses Q4_0 K.
 - The node's first DV columns are the stock kernel's output for the same node, bit for bit; column DV is the rows'
-  log-sum-exp, against float64; a row that sees no key gets -inf and zeros, as the CPU's.
+  log-sum-exp, against float64; a row that sees no key gets -inf and zeros, as the CPU's; with a logit softcap,
+  ALiBi and attention sinks too, for one query and for a batch (the tiled pass; written after the last GPU run,
+  not run on a GPU yet).
 - oato_attn_segmented on CUDA0 is as close to attention (float64) as the stock graph over [a | b] on CUDA0 is, with
   flash attention off and on, over head sizes, GQA ratios, empty segments, one query and a causal batch."""
 
 from __future__ import annotations
 
-import ctypes
-import math
-
 import numpy as np
 import pytest
 
-from gguf import GGMLQuantizationType
-from gguf.quants import dequantize, quantize
-
 from oatoplan import ggml
-from oatoplan.ggml import Backend, graph_on, lib
+from oatoplan.ggml import Backend
 from oatoplan.machine import gpu_devices
-from test_segment_attention import N_HEAD_KV, _mask, attention_cases, run_attention
+from test_segment_attention import LSE_OPTIONS, N_HEAD_KV, _lse_node, attention_cases, run_attention
 
 pytestmark = pytest.mark.gpu
 
@@ -34,55 +30,6 @@ def cuda0():
     backend = Backend("CUDA0")
     yield backend
     backend.close()
-
-
-def _lse_node(backend, head_dim, n_head, n_kv, n_q, k_type="F16", masked_rows=(), seed=0):
-    """(stock FLASH_ATTN_EXT output (n_q, n_head, DV), the log-sum-exp node's (n_q, n_head, DV + 1), float64
-    log-sum-exp (n_q, n_head), whether the device supports the node) for one random causal case; `masked_rows`:
-    queries whose mask hides every key."""
-    rng = np.random.default_rng(seed)
-    scale = 1.0 / math.sqrt(head_dim)
-    q = rng.standard_normal((n_head, n_q, head_dim), dtype=np.float32)
-    k = rng.standard_normal((N_HEAD_KV, n_kv, head_dim), dtype=np.float32).astype(np.float16)
-    v = rng.standard_normal((N_HEAD_KV, n_kv, head_dim), dtype=np.float32).astype(np.float16)
-    if k_type == "Q8_0":   # K and V both Q8_0 (CUDA's default build pairs same-type K and V); the reference reads K's values
-        qtype = GGMLQuantizationType.Q8_0
-        k_q, v_q = quantize(k.astype(np.float32), qtype), quantize(v.astype(np.float32), qtype)
-        k = dequantize(k_q, qtype).reshape(k.shape)
-    mask = _mask(n_kv, n_q)
-    mask[list(masked_rows)] = -np.inf
-    g = lib()
-    g.ggml_backend_dev_supports_op.restype = ctypes.c_bool
-    g.ggml_backend_dev_supports_op.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    with graph_on(backend) as gr:
-
-        tq, tm = gr.array(q, "F32"), gr.array(mask.astype(np.float16), "F16")
-        if k_type == "F16":
-            tk, tv = gr.array(k, "F16"), gr.array(v, "F16")
-        elif k_type == "Q8_0":
-            tk, tv = gr.tensor("Q8_0", head_dim, n_kv, N_HEAD_KV), gr.tensor("Q8_0", head_dim, n_kv, N_HEAD_KV)
-            gr.data[tk], gr.data[tv] = k_q.tobytes(), v_q.tobytes()
-        else:   # the values do not matter: only supports_op is asked
-            tk, tv = gr.tensor(k_type, head_dim, n_kv, N_HEAD_KV), gr.tensor(k_type, head_dim, n_kv, N_HEAD_KV)
-        stock = g.ggml_flash_attn_ext(gr.ctx, tq, tk, tv, tm, scale, 0.0, 0.0)
-        node = ggml.flash_attn_lse()(gr.ctx, tq, tk, tv, tm, scale, 0.0, 0.0)
-        supported = g.ggml_backend_dev_supports_op(backend.dev, node)
-        if k_type not in ("F16", "Q8_0"):
-            return None, None, None, supported
-        gr.output(stock)
-        gr.output(node)
-        gr.allocate()
-        gr.compute()
-        got_stock = gr.read(stock).reshape(n_q, n_head, head_dim)
-        got = gr.read(node).reshape(n_q, n_head, head_dim + 1)
-    ratio = n_head // N_HEAD_KV
-    s = np.einsum("hqd,hkd->qhk", q.astype(np.float64), np.repeat(k.astype(np.float64), ratio, 0)) * scale
-    s = s + mask[:, None, :]
-    top = s.max(-1, keepdims=True)
-    with np.errstate(invalid="ignore"):
-        lse = (top + np.log(np.exp(s - top).sum(-1, keepdims=True)))[..., 0]
-    lse[list(masked_rows)] = -np.inf
-    return got_stock, got, lse, supported
 
 
 def test_cuda_takes_lse_nodes_with_f16_or_q8_0_k(cuda0):
@@ -136,3 +83,14 @@ def test_segmented_on_cuda_as_close_as_stock(cuda0, head_dim, gqa, n_a, n_b, n_q
     assert err["seg_on"] <= 2 * err["stock_on"] + 1e-4, err
     if n_a == 0 or n_b == 0:   # one segment: the stock nodes themselves
         np.testing.assert_array_equal(got["seg_on"], got["stock_on"])
+
+
+@pytest.mark.parametrize("softcap,max_bias,sinks", LSE_OPTIONS)
+@pytest.mark.parametrize("n_q,n_kv", [(1, 1024), (64, 300)])   # the one-block-per-row pass, the tiled one
+def test_lse_node_with_softcap_alibi_and_sinks(cuda0, n_q, n_kv, softcap, max_bias, sinks):
+    stock, got, lse, supported = _lse_node(cuda0, 128, N_HEAD_KV * 4, n_kv, n_q, softcap=softcap,
+                                           max_bias=max_bias, sinks=sinks)
+    assert supported
+    np.testing.assert_array_equal(got[..., :128], stock)
+    err = np.abs(got[..., 128] - lse).max()
+    assert err < 1e-3, f"log-sum-exp {err:.3g} from float64"
