@@ -81,6 +81,8 @@ def test_a_large_batch_attends_to_the_host_segment_on_cuda(gemma_model, cuda0, f
     assert offloaded["prompt_readers"][attention] == {"CUDA0"}
     assert offloaded["prompt_readers"]["SET_ROWS"] <= host_buffers
     assert offloaded["readers"][attention] - {"CUDA0"} and offloaded["readers"][attention] - {"CUDA0"} <= host_buffers
+    # segment 1 in pinned host memory when batches copy it, pageable otherwise (this assertion not run on a GPU yet)
+    assert offloaded["first"]["kv"].get("CUDA_Host", 0) > 0 and "CUDA_Host" not in pinned["first"]["kv"]
     if offloaded["tokens"] != pinned["tokens"]:
         fed = _run(gemma_model, cuda0, flash_attn, SEGMENT_CELLS, 1, prompt, forced=pinned["tokens"],
                    offload_cells=240)["tokens"]
