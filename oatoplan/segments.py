@@ -1,12 +1,14 @@
-"""The segment KV cache in plans (patches/0007-0008): when it is a candidate, what it says to llama.cpp, and the note
-that explains the choice.
+"""The segment KV cache in plans (patches/0007-0008, 0012): when it is a candidate, what it says to llama.cpp, and the
+note that explains the choice.
 
 A user who asks for a long context (`--ctx 32768`) but usually chats for far less pays llama.cpp's reservation of
 the whole n_ctx on every layer's device. Segmented, each full-attention layer's cache is two buffers: cells [0, P)
 stay with the layer (in VRAM when the layer is on the GPU), and the cells past P live in host memory, growing in
 chunks, with their attention run on the CPU and merged exactly with the first segment's (only queries and partial
 results cross). P is what the workload fills, so the planned chat runs the stock graph on a cache of P cells, and a
-chat that outgrows P stays correct, only slower. The VRAM a plan holds does not grow with the chat either way.
+chat that outgrows P stays correct, only slower. A prompt batch past P copies the host cells to the GPU instead, a
+layer at a time, while their copy fits the VRAM the placement leaves under the budget (`offload_cells`); past that,
+the CPU. The VRAM a plan holds stays within its budget either way.
 """
 
 from __future__ import annotations
