@@ -50,6 +50,15 @@ def test_cpu_profile_measures_every_op(small_grid, tmp_path):
     assert CostModel(again).matmul_us("CPU", "Q4_K", 512, 1024, 1) == pytest.approx(mm[("Q4_K", 1)])
 
 
+def test_attention_copies_defeat_caches():
+    """One-token attention is timed over about COPY_BYTES of K/V (a decode reads every layer's cache), 8 to 64
+    copies; a batch's node once. Qwen2-7B's layout (4 KV heads of 128, f16 K and V: 2 KiB a cell): a copy of 4,096
+    cells is 8 MiB, so 32 copies; 256 cells would need 512 (64); 32,768 cells need 4 (8)."""
+    s = dataclasses.replace(profiler.model_shapes(None), head_dim=128, n_head=28, n_head_kv=4)
+    assert [profiler.attention_copies(s, 1, n) for n in (256, 1024, 4096, 16384, 32768)] == [64, 64, 32, 8, 8]
+    assert profiler.attention_copies(s, 512, 4096) == 1
+
+
 def test_profile_show(cli):
     result = cli(["profile", "show", SHIPPED_PROFILES_DIR / "cpu-devbox-2core.json"])
     assert result.exit_code == 0, result.stderr
