@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--depths", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--arms", nargs="+", help="only the arms whose names start with these (default: all)")
+    ap.add_argument("--arms", nargs="+", help="only the arms of these names (default: all)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     inv, profile = read_inventory(args.model), read_json(Profile, args.profile)
@@ -105,7 +105,7 @@ def main() -> None:
                 arms.append((name, dataclasses.replace(segmented, kv_segments=segmented.kv_segments[:-1] + (rest,))))
     arms.append(("stock cache", None))
     for name, plan in arms:
-        if args.arms and not name.startswith(tuple(args.arms)):
+        if args.arms and name not in args.arms:
             continue
         plan = plan or plan_model(inv, profile, budget, workload, segments=False)
         gpu = plan.gpu_devices[0]
