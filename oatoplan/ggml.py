@@ -200,7 +200,7 @@ def memory_bytes(ctx: int) -> int | None:
 def memory_breakdown(ctx: int, part: str = "context") -> dict[str, int] | None:
     """Bytes that llama context `ctx` holds now per buffer type name ("CPU", "CUDA0", "RPC0[host:port]"), of one part:
     "context" (the KV cache; a segment KV cache's segment in host memory is under "CPU", or the GPU's pinned
-    "CUDA_Host" when prompt batches copy it, patches/0012), "compute" (the
+    "CUDA_Host" while prompt batches may copy it, patches/0012), "compute" (the
     scheduler's compute buffers) or "model" (weights); patches/0008. None for a build without the function."""
     try:
         fn = llama_cpp.llama_cpp._lib.oato_memory_breakdown

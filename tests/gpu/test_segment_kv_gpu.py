@@ -88,3 +88,14 @@ def test_a_large_batch_attends_to_the_host_segment_on_cuda(gemma_model, cuda0, f
                    offload_cells=240)["tokens"]
         agreement = np.mean(np.array(fed) == np.array(pinned["tokens"]))
         assert agreement >= 0.95, f"top-1 agreement {agreement:.2f} on the pinned run's tokens"
+
+
+def test_a_host_segment_grown_past_the_offload_bound_leaves_pinned_memory(gemma_model, cuda0):
+    """patches/0012: segment 1 is in pinned memory (CUDA_Host) while prompt batches may copy it; once it grows past
+    OATO_SEGMENT_KV_OFFLOAD's cells no batch copies it, and its next chunk is allocated in plain host memory ("CPU")
+    instead of pinning the whole segment again."""
+    prompt = (PROMPT + CONTINUATION) * 4
+    run = _run(gemma_model, cuda0, True, SEGMENT_CELLS, 1, prompt, n_ctx=2048, n_tokens=300, offload_cells=240)
+    assert run["n_prompt"] - SEGMENT_CELLS <= 240 < run["n_prompt"] - SEGMENT_CELLS + 300
+    assert run["first"]["kv"].get("CUDA_Host", 0) > 0
+    assert "CUDA_Host" not in run["kv"] and run["kv"]["CPU"] > run["first"]["kv"].get("CPU", 0)
