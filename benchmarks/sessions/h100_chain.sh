@@ -21,7 +21,7 @@
 # machine), bench2048 + bench512 the next (about 240 s).
 # Segment KV cache (issue #21): segtests (tests/gpu/test_segment_kv_gpu.py), segattn (tests/gpu/
 # test_segment_attention_gpu.py), segbenchN (bench at --ctx 32768, depth N), segoverflow (a chat past the plan's
-# first segment). attncopies: benchmarks/attn_copies.py (the profile's CPU attention from the caches?).
+# first segment), segfit (parallel completions of one 8k prompt that fit $VRAM of KV). attncopies: benchmarks/attn_copies.py (the profile's CPU attention from the caches?).
 set -uo pipefail
 W=${OATO_WORK:-/tmp/oato}
 export OATO_WORK=$W OATOPLAN_CACHE=${OATOPLAN_CACHE:-$W/cache}
@@ -208,6 +208,12 @@ for line in open(sys.argv[1]):
     ensure_build
     timeout 200 $S python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_segment_attention_gpu.py \
       > $OUT/segattn.log 2>&1; echo "segattn rc=$?"; tail -5 $OUT/segattn.log ;;
+  segfit)
+    # issue #21: completions of one 8k prompt on the 7B shape, all on CUDA0: the sequences whose KV fits $VRAM, measured
+    ensure_build
+    timeout 400 $S python3 -m benchmarks.segment_kv_shared $MODEL --fit --gpu --budget $VRAM --threads 16 \
+      --out $OUT/segment-kv-fit.json > $OUT/segfit.log 2>&1; echo "segfit rc=$?"
+    grep -v "^llama\|^load\|^print_info" $OUT/segfit.log | grep "sequences\|{" | tail -8 ;;
   attncopies)
     # does the profile time CPU decode attention from the caches? (8 against 64 copies a graph)
     ensure_build
