@@ -125,10 +125,10 @@ def baseline_arms(inv: ModelInventory, gpu: str, budget_bytes: int, workload: Wo
         return next((n for n in range(n_layer + 1)
                      if fits(inv, units, n_cpu_ffn(inv, gpu, n), s, budget_bytes, overhead_bytes)), None)
 
-    default = Settings(512, True, False, workload.n_ctx)
-    strong = Settings(2048, True, True, workload.n_ctx)
+    default = Settings(512, True, False, workload.n_ctx, workload.type_k, workload.type_v)
+    strong = Settings(2048, True, True, workload.n_ctx, workload.type_k, workload.type_v)
     if inv.hparams.n_expert:
-        return moe_baselines(inv, gpu, units, budget_bytes, overhead_bytes, default, strong)
+        return kv_flags(moe_baselines(inv, gpu, units, budget_bytes, overhead_bytes, default, strong), workload)
     ngl, n_ffn = largest_ngl(default), fewest_cpu_ffn(default)
     offload = layer_offload(inv, gpu, ngl) if ngl is not None else None
     arms = [Arm("llama-cpp-python defaults", offload, default,
@@ -144,7 +144,16 @@ def baseline_arms(inv: ModelInventory, gpu: str, budget_bytes: int, workload: Wo
     if n_ffn is not None:
         arms.append(Arm("--n-cpu-ffn, pinned, ubatch 2048", n_cpu_ffn(inv, gpu, n_ffn), strong,
                         f"-ngl 99 {_ffn_flag(n_ffn)} -lm none -ub 2048 -b 2048"))
-    return arms
+    return kv_flags(arms, workload)
+
+
+def kv_flags(arms: list[Arm], workload: Workload) -> list[Arm]:
+    """The arms' flags with the workload's KV cache types, as a user would add them to each (llama.cpp's default is
+    f16)."""
+    if (workload.type_k, workload.type_v) == ("f16", "f16"):
+        return arms
+    return [replace(a, flags=f"{a.flags} -ctk {workload.type_k} -ctv {workload.type_v}") if a.placement else a
+            for a in arms]
 
 
 def moe_baselines(inv: ModelInventory, gpu: str, units, budget_bytes: int, overhead_bytes: int, default: Settings,

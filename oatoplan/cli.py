@@ -25,7 +25,7 @@ from .calibrate import calibrate
 from .doctor import diagnose
 from .errors import OatoError
 from .files import Output, check_output, companion
-from .inventory import read_inventory
+from .inventory import check_kv_types, read_inventory
 from .load import generate, load, run_stats
 from .machine import gpu_devices
 from .paths import user_profile_dir
@@ -165,11 +165,12 @@ def _in_range(option: str, value: int | float | None, low: int | float, high: in
 
 
 def _workload(prompt: int, gen: int, depth: int, objective: str, inv: ModelInventory,
-              ctx_over_train: bool = False, ctx: int = 0) -> Workload:
+              ctx_over_train: bool = False, ctx: int = 0, types: tuple[str, str] = ("f16", "f16")) -> Workload:
     """The workload, its context within the model's training length (or MAX_N_CTX with --ctx-over-train); `ctx`:
-    the context to reserve (--ctx), at least what the workload uses."""
+    the context to reserve (--ctx), at least what the workload uses; `types`: the KV cache's (-ctk, -ctv)."""
     if objective not in OBJECTIVES:
         raise OatoError(f"--objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+    check_kv_types(inv, *types)     # -ctk / -ctv as llama.cpp takes them
     for option, value, low in (("--prompt", prompt, 1), ("--gen", gen, 0), ("--depth", depth, 0), ("--ctx", ctx, 0)):
         _in_range(option, value, low, MAX_N_CTX)
     used, n_ctx_train = depth + prompt + gen, inv.hparams.n_ctx_train
@@ -183,7 +184,7 @@ def _workload(prompt: int, gen: int, depth: int, objective: str, inv: ModelInven
     if not ctx_over_train and n_ctx > n_ctx_train:
         raise OatoError(f"{what} is {n_ctx} tokens, more than the {n_ctx_train} tokens "
                         f"{inv.identity.file_name} was trained on: shorten the workload, or add --ctx-over-train")
-    return Workload(prompt, gen, depth, objective, ctx)
+    return Workload(prompt, gen, depth, objective, ctx, *types)
 
 
 def _budget(vram: str, prof: Profile) -> int:
@@ -200,6 +201,8 @@ GenOpt = Annotated[int, typer.Option("--gen", help="Generated tokens of the work
 DepthOpt = Annotated[int, typer.Option("--depth", help="Tokens already in the KV cache.")]
 CtxOpt = Annotated[int, typer.Option("--ctx", help="Context to reserve (llama.cpp's -c), e.g. 32768 for chats "
                                                    "that are usually short; default: depth + prompt + gen.")]
+CacheTypeKOpt = Annotated[str, typer.Option("--cache-type-k", "-ctk", help="KV cache type of K, as llama.cpp's.")]
+CacheTypeVOpt = Annotated[str, typer.Option("--cache-type-v", "-ctv", help="KV cache type of V, as llama.cpp's.")]
 CtxOverTrainOpt = Annotated[bool, typer.Option("--ctx-over-train", help="Allow depth + prompt + gen past the "
                                                                         "model's training context.")]
 ProfileOpt = Annotated[Optional[Path], typer.Option("--profile", help="Profile JSON; default: the newest for this "
@@ -297,9 +300,8 @@ def plan(
                                                      "(free VRAM - 5%; 0 without a GPU); for several devices, one "
                                                      "per device in split order: "
                                                      "CUDA0=20GiB,CUDA1=auto,RPC[host:50052]=8GiB.")],
-    use: ProfileOpt = None,
-    prompt: PromptOpt = 512, gen: GenOpt = 128, depth: DepthOpt = 0, ctx: CtxOpt = 0,
-    ctx_over_train: CtxOverTrainOpt = False,
+    use: ProfileOpt = None, prompt: PromptOpt = 512, gen: GenOpt = 128, depth: DepthOpt = 0, ctx: CtxOpt = 0,
+    ctx_over_train: CtxOverTrainOpt = False, cache_type_k: CacheTypeKOpt = "f16", cache_type_v: CacheTypeVOpt = "f16",
     objective: Annotated[str, typer.Option("--objective", help="total, ttft or decode.")] = "total",
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the plan.")] = Path("plan.json"),
     write_lp: Annotated[Optional[Path], typer.Option("--write-lp", help="Also write the integer program (LP).")]
@@ -314,7 +316,7 @@ def plan(
     check_output(target, "plan")
     if lp:
         check_output(lp, "lp")
-    workload = _workload(prompt, gen, depth, objective, inv, ctx_over_train, ctx)
+    workload = _workload(prompt, gen, depth, objective, inv, ctx_over_train, ctx, (cache_type_k, cache_type_v))
     budgets = parse_budgets(vram)
     result = plan_budgets(inv, prof, budgets, 0 if budgets else _budget(vram, prof), workload, lp)
     path = write_json(result, target)
@@ -329,9 +331,8 @@ def bench(
     vram: Annotated[str, typer.Option("--vram", help="VRAM budget for the plan and every baseline; for several "
                                                      "devices one per device, in split order (as for plan): "
                                                      "CUDA0=20GiB,RPC[host:50052]=8GiB.")],
-    use: ProfileOpt = None,
-    prompt: PromptOpt = 512, gen: GenOpt = 128, depth: DepthOpt = 0, ctx: CtxOpt = 0,
-    ctx_over_train: CtxOverTrainOpt = False,
+    use: ProfileOpt = None, prompt: PromptOpt = 512, gen: GenOpt = 128, depth: DepthOpt = 0, ctx: CtxOpt = 0,
+    ctx_over_train: CtxOverTrainOpt = False, cache_type_k: CacheTypeKOpt = "f16", cache_type_v: CacheTypeVOpt = "f16",
     reps: Annotated[int, typer.Option("--reps", help="Repetitions per arm (after a warm-up).")] = 3,
     objective: Annotated[str, typer.Option("--objective", help="What the plan minimises: total, ttft or "
                                                                "decode.")] = "total",
@@ -345,7 +346,8 @@ def bench(
     """Measure a plan against llama.cpp's own choices at the same VRAM, side by side (interleaved)."""
     _in_range("--reps", reps, 1, MAX_REPS)
     prof = find_profile(use)
-    workload = _workload(prompt, gen, depth, objective, read_inventory(model), ctx_over_train, ctx)
+    workload = _workload(prompt, gen, depth, objective, read_inventory(model), ctx_over_train, ctx,
+                         (cache_type_k, cache_type_v))
     budgets = parse_budgets(vram)
     budget = 0 if budgets else _budget(vram, prof)
     targets = [Output(name, (model, use), force, "-o") for name in (out, companion(out, ".md"), companion(out, ".png"))]

@@ -48,7 +48,7 @@ class CostModel:
         self.profile = profile
         self.gpu = profile.gpu_device or None
         self._matmul: dict[tuple[str, str], dict[tuple[int, int], tuple[list, list]]] = defaultdict(dict)
-        self._attn: dict[str, dict[int, tuple[list, list]]] = defaultdict(dict)
+        self._attn: dict[tuple[str, str], dict[int, tuple[list, list]]] = defaultdict(dict)   # (device, K/V type)
         self._attn_layout: dict[str, tuple[int, ...]] = {}
         self._elementwise: dict[tuple[str, str], tuple[list, list]] = {}
         points = defaultdict(list)
@@ -56,8 +56,8 @@ class CostModel:
             if o.op == "MUL_MAT":
                 points[("mm", o.device, o.ggml_type, o.shape)].append((o.n_tokens, o.t_us))
             elif o.op == "FLASH_ATTN_EXT":
-                points[("fa", o.device, o.n_tokens)].append((o.shape[3], o.t_us))
-                self._attn_layout[o.device] = o.shape[:3]
+                points[("fa", (o.device, o.ggml_type.upper()), o.n_tokens)].append((o.shape[3], o.t_us))
+                self._attn_layout[o.device] = tuple(o.shape[:3])
             else:   # element-wise: by total elements
                 points[("ew", o.device, o.op)].append((o.shape[0] * o.n_tokens, o.t_us))
         for key, pts in points.items():
@@ -140,9 +140,11 @@ class CostModel:
         return t if pinned else t * self.transfer_us(int(n_bytes), "h2d", False) / self.transfer_us(int(n_bytes))
 
     def attention_us(self, device: str, head_dim: int, n_head: int, n_head_kv: int, n_kv: int,
-                     n_tokens: int) -> float:
-        """Flash attention of n_tokens queries over n_kv cached tokens (f16 K/V), one layer."""
-        by_tokens = self._attn[device]
+                     n_tokens: int, kv_type: str = "F16") -> float:
+        """Flash attention of n_tokens queries over n_kv cached tokens, one layer: one token over a K/V type the
+        profile timed (kv_type_measured) from those points, anything else from the f16 points."""
+        typed = self._attn.get((device, kv_type.upper()), {})
+        by_tokens = typed if n_tokens == 1 and 1 in typed else self._attn[(device, "F16")]
         token_counts = sorted(by_tokens)
         times = [_loglog(*by_tokens[n], max(n_kv, 1)) for n in token_counts]
         t = _loglog([float(n) for n in token_counts], times, n_tokens)
@@ -150,6 +152,10 @@ class CostModel:
         # one token reads the cache (scale by KV width); many tokens compute (scale by query width)
         scale = (n_head_kv * head_dim) / (p_head_kv * p_dim) if n_tokens == 1 else (n_head * head_dim) / (p_head * p_dim)
         return t * scale
+
+    def kv_type_measured(self, device: str, kv_type: str) -> bool:
+        """Whether one-token attention over a K/V cache of kv_type was timed on `device`."""
+        return 1 in self._attn.get((device, kv_type.upper()), {})
 
     def elementwise_us(self, device: str, op: str, n_elements: int) -> float:
         return _loglog(*self._elementwise[(device, op)], max(n_elements, 1))
@@ -275,6 +281,29 @@ def unit_ubatch_us(cost: CostModel, inv: ModelInventory, unit: Unit, device: str
     return compute + (cost.transfer_us(unit.n_bytes, "h2d", s.pinned) if moved else 0.0), 0.0
 
 
+def kv_type(s: Settings) -> str:
+    """The K/V type attention is priced for: the cache's, when K and V share it; else f16."""
+    return s.type_k.upper() if s.type_k == s.type_v else "F16"
+
+
+# One-token attention is timed over f16 and over this quantized cache type (-ctk q8_0 -ctv q8_0, the common choice):
+# decode reads the cache, whose bytes the type sets. A batch over a quantized cache is priced as over f16 (CUDA converts
+# it to f16 first)
+ATTN_QUANTIZED_TYPE = "Q8_0"
+
+
+def kv_type_note(cost: CostModel, s: Settings) -> tuple[str, ...]:
+    """Says so when decode attention over the plan's K/V types is priced from another type's timings."""
+    if (s.type_k, s.type_v) == ("f16", "f16"):
+        return ()
+    devices = [d for d in (CPU, cost.gpu) if d]
+    if s.type_k != s.type_v or not all(cost.kv_type_measured(d, kv_type(s)) for d in devices):
+        return (f"KV cache {s.type_k}/{s.type_v}: attention is priced from the f16 timings (profile "
+                f"{cost.profile.profile_id} has no one-token attention over {s.type_k}/{s.type_v} on "
+                f"{' and '.join(devices)}); the cache's bytes are counted for its types",)
+    return ()
+
+
 def unit_time_us(cost: CostModel, inv: ModelInventory, unit: Unit, device: str, workload: Workload,
                  s: Settings) -> tuple[float, float]:
     """(prefill time for the whole prompt, decode time per token averaged over the generated tokens) of one unit on
@@ -283,7 +312,8 @@ def unit_time_us(cost: CostModel, inv: ModelInventory, unit: Unit, device: str, 
     hp = inv.hparams
     if unit.is_attention:
         decode_depth = workload.n_depth + workload.n_prompt + workload.n_gen / 2   # attention is linear in depth
-        decode = cost.attention_us(device, hp.head_dim_k, hp.n_head, hp.n_head_kv[unit.layer], int(decode_depth), 1)
+        decode = cost.attention_us(device, hp.head_dim_k, hp.n_head, hp.n_head_kv[unit.layer], int(decode_depth), 1,
+                                   kv_type(s))
     elif is_expert(unit) or is_router(unit):
         decode = _weights_us(cost, inv, unit, device, 1)      # one token reads n_used experts
     else:

@@ -418,6 +418,20 @@ def _pad(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def check_kv_types(inv: ModelInventory, type_k: str, type_v: str) -> None:
+    """Refuse K/V cache types llama.cpp's -ctk / -ctv do not take, or that llama.cpp refuses for this model (a
+    quantized type whose blocks do not divide the head size)."""
+    for option, value, head in (("--cache-type-k", type_k, inv.hparams.head_dim_k),
+                                ("--cache-type-v", type_v, inv.hparams.head_dim_v)):
+        if value not in KV_CACHE_TYPES:
+            raise OatoError(f"{option} {value!r} is not a KV cache type of llama.cpp: use one of "
+                            f"{', '.join(KV_CACHE_TYPES)}")
+        block = GGML_QUANT_SIZES[GGMLQuantizationType[value.upper()]][0]
+        if head % block:
+            raise OatoError(f"{option} {value}: its blocks of {block} values do not divide {inv.identity.file_name}'s "
+                            f"head size {head}, and llama.cpp refuses it; use f16 or bf16")
+
+
 def _row_bytes(cache_type: str, n_elements: int) -> int:
     try:
         block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[cache_type.upper()]]

@@ -235,11 +235,22 @@ def pool_bytes(inv: ModelInventory, s: Settings) -> int:
     """The CUDA backend's working pool beside llama.cpp's buffers: a ubatch of activations converted for the widest
     matrix input (quantized weights: q8_1 activations for the integer kernels, 36 bytes per 32 values; f16/bf16
     weights: f16 activations for cuBLAS). It grows to its high-water mark and stays allocated; the slope per ubatch
-    token matches the q8_1 row of the widest input (benchmarks/results/2026-12-01-h200-vram-overhead-qwen2-7b.jsonl)."""
+    token matches the q8_1 row of the widest input (benchmarks/results/2026-12-01-h200-vram-overhead-qwen2-7b.jsonl).
+    Or, where larger, kv_conversion_bytes."""
     per_token = max((_input_bytes(t, inv.hparams) for t in inv.tensors
                      if t.op in ("MUL_MAT", "MUL_MAT_ID") and len(t.shape) >= 2),
                     default=_q8_1_bytes(inv.hparams.n_embd))
-    return effective_ubatch(s) * per_token
+    return max(effective_ubatch(s) * per_token, kv_conversion_bytes(inv.hparams, s))
+
+
+def kv_conversion_bytes(hp: Hyperparameters, s: Settings) -> int:
+    """The f16 copy of one layer's K and V views that CUDA's batched flash-attention kernels make of a cache that is
+    not f16 (ggml-cuda/fattn-common.cuh, from the pool, freed after the node): the widest layer's view of a ubatch at
+    the end of the cache on the GPU (all n_ctx cells, or the first segment's). Not measured on a GPU yet."""
+    if (s.type_k, s.type_v) == ("f16", "f16"):
+        return 0
+    cells = s.segment_cells or -(-s.n_ctx // 256) * 256
+    return cells * max(kv_bytes_per_token(hp, il, "f16", "f16") for il in range(hp.n_layer))
 
 
 def _input_bytes(t, hp: Hyperparameters) -> int:

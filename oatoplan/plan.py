@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 from .baselines import baseline_arms, greedy_arm
-from .cost import CostModel, cpu_cost_model, predict
+from .cost import CostModel, cpu_cost_model, kv_type_note, predict
 from .errors import PlanError, PlanMismatchError
 from .graph import CPU, model_units
 from .names import buffer_type_flag, device_flag, is_rpc, override_pattern, rpc_endpoint, split_device
@@ -357,7 +357,8 @@ def plan_model(inv: ModelInventory, profile: Profile, budget_bytes: int, workloa
         f"best of {len(solution.candidates)} settings solved in {solution.solve_s:.2f} s",) + \
         ((_outputs_note(s),) if s.n_outputs_max else ()) + stream_note(inv, cost, solution, workload) + \
         segment_note(solution, workload, profile, offload_cells,
-                     sum(segment_copy_bytes(inv.hparams, s, offload_cells))) + _build_note(profile)
+                     sum(segment_copy_bytes(inv.hparams, s, offload_cells))) + kv_type_note(cost, s) + \
+        _build_note(profile)
     units = model_units(inv)
     slot = vram_terms(inv, units, s, 0).slot([solution.devices[u.key] != CPU for u in units])
     plan = make_plan(inv, devices, n_gpu_layers=n_gpu_layers, gpu_devices=(cost.gpu,), n_ctx=workload.n_ctx,
@@ -403,9 +404,10 @@ def plan_cpu(inv: ModelInventory, profile: Profile, workload: Workload, budget_b
     s, n_threads = solution.settings, default_threads()
     plan = make_plan(inv, {}, n_gpu_layers=0, n_ctx=workload.n_ctx, n_batch=s.n_ubatch, n_ubatch=s.n_ubatch,
                      use_mmap=True, op_offload=False, flash_attn=True, n_outputs_max=s.n_outputs_max,
-                     n_threads=n_threads, llama_cpp_build=target_build(profile),
+                     type_k=s.type_k, type_v=s.type_v, n_threads=n_threads, llama_cpp_build=target_build(profile),
                      profile_id=profile.profile_id, budget_bytes=0,
-                     notes=_cpu_notes(profile, solution, budget_bytes, n_threads) + _build_note(profile))
+                     notes=_cpu_notes(profile, solution, budget_bytes, n_threads) + kv_type_note(cost, s) +
+                     _build_note(profile))
     plan = dataclasses.replace(plan, workload=workload, prediction=solution.prediction,
                                baselines=(_cpu_defaults(inv, cost, workload),),
                                placement={u.key: CPU for u in model_units(inv)})
@@ -445,9 +447,11 @@ def _cpu_defaults(inv: ModelInventory, cost: CostModel, workload: Workload) -> B
     ubatch 512. Predicted only where both thread counts are the profile's: the profile timed no other."""
     logical = logical_cpus()
     decode_threads, prefill_threads, timed = max(logical // 2, 1), logical, cost.profile.n_threads
-    flags = f"-ngl 0 -ub 512 -b 512 -t {decode_threads} -tb {prefill_threads}"
+    kv = (workload.type_k, workload.type_v)
+    flags = f"-ngl 0 -ub 512 -b 512 -t {decode_threads} -tb {prefill_threads}" + \
+        (f" -ctk {kv[0]} -ctv {kv[1]}" if kv != ("f16", "f16") else "")
     if decode_threads == prefill_threads == timed:
-        s = Settings(512, False, False, workload.n_ctx)
+        s = Settings(512, False, False, workload.n_ctx, workload.type_k, workload.type_v)
         return BaselinePrediction(CPU_DEFAULTS, flags,
                                   predict(cost, inv, {u.key: CPU for u in model_units(inv)}, workload, s))
     return BaselinePrediction(CPU_DEFAULTS, flags, None,

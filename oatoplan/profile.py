@@ -25,6 +25,7 @@ import numpy as np
 
 from . import ggml, profile_moe
 from .artifacts import read_json
+from .cost import ATTN_QUANTIZED_TYPE
 from .errors import ArtifactError, BackendError, ProfileError
 from .machine import default_threads, gpu_devices, machine_identity
 from .paths import profile_dirs, user_profile_dir
@@ -135,27 +136,27 @@ def _time_matmuls(backend: ggml.Backend, ggml_type: str, k: int, n: int, tokens:
     return results
 
 
-def attention_copies(s: ModelShapes, n_tokens: int, n_kv: int) -> int:
-    """Copies of an attention node per timed graph: for one token, enough f16 K and V bytes for COPY_BYTES
+def attention_copies(s: ModelShapes, n_tokens: int, n_kv: int, kv_type: str = "F16") -> int:
+    """Copies of an attention node per timed graph: for one token, enough K and V bytes (of `kv_type`) for COPY_BYTES
     (ATTN_MIN_COPIES..ATTN_MAX_COPIES); a batch's node is long and reads its K/V many times: one."""
     if n_tokens != 1:
         return 1
-    kv_bytes = 2 * 2 * s.head_dim * n_kv * s.n_head_kv
+    kv_bytes = 2 * ggml.row_bytes(kv_type, s.head_dim) * n_kv * s.n_head_kv
     return max(ATTN_MIN_COPIES, min(ATTN_MAX_COPIES, math.ceil(COPY_BYTES / kv_bytes)))
 
 
 def _time_attention(backend: ggml.Backend, s: ModelShapes, n_tokens: int, n_kv: int, timer: _Timer,
-                    fill) -> OpTiming:
-    copies = attention_copies(s, n_tokens, n_kv)
+                    fill, kv_type: str = "F16") -> OpTiming:
+    copies = attention_copies(s, n_tokens, n_kv, kv_type)
     with ggml.graph_on(backend) as g:
         for _ in range(copies):
             q = g.tensor("F32", s.head_dim, n_tokens, s.n_head)
-            k = g.tensor("F16", s.head_dim, n_kv, s.n_head_kv)
-            v = g.tensor("F16", s.head_dim, n_kv, s.n_head_kv)
+            k = g.tensor(kv_type, s.head_dim, n_kv, s.n_head_kv)
+            v = g.tensor(kv_type, s.head_dim, n_kv, s.n_head_kv)
             g.output(g.op("ggml_flash_attn_ext", q, k, v, None, 1.0 / math.sqrt(s.head_dim), 0.0, 0.0))
         g.allocate(fill)
         t_us, samples = timer.time(g, copies)
-    return OpTiming(backend.device, "FLASH_ATTN_EXT", "F16", (s.head_dim, s.n_head, s.n_head_kv, n_kv), n_tokens,
+    return OpTiming(backend.device, "FLASH_ATTN_EXT", kv_type, (s.head_dim, s.n_head, s.n_head_kv, n_kv), n_tokens,
                     t_us, samples)
 
 
@@ -339,8 +340,9 @@ def measure_profile(inventory: ModelInventory | None = None, *, gpu_device: str 
         prefill = PREFILL_TOKENS_GPU if b is gpu else PREFILL_TOKENS_CPU
         steps += [("matmul", b, m, DECODE_TOKENS + prefill) for m in shapes.matrices]
         attn_tokens = ATTN_TOKENS_GPU if b is gpu else ATTN_TOKENS_CPU
-        steps += [("attention", b, (n, kv), None) for n in attn_tokens for kv in KV_LENGTHS
+        steps += [("attention", b, (n, kv, "F16"), None) for n in attn_tokens for kv in KV_LENGTHS
                   if b is gpu or n * kv <= CPU_MAX_ATTN_WORK or n == 1]
+        steps += [("attention", b, (1, kv, ATTN_QUANTIZED_TYPE), None) for kv in KV_LENGTHS]
         steps.append(("elementwise", b, None, None))
     ops: list[OpTiming] = []
     launch: dict[str, float] = {}
@@ -357,7 +359,7 @@ def measure_profile(inventory: ModelInventory | None = None, *, gpu_device: str 
                 host = ggml.lib().ggml_backend_dev_host_buffer_type(gpu.dev) if gpu and backend is cpu else None
                 ops += _time_matmuls(backend, *what, tokens, timer, fill, host)
             elif kind == "attention":
-                ops.append(_time_attention(backend, shapes, what[0], what[1], timer, fill))
+                ops.append(_time_attention(backend, shapes, what[0], what[1], timer, fill, what[2]))
             else:
                 ops += _time_elementwise(backend, shapes, timer, fill)
                 launch[backend.device] = _time_launch(backend, timer, fill)

@@ -95,6 +95,9 @@ class Workload:
     # the context the user asks llama.cpp for (-c, e.g. 32768 for a chat that is usually short); 0: what the
     # workload uses. KV cache and compute buffer are reserved for n_ctx; attention costs follow depth and prompt.
     n_ctx_asked: int = 0
+    # the KV cache's K and V types the user asks for (llama.cpp's -ctk / -ctv): what every arm of a bench runs with
+    type_k: str = "f16"
+    type_v: str = "f16"
 
     @property
     def n_ctx(self) -> int:

@@ -294,7 +294,8 @@ def candidate_settings(workload: Workload, stream_slots: int = 0, segment_cells:
     """Every ubatch with op offload on (and, with `stream_slots`, weight streaming on as well) and off; with
     `segment_cells`, each of them with the segment KV cache as well."""
     # one logit row per ubatch: generation reads only the last prompt token's logits
-    stock = [Settings(ub, offload, True, workload.n_ctx, n_outputs_max=1, stream_slots=slots)
+    stock = [Settings(ub, offload, True, workload.n_ctx, workload.type_k, workload.type_v, n_outputs_max=1,
+                      stream_slots=slots)
              for ub in ubatch_candidates(workload) for offload, slots in
              [(True, 0)] + ([(True, stream_slots)] if stream_slots else []) + [(False, 0)]]
     return stock + [dataclasses.replace(s, segment_cells=segment_cells) for s in stock if segment_cells]
@@ -391,8 +392,8 @@ def solve_cpu(inv: ModelInventory, cost: CostModel, workload: Workload) -> CpuSo
         raise ValueError("solve_cpu needs a cost model without a GPU (cost.cpu_cost_model)")
     timed = max((o.n_tokens for o in cost.profile.ops if o.device == CPU and o.op == "MUL_MAT"), default=512)
     wanted = ubatch_candidates(workload, CPU_UBATCH_CANDIDATES)
-    settings = [Settings(ub, False, False, workload.n_ctx, n_outputs_max=1) for ub in wanted
-                if ub <= max(timed, wanted[0])]
+    settings = [Settings(ub, False, False, workload.n_ctx, workload.type_k, workload.type_v, n_outputs_max=1)
+                for ub in wanted if ub <= max(timed, wanted[0])]
     all_cpu = {u.key: CPU for u in model_units(inv)}
     candidates = tuple((s, predict(cost, inv, all_cpu, workload, s)) for s in settings)
     best = min(candidates, key=lambda c: (c[1].prefill_s, -c[0].n_ubatch))

@@ -188,7 +188,7 @@ def candidate_settings(workload: Workload, device_links: list[Link], profiled_gp
     first_gpu = next((x.device for x in device_links if x.local_gpu), None)
     offload = first_gpu is not None and first_gpu == profiled_gpu
     largest = max(512, 1 << (max(workload.n_prompt, 1) - 1).bit_length())
-    return [Settings(ub, offload, True, workload.n_ctx, n_outputs_max=1)
+    return [Settings(ub, offload, True, workload.n_ctx, workload.type_k, workload.type_v, n_outputs_max=1)
             for ub in SPLIT_UBATCH_CANDIDATES if ub <= largest]
 
 
@@ -200,7 +200,8 @@ def solve_split(inv: ModelInventory, cost: CostModel, budgets: dict[str, int], w
     units = model_units(inv)
     baselines = baseline_placements(cost, inv, budgets, workload) if baselines is None else baselines
     starts = [b for b in baselines if b is not None]
-    for s in candidate_settings(workload, links(cost, inv, devices, Settings(512, False, True, workload.n_ctx)),
+    for s in candidate_settings(workload, links(cost, inv, devices, Settings(512, False, True, workload.n_ctx,
+                                                                             workload.type_k, workload.type_v)),
                                 cost.gpu):
         device_links = links(cost, inv, devices, s)
         start = _best_start(cost, inv, budgets, workload, s, device_links, starts)
@@ -260,7 +261,7 @@ BASELINE_NAMES = ("llama.cpp layer split (-ts by memory)", "--fit-style fill")
 
 
 def baseline_settings(workload: Workload, devices: list[str]) -> Settings:
-    return Settings(512, any(not is_rpc(d) for d in devices), False, workload.n_ctx)
+    return Settings(512, any(not is_rpc(d) for d in devices), False, workload.n_ctx, workload.type_k, workload.type_v)
 
 
 def baseline_placements(cost: CostModel, inv: ModelInventory, budgets: dict[str, int], workload: Workload):
@@ -375,7 +376,8 @@ def split_plan(inv: ModelInventory, profile: Profile, placement: dict[str, str],
                      rpc_servers=tuple(rpc_endpoint(d) for d in devices if is_rpc(d)), n_ctx=workload.n_ctx,
                      n_batch=s.n_ubatch, n_ubatch=s.n_ubatch, use_mmap=not (local and s.pinned),
                      op_offload=s.op_offload, n_outputs_max=s.n_outputs_max, flash_attn=True,
-                     n_threads=profile.n_threads, llama_cpp_build=target_build(profile), profile_id=profile.profile_id,
+                     type_k=s.type_k, type_v=s.type_v, n_threads=profile.n_threads,
+                     llama_cpp_build=target_build(profile), profile_id=profile.profile_id,
                      budget_bytes=sum(budgets.values()) or None, notes=notes,
                      compute_bytes={d: m["compute"] for d, m in memory.items()})
     plan = dataclasses.replace(plan, workload=workload, prediction=prediction, placement=dict(placement),

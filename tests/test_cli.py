@@ -63,6 +63,8 @@ def test_plan_writes_a_plan_the_loader_accepts(qwen_header_model, cli, tmp_path)
     (["--vram", "lots"], "lots"),
     (["--vram", "3GiB", "--objective", "fast"], "--objective 'fast'"),
     (["--vram", "10MiB"], "the smallest needs"),
+    (["--vram", "3GiB", "-ctk", "q4_k"], "--cache-type-k 'q4_k' is not a KV cache type of llama.cpp"),
+    (["--vram", "3GiB", "--cache-type-v", "f8"], "--cache-type-v 'f8'"),
 ])
 def test_plan_bad_input(qwen_header_model, cli, tmp_path, args, message):
     from oatoplan.artifacts import write_json
@@ -124,6 +126,31 @@ def test_vram_0_with_a_gpu_profile_gives_a_cpu_plan_that_runs(tiny_model, cli, t
     run = cli(["run", tiny_model, "--plan", out, "-p", "hello", "-n", "4"])
     assert run.exit_code == 0, run.stderr
     assert "decode" in run.stderr
+
+
+def test_a_quantized_kv_cache_is_planned_and_loaded_as_asked(tiny_model, gemma_model, qwen_header_model, cli,
+                                                             tmp_path):
+    """-ctk / -ctv as llama.cpp takes them: the plan's cache types, in its flags and every baseline's, and a plan that
+    the loader accepts (it checks llama.cpp's KV bytes against the plan's) and runs; refused, as llama.cpp refuses
+    it, where the type's blocks do not divide the head size (the tiny model's 16)."""
+    profile = write_json(synthetic_profile(), tmp_path / "profile.json")
+    out = tmp_path / "plan.json"
+    refused = cli(["plan", tiny_model, "--vram", "0", "--profile", profile, "-ctk", "q8_0", "--out", out])
+    assert refused.exit_code == 1 and "blocks of 32 values do not divide" in refused.stderr and not out.exists()
+    result = cli(["plan", gemma_model, "--vram", "0", "--profile", profile, "-ctk", "q8_0", "-ctv", "q8_0",
+                  "--ctx", "1024", "--out", out])
+    assert result.exit_code == 0, result.stderr
+    plan = read_json(Plan, out)
+    assert (plan.type_k, plan.type_v) == ("q8_0", "q8_0") and "-ctk q8_0 -ctv q8_0" in plan.flags
+    assert plan.workload.type_k == "q8_0" and "attention is priced from the f16 timings" in result.stdout
+    run = cli(["run", gemma_model, "--plan", out, "-p", "hello", "-n", "4", "--show-memory"])
+    assert run.exit_code == 0, run.stderr
+    assert "plan vs allocated" in run.stdout and " NO" not in run.stdout
+    gpu = cli(["plan", qwen_header_model, "--vram", "3GiB", "--profile", profile, "-ctk", "q8_0", "-ctv", "q8_0",
+               "--out", tmp_path / "gpu.json"])
+    assert gpu.exit_code == 0, gpu.stderr
+    baselines = read_json(Plan, tmp_path / "gpu.json").baselines
+    assert all(b.flags.endswith("-ctk q8_0 -ctv q8_0") for b in baselines if b.flags.startswith("-ngl")), baselines
 
 
 def test_a_cpu_profile_with_a_budget_plans_for_the_cpu(tiny_model, cli, tmp_path):

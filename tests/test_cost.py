@@ -86,6 +86,28 @@ def test_deeper_context_slows_attention_not_weights(qwen_header_model):
     assert deep.gpu_bytes["weights"] == shallow.gpu_bytes["weights"]
 
 
+def test_decode_attention_over_a_timed_kv_type_uses_its_points(qwen_header_model):
+    """One-token attention over q8_0 K/V comes from the profile's Q8_0 points where it has them (here: twice the f16
+    time), else from the f16 points, and the plan's note says so."""
+    from oatoplan.cost import kv_type_note
+    from oatoplan.schema import OpTiming
+    inv, base = read_inventory(qwen_header_model), synthetic_profile()
+    doubled = tuple(OpTiming(o.device, o.op, "Q8_0", o.shape, 1, 2 * o.t_us, ()) for o in base.ops
+                    if o.op == "FLASH_ATTN_EXT" and o.n_tokens == 1)
+    devices = {u.key: "CPU" for u in model_units(inv)}
+    f16, q8 = Settings(512, False, True, 8192), Settings(512, False, True, 8192, "q8_0", "q8_0")
+    workload = Workload(128, 64, 4096)
+    for profile, factor in ((base, 1.0), (dataclasses.replace(base, ops=base.ops + doubled), 2.0)):
+        cost = CostModel(profile)
+        one = [cost.attention_us("CPU", 128, 28, 4, 4096, 1, t) for t in ("F16", "Q8_0")]
+        assert one[1] == pytest.approx(factor * one[0])
+        assert cost.attention_us("CPU", 128, 28, 4, 4096, 512, "Q8_0") == cost.attention_us("CPU", 128, 28, 4, 4096,
+                                                                                             512)
+        slower = predict(cost, inv, devices, workload, q8).decode_s_per_token
+        assert (slower > predict(cost, inv, devices, workload, f16).decode_s_per_token) == (factor > 1)
+        assert bool(kv_type_note(cost, q8)) == (factor == 1.0) and not kv_type_note(cost, f16)
+
+
 def test_one_logit_row_shrinks_the_output_stage(qwen_header_model):
     """n_outputs_max=1 (what plans set): llama.cpp reserves logits for one token per ubatch instead of all of them,
     and a host output matrix is no longer copied up for op offload (its batch is one row)."""

@@ -96,6 +96,16 @@ def test_pool_is_q8_1_activations_of_the_widest_matrix_input(qwen):
     assert pool_bytes(qwen, Settings(2048, True, True, 1024)) == 1024 * 18944 // 32 * 36   # capped at n_ctx
 
 
+def test_pool_holds_the_f16_conversion_of_a_quantized_cache(qwen):
+    """A q8_0 cache: CUDA's batched flash attention converts one layer's K and V view to f16 in the pool; Qwen2-7B's
+    layers have 4 KV heads of 128: 2 x 512 values of 2 bytes a cell, over n_ctx 32768 (or the first segment's 8192)."""
+    q8 = Settings(512, True, True, 32768, "q8_0", "q8_0")
+    assert pool_bytes(qwen, q8) == 32768 * 2 * 512 * 2 > pool_bytes(qwen, Settings(512, True, True, 32768))
+    assert pool_bytes(qwen, dataclasses.replace(q8, segment_cells=8192)) == 8192 * 2 * 512 * 2
+    small = Settings(512, True, True, 512, "q8_0", "f16")     # smaller than the activations' conversion
+    assert pool_bytes(qwen, small) == 512 * 18944 // 32 * 36
+
+
 def test_layer_stage_matches_llama_cpps_compute_buffer(qwen):
     """All on the GPU with one logit row, n_ctx 4096: llama.cpp's compute buffer was 136.0 MiB at ubatch 512 and 544.0
     MiB at ubatch 2048 (H200, benchmarks/results/2026-12-01-h200-vram-overhead-qwen2-7b.jsonl, configs all-gpu-ub*);

@@ -48,6 +48,10 @@ def test_cpu_profile_measures_every_op(small_grid, tmp_path):
     again = read_json(Profile, path)
     assert again == prof
     assert CostModel(again).matmul_us("CPU", "Q4_K", 512, 1024, 1) == pytest.approx(mm[("Q4_K", 1)])
+    # one-token attention over f16 and over q8_0 K/V at every length; batches over f16 only
+    fa = {(o.ggml_type, o.n_tokens, o.shape[3]) for o in prof.ops if o.op == "FLASH_ATTN_EXT"}
+    assert fa == {(t, n, kv) for t, n in (("F16", 1), ("F16", 32), ("Q8_0", 1)) for kv in (256, 1024)}
+    assert CostModel(again).kv_type_measured("CPU", "q8_0") and not CostModel(again).kv_type_measured("CPU", "q4_0")
 
 
 def test_attention_copies_defeat_caches():
@@ -57,6 +61,7 @@ def test_attention_copies_defeat_caches():
     s = dataclasses.replace(profiler.model_shapes(None), head_dim=128, n_head=28, n_head_kv=4)
     assert [profiler.attention_copies(s, 1, n) for n in (256, 1024, 4096, 16384, 32768)] == [64, 64, 32, 8, 8]
     assert profiler.attention_copies(s, 512, 4096) == 1
+    assert profiler.attention_copies(s, 1, 4096, "Q8_0") == 61      # 34 bytes per 32 values: 4.25 MiB a copy
 
 
 def test_profile_show(cli):
