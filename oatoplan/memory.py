@@ -60,6 +60,13 @@ class Settings:
     # the layer, the cells past them live in host memory (growing in KV_SEGMENT_GROWTH_CELLS chunks) with their
     # attention on the CPU; 0: the stock cache, n_ctx cells with the layer
     segment_cells: int = 0
+    # the host segment's (K, V) types where they are not the cache's (patches/0010, OATO_SEGMENT_KV_TYPES1)
+    host_kv_types: tuple[str, str] | None = None
+
+
+def host_kv_types(s: Settings) -> tuple[str, str]:
+    """The (K, V) types of the segment KV cache's host segment."""
+    return s.host_kv_types or (s.type_k, s.type_v)
 
 
 def usable_bytes(budget_bytes: int) -> int:
@@ -194,7 +201,8 @@ def kv_split_bytes(hp: Hyperparameters, layer: int, s: Settings, swa_full: bool 
         return whole, 0
     per_cell = kv_bytes_per_token(hp, layer, s.type_k, s.type_v)
     total = segment_kv_cells(hp, layer, s.n_ctx, s.n_ubatch, s.segment_cells, 0, KV_SEGMENT_GROWTH_CELLS, swa_full)
-    return (s.segment_cells + 1) * per_cell, (total - s.segment_cells - 1) * per_cell
+    host_per_cell = kv_bytes_per_token(hp, layer, *host_kv_types(s))
+    return (s.segment_cells + 1) * per_cell, (total - s.segment_cells - 1) * host_per_cell
 
 
 def reserved_n_kv(s: Settings) -> int:
@@ -342,8 +350,9 @@ def segment_copy_bytes(hp: Hyperparameters, s: Settings, n_cells: int) -> tuple[
     of one layer's K and V views (the widest layer's), freed after that layer's attention, and for a quantized cache
     the f16 conversion CUDA's batched flash-attention kernels make of it beside the copy. Mask: the copy of the
     segment's f16 mask columns, n_ubatch values a cell, made once a graph and read by every layer's attention."""
-    quantized = (s.type_k, s.type_v) != ("f16", "f16")
-    widest = max(kv_bytes_per_token(hp, il, s.type_k, s.type_v) +
+    types = host_kv_types(s)
+    quantized = types != ("f16", "f16")
+    widest = max(kv_bytes_per_token(hp, il, *types) +
                  (kv_bytes_per_token(hp, il, "f16", "f16") if quantized else 0) for il in range(hp.n_layer))
     return widest * n_cells, 2 * effective_ubatch(s) * n_cells
 

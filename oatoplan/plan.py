@@ -111,7 +111,8 @@ def make_plan(inv: ModelInventory, devices: dict[str, str], *, n_gpu_layers: int
               stream_bytes: dict[str, int] | None = None, n_threads: int | None = None, llama_cpp_build: str = "",
               profile_id: str = "", tensor_split: tuple[int, ...] = (), rpc_servers: tuple[str, ...] = (),
               budget_bytes: int | None = None, compute_bytes: dict[str, int] | None = None,
-              notes: tuple[str, ...] = (), segment_cells: int = 0, segment_offload_cells: int = 0) -> Plan:
+              notes: tuple[str, ...] = (), segment_cells: int = 0, segment_offload_cells: int = 0,
+              segment_host_types: tuple[str, str] | None = None) -> Plan:
     """A Plan that puts each tensor where `devices` says (tensors it leaves out follow n_gpu_layers). Overrides are
     emitted only for tensors that differ from n_gpu_layers' rule, merged into one pattern per device.
     use_mmap defaults to off whenever a GPU is used, so that CPU-resident weights sit in pinned memory."""
@@ -149,7 +150,7 @@ def make_plan(inv: ModelInventory, devices: dict[str, str], *, n_gpu_layers: int
                 budget_bytes=budget_bytes, notes=notes, tensor_split=tuple(tensor_split),
                 rpc_servers=tuple(rpc_servers),
                 kv_segments=kv_segments(inv, n_ctx, n_ubatch, segment_cells, type_k, type_v, swa_full,
-                                        segment_offload_cells))
+                                        segment_offload_cells, segment_host_types))
     memory = predict_memory(inv, plan, compute_bytes)
     return dataclasses.replace(plan, memory=dataclasses.replace(memory, stream_bytes=dict(stream_bytes or {})))
 
@@ -309,14 +310,16 @@ def plan_for(inv: ModelInventory, unit_devices: dict[str, str], s: Settings, pro
                      compute_bytes={gpu: vram["compute"]} if gpu else {},
                      stream_slots=s.stream_slots if slot else 0, stream_slot_bytes=slot if s.stream_slots else 0,
                      stream_bytes={gpu: vram["stream"]} if gpu and vram["stream"] else {},
-                     segment_cells=s.segment_cells)
+                     segment_cells=s.segment_cells, segment_host_types=s.host_kv_types)
     return dataclasses.replace(plan, placement=dict(unit_devices), flags=llama_cpp_flags(plan))
 
 
 def plan_settings(plan: Plan) -> Settings:
     """The non-placement decisions a plan made (the inverse of plan_for's)."""
+    host = (plan.kv_segments[-1].type_k, plan.kv_segments[-1].type_v) if plan.kv_segments else None
     return Settings(plan.n_ubatch, plan.op_offload, not plan.use_mmap, plan.n_ctx, plan.type_k, plan.type_v,
-                    plan.n_outputs_max, plan.stream_slots, plan_segment_cells(plan))
+                    plan.n_outputs_max, plan.stream_slots, plan_segment_cells(plan),
+                    host if host != (plan.type_k, plan.type_v) else None)
 
 
 def plan_segment_cells(plan: Plan) -> int:
@@ -369,7 +372,8 @@ def plan_model(inv: ModelInventory, profile: Profile, budget_bytes: int, workloa
                      budget_bytes=budget_bytes, compute_bytes={cost.gpu: gpu_bytes.get("compute", 0)}, notes=notes,
                      stream_slots=s.stream_slots if slot else 0, stream_slot_bytes=slot if s.stream_slots else 0,
                      stream_bytes={cost.gpu: gpu_bytes["stream"]} if gpu_bytes.get("stream") else {},
-                     segment_cells=s.segment_cells, segment_offload_cells=offload_cells)
+                     segment_cells=s.segment_cells, segment_offload_cells=offload_cells,
+                     segment_host_types=s.host_kv_types)
     plan = dataclasses.replace(plan, workload=workload, prediction=solution.prediction, baselines=tuple(baselines),
                                placement=dict(solution.devices))
     return dataclasses.replace(plan, flags=llama_cpp_flags(plan))

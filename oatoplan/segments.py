@@ -13,13 +13,14 @@ the CPU. The VRAM a plan holds stays within its budget either way.
 
 from __future__ import annotations
 
+from .cost import CostModel, kv_type
 from .errors import PlanError
 from .graph import CPU, model_units
-from .inventory import kv_cells
+from .inventory import KV_CACHE_TYPES, kv_cells
 from .machine import target_build
 from .memory import (KV_SEGMENT_GROWTH_CELLS, Settings, gpu_overhead_bytes, kv_split_bytes, segment_offload_cells,
                      vram_terms)
-from .schema import KvSegment, ModelInventory, Profile, Workload
+from .schema import Hyperparameters, KvSegment, ModelInventory, Profile, Workload
 from .units import format_bytes
 
 # The patch a build needs for a plan to put the second segment in host memory
@@ -37,17 +38,33 @@ def segment_cells_for(workload: Workload) -> int:
 
 
 def kv_segments(inv: ModelInventory, n_ctx: int, n_ubatch: int, segment_cells: int, type_k: str, type_v: str,
-                swa_full: bool, offload_cells: int = 0) -> tuple[KvSegment, ...]:
+                swa_full: bool, offload_cells: int = 0, host_types: tuple[str, str] | None = None
+                ) -> tuple[KvSegment, ...]:
     """The segment KV cache's two segments for a first segment of `segment_cells` cells (0: none): [0, P) with each
-    full-attention layer's KV cache, [P, n_ctx) in host memory, growing, copied to the GPU for a prompt batch while
-    it holds at most `offload_cells`; () where no layer's cache is longer than P."""
+    full-attention layer's KV cache, [P, n_ctx) in host memory (of `host_types`, default the cache's), growing,
+    copied to the GPU for a prompt batch while it holds at most `offload_cells`; () where no layer's cache is longer
+    than P."""
     s = Settings(n_ubatch, True, True, n_ctx, type_k, type_v, segment_cells=segment_cells)
     layers = tuple(il for il in range(inv.hparams.n_layer) if kv_split_bytes(inv.hparams, il, s, swa_full)[1])
     if not segment_cells or not layers:
         return ()
     end = kv_cells(inv.hparams, layers[0], n_ctx, n_ubatch, swa_full)
+    host_k, host_v = host_types or (type_k, type_v)
     return (KvSegment(0, segment_cells, "layer", type_k, type_v, layers),
-            KvSegment(segment_cells, end, CPU, type_k, type_v, layers, KV_SEGMENT_GROWTH_CELLS, offload_cells))
+            KvSegment(segment_cells, end, CPU, host_k, host_v, layers, KV_SEGMENT_GROWTH_CELLS, offload_cells))
+
+
+def host_types_for(cost: CostModel, hp: Hyperparameters, s: Settings) -> tuple[str, str] | None:
+    """The host segment's K/V types for a cache of s's types: f16 where the user asked a quantized cache and the
+    profile's CPU attends to one token over the whole context faster in f16 than in that type (a CPU that spends more
+    dequantizing than it saves in bytes): more precise and faster past P, for twice the host memory of q8_0; else
+    the cache's own (None). The first segment, in VRAM with its layer, keeps the cache's types."""
+    asked = kv_type(s)
+    if (s.type_k, s.type_v) == ("f16", "f16") or asked == "F16" or not cost.kv_type_measured(CPU, asked):
+        return None
+    def one_token(t: str) -> float:      # noqa: E306
+        return cost.attention_us(CPU, hp.head_dim_k, hp.n_head, max(hp.n_head_kv), s.n_ctx, 1, t)
+    return ("f16", "f16") if one_token("F16") < one_token(asked) else None
 
 
 def check_kv_segments(inv: ModelInventory, plan, source: str) -> None:
@@ -55,8 +72,12 @@ def check_kv_segments(inv: ModelInventory, plan, source: str) -> None:
     hand-set offload_cells is the user's call: the budget is not checked again here)."""
     if not plan.kv_segments:
         return
-    p, offload = plan.kv_segments[0].end_cell, plan.kv_segments[-1].offload_cells
-    expected = kv_segments(inv, plan.n_ctx, plan.n_ubatch, p, plan.type_k, plan.type_v, plan.swa_full, offload)
+    p, rest = plan.kv_segments[0].end_cell, plan.kv_segments[-1]
+    offload, host = rest.offload_cells, (rest.type_k, rest.type_v)
+    if not set(host) <= set(KV_CACHE_TYPES):
+        raise PlanError(f"{source}: kv_segments' host types {host} are not KV cache types of llama.cpp (one of "
+                        f"{', '.join(KV_CACHE_TYPES)}); plan again, or fix them")
+    expected = kv_segments(inv, plan.n_ctx, plan.n_ubatch, p, plan.type_k, plan.type_v, plan.swa_full, offload, host)
     if expected and not 0 <= offload <= expected[-1].end_cell - p:
         raise PlanError(f"{source}: kv_segments' offload_cells {offload} is outside 0..{expected[-1].end_cell - p} "
                         f"(the host segment's cells); plan again, or fix the number")
@@ -96,9 +117,18 @@ def segment_env(segments: tuple[KvSegment, ...]) -> dict[str, str]:
     first, rest = segments[0], segments[-1]
     env = {"OATO_SEGMENT_KV": str(first.end_cell), "OATO_SEGMENT_KV_HOST": "1" if rest.device == "CPU" else "0",
            "OATO_SEGMENT_KV_CHUNK": str(rest.growth_cells)}
+    if (rest.type_k, rest.type_v) != (first.type_k, first.type_v):
+        env["OATO_SEGMENT_KV_TYPES1"] = f"{rest.type_k},{rest.type_v}"
     if rest.offload_cells:
         env["OATO_SEGMENT_KV_OFFLOAD"] = str(rest.offload_cells)
     return env
+
+
+def _host_types_note(s: Settings) -> str:
+    if not s.host_kv_types:
+        return ""
+    return (f"; the host cells are {'/'.join(s.host_kv_types)}, not {s.type_k}/{s.type_v}: this profile's CPU "
+            f"attends over them faster so (and they are more precise), for more host memory")
 
 
 def segment_note(solution, workload: Workload, profile: Profile, offload_cells: int = 0,
@@ -133,7 +163,7 @@ def segment_note(solution, workload: Workload, profile: Profile, offload_cells: 
         return (f"segment KV cache: cells 0-{cells} of each full-attention layer's cache stay with the layer, cells "
                 f"{cells}-{workload.n_ctx} go to host memory in chunks of {KV_SEGMENT_GROWTH_CELLS} as a chat grows "
                 f"past {cells} (decode attends to them on the CPU, still exact, about as fast as with the whole cache "
-                f"in host memory; {batches}); KV cache in VRAM {kv}; "
+                f"in host memory; {batches}){_host_types_note(solution.settings)}; KV cache in VRAM {kv}; "
                 f"best predicted {workload.objective} time: {times}",)
     return (f"segment KV cache considered (first segment {cells} cells) and not used: best predicted "
             f"{workload.objective} time: {times} (the stock cache is kept unless segments gain more than the "

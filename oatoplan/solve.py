@@ -39,7 +39,7 @@ from .files import Output, write_file
 from .graph import CPU, Unit, crossings, model_units, role
 from .memory import Settings, VramTerms, budget_for, gpu_overhead_bytes, usable_bytes, vram_terms
 from .schema import ModelInventory, Prediction, Profile, Workload
-from .segments import segment_cells_for, segments_available
+from .segments import host_types_for, segment_cells_for, segments_available
 from .units import BYTES_PER_MIB, format_bytes
 
 log = logging.getLogger(__name__)
@@ -290,15 +290,17 @@ def ubatch_candidates(workload: Workload, candidates: tuple[int, ...] = UBATCH_C
     return [ub for ub in candidates if ub <= largest]
 
 
-def candidate_settings(workload: Workload, stream_slots: int = 0, segment_cells: int = 0) -> list[Settings]:
+def candidate_settings(workload: Workload, stream_slots: int = 0, segment_cells: int = 0,
+                       host_types: tuple[str, str] | None = None) -> list[Settings]:
     """Every ubatch with op offload on (and, with `stream_slots`, weight streaming on as well) and off; with
-    `segment_cells`, each of them with the segment KV cache as well."""
+    `segment_cells`, each of them with the segment KV cache as well (its host segment of `host_types`)."""
     # one logit row per ubatch: generation reads only the last prompt token's logits
     stock = [Settings(ub, offload, True, workload.n_ctx, workload.type_k, workload.type_v, n_outputs_max=1,
                       stream_slots=slots)
              for ub in ubatch_candidates(workload) for offload, slots in
              [(True, 0)] + ([(True, stream_slots)] if stream_slots else []) + [(False, 0)]]
-    return stock + [dataclasses.replace(s, segment_cells=segment_cells) for s in stock if segment_cells]
+    return stock + [dataclasses.replace(s, segment_cells=segment_cells, host_kv_types=host_types) for s in stock
+                    if segment_cells]
 
 
 def streaming_available(profile: Profile) -> bool:
@@ -335,7 +337,9 @@ def solve(inv: ModelInventory, cost: CostModel, budget_bytes: int, workload: Wor
     # bounds what a candidate can reach
     bounded = []
     segment_cells = segment_cells_for(workload) if segments and segments_available(cost.profile) else 0
-    for s in candidate_settings(workload, STREAM_SLOTS if streaming_available(cost.profile) else 0, segment_cells):
+    host_types = host_types_for(cost, inv.hparams, candidate_settings(workload)[0])
+    for s in candidate_settings(workload, STREAM_SLOTS if streaming_available(cost.profile) else 0, segment_cells,
+                                host_types):
         inst = instance(cost, inv, workload, s)
         problem = build_problem(inst, budget_mib)
         bound = lower_bound(problem)

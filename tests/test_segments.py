@@ -15,7 +15,7 @@ from oatoplan.inventory import kv_bytes_per_token, read_inventory
 from oatoplan.memory import (Settings, gpu_overhead_bytes, kv_split_bytes, segment_copy_bytes,
                              segment_kv_cells, usable_bytes, vram_terms)
 from oatoplan.graph import CPU, model_units
-from oatoplan.plan import check_plan, llama_server_command, plan_for, plan_model
+from oatoplan.plan import check_plan, layer_devices, llama_server_command, plan_for, plan_model
 from oatoplan.schema import Plan, Workload
 from oatoplan.segments import KV_OFFLOAD_PATCH, KV_SEGMENT_PATCH, segment_cells_for, segment_env
 from oatoplan.units import BYTES_PER_GIB as GIB
@@ -123,6 +123,43 @@ def test_the_copy_of_host_cells_in_bytes(qwen):
     assert segment_copy_bytes(qwen.hparams, s, 256) == (256 * 2048, 256 * 1024)
     q8 = dataclasses.replace(s, type_k="q8_0", type_v="q8_0")
     assert segment_copy_bytes(qwen.hparams, q8, 256) == (256 * (1088 + 2048), 256 * 1024)
+    # a q8_0 cache whose host segment is f16: the copy is of the host segment's f16 cells
+    assert segment_copy_bytes(qwen.hparams, dataclasses.replace(q8, host_kv_types=("f16", "f16")), 256) == \
+        (256 * 2048, 256 * 1024)
+
+
+def _with_q8_attention(profile, factor: float):
+    """`profile` with one-token attention over q8_0 K/V timed at `factor` x its f16 time on every device."""
+    q8 = tuple(dataclasses.replace(o, ggml_type="Q8_0", t_us=factor * o.t_us) for o in profile.ops
+               if o.op == "FLASH_ATTN_EXT" and o.n_tokens == 1)
+    return dataclasses.replace(profile, ops=profile.ops + q8)
+
+
+@pytest.mark.parametrize("factor, host", [(1.5, ("f16", "f16")), (0.6, ("q8_0", "q8_0")), (None, ("q8_0", "q8_0"))])
+def test_the_host_segments_types_are_chosen_by_the_cpus_attention(qwen, patched, tmp_path, factor, host):
+    """-ctk q8_0 -ctv q8_0 with segments: the first segment (in VRAM) is q8_0; the host segment is f16 where the
+    profile's CPU attends to one token over the whole context faster in f16 (factor: q8_0's time over f16's), else
+    q8_0, as it is where the profile has no q8_0 timings. Bytes counted per segment; the environment and the
+    plan file carry it; check_plan accepts it and refuses a type llama.cpp lacks."""
+    profile = synthetic_profile() if factor is None else _with_q8_attention(synthetic_profile(), factor)
+    workload = dataclasses.replace(CHAT, type_k="q8_0", type_v="q8_0")
+    plan = plan_model(qwen, profile, 3 * GIB, workload)
+    first, rest = plan.kv_segments
+    assert (first.type_k, first.type_v) == ("q8_0", "q8_0") and (rest.type_k, rest.type_v) == host
+    env = segment_env(plan.kv_segments)
+    assert env.get("OATO_SEGMENT_KV_TYPES1") == ("f16,f16" if host[0] == "f16" else None)
+    s = Settings(plan.n_ubatch, True, True, 32768, "q8_0", "q8_0", segment_cells=768, host_kv_types=host)
+    split = [kv_split_bytes(qwen.hparams, il, s) for il in range(qwen.hparams.n_layer)]
+    on_cpu = [d == CPU for d in layer_devices(qwen, plan)]
+    assert plan.memory.kv_bytes["CPU"] == sum(h + (w if c else 0) for (w, h), c in zip(split, on_cpu))
+    assert any("the host cells are f16/f16" in n for n in plan.notes) == (host[0] == "f16")
+    path = write_json(plan, tmp_path / "plan.json")
+    check_plan(qwen, read_json(Plan, path), "plan.json")
+    data = json.loads(path.read_text())
+    data["kv_segments"][1]["type_k"] = "q4_k"
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match="host types"):
+        check_plan(qwen, read_json(Plan, path), "plan.json")
 
 
 def test_no_segments_where_they_save_nothing_or_the_build_lacks_them(qwen, patched, monkeypatch):
