@@ -138,7 +138,7 @@ def fit_runs(model: str, hp: Hyperparameters, budget_bytes: int, n_prompt: int, 
     for mode, unified, seg in (("per-sequence", False, None), ("unified-sized", True, None),
                                ("unified-segmented", True, n_prompt)):
         n_fit = sequences_that_fit(hp, budget_bytes, n_prompt, n_gen, mode)
-        for n in (n_fit, n_fit + 1) if n_fit < LLAMA_MAX_SEQ else (n_fit,):
+        for n in [n for n in (n_fit, n_fit + 1) if 0 < n <= LLAMA_MAX_SEQ]:     # none fit: run one, over it
             n_ctx = n_prompt + n * n_gen if mode == "unified-sized" else n * (n_prompt + n_gen)
             logging.info("%s: %d sequences, n_ctx %d", mode, n, n_ctx)
             run = {"n_seq": n, "n_ctx": n_ctx, "predicted_kv_bytes": predicted_bytes(hp, n_ctx, n, unified, seg, n_gen)}

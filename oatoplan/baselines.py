@@ -149,10 +149,11 @@ def baseline_arms(inv: ModelInventory, gpu: str, budget_bytes: int, workload: Wo
 
 def kv_flags(arms: list[Arm], workload: Workload) -> list[Arm]:
     """The arms' flags with the workload's KV cache types, as a user would add them to each (llama.cpp's default is
-    f16)."""
+    f16), and flash attention on for a quantized V, which llama.cpp needs (bench runs every arm with it on)."""
     if (workload.type_k, workload.type_v) == ("f16", "f16"):
         return arms
-    return [replace(a, flags=f"{a.flags} -ctk {workload.type_k} -ctv {workload.type_v}") if a.placement else a
+    fa = " -fa on" if workload.type_v not in ("f16", "bf16", "f32") else ""    # llama.cpp's rule for a quantized V
+    return [replace(a, flags=f"{a.flags} -ctk {workload.type_k} -ctv {workload.type_v}{fa}") if a.placement else a
             for a in arms]
 
 

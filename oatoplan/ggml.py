@@ -309,6 +309,11 @@ def type_id(name: str) -> int:
     return int(GGMLQuantizationType[name.upper()])
 
 
+def block_elements(ggml_type: str) -> int:
+    """Values in one block of `ggml_type` (1 for f32/f16/bf16, 32 for q8_0, 256 for the k-quants)."""
+    return GGML_QUANT_SIZES[GGMLQuantizationType[ggml_type.upper()]][0]
+
+
 def row_bytes(ggml_type: str, n_elements: int) -> int:
     """Bytes of `n_elements` values of `ggml_type` (a whole number of blocks)."""
     block_elements, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[ggml_type.upper()]]

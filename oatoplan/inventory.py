@@ -418,11 +418,11 @@ def _pad(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def check_kv_types(inv: ModelInventory, type_k: str, type_v: str) -> None:
+def check_kv_types(inv: ModelInventory, type_k: str, type_v: str,
+                   names: tuple[str, str] = ("--cache-type-k", "--cache-type-v")) -> None:
     """Refuse K/V cache types llama.cpp's -ctk / -ctv do not take, or that llama.cpp refuses for this model (a
-    quantized type whose blocks do not divide the head size)."""
-    for option, value, head in (("--cache-type-k", type_k, inv.hparams.head_dim_k),
-                                ("--cache-type-v", type_v, inv.hparams.head_dim_v)):
+    quantized type whose blocks do not divide the head size); `names`: what the message calls them."""
+    for option, value, head in ((names[0], type_k, inv.hparams.head_dim_k), (names[1], type_v, inv.hparams.head_dim_v)):
         if value not in KV_CACHE_TYPES:
             raise OatoError(f"{option} {value!r} is not a KV cache type of llama.cpp: use one of "
                             f"{', '.join(KV_CACHE_TYPES)}")

@@ -28,7 +28,7 @@ from .machine import buffer_device, buffer_type, default_threads, device_handle,
 from .rpc import register_rpc_servers
 from .artifacts import read_json
 from .plan import ALIGNMENT_SLACK_BYTES, check_plan, cpu_only_plan, override_pattern, predict_memory, stream_env
-from .segments import KV_SEGMENT_PATCH, segment_env
+from .segments import KV_SEGMENT_PATCH, SEGMENT_ENV_KEYS, segment_env
 from .schema import SCHEMA_VERSION, BufferAllocation, MemoryCheck, MemoryReport, Plan, RunStats
 from .units import BYTES_PER_MIB
 
@@ -183,8 +183,7 @@ def _native_environment(plan: Plan):
         log.info("OATO_STREAM=0: weight streaming off for this load, though the plan has it")
         env = {"OATO_STREAM": "0"}
     env.update(segment_env(plan.kv_segments))
-    keys = ("OATO_STREAM", "OATO_STREAM_SLOTS", "OATO_STREAM_SLOT_BYTES", "OATO_SEGMENT_KV", "OATO_SEGMENT_KV_HOST",
-            "OATO_SEGMENT_KV_CHUNK", "OATO_SEGMENT_KV_OFFLOAD")
+    keys = ("OATO_STREAM", "OATO_STREAM_SLOTS", "OATO_STREAM_SLOT_BYTES") + SEGMENT_ENV_KEYS
     with ggml.environment(**{k: env.get(k) for k in keys}):
         yield
 

@@ -252,13 +252,13 @@ def pool_bytes(inv: ModelInventory, s: Settings) -> int:
 
 
 def kv_conversion_bytes(hp: Hyperparameters, s: Settings) -> int:
-    """The f16 copy of one layer's K and V views that CUDA's batched flash-attention kernels make of a cache that is
+    """The f16 copy of one layer's K and/or V views that CUDA's batched flash-attention kernels make of a cache that is
     not f16 (ggml-cuda/fattn-common.cuh, from the pool, freed after the node): the widest layer's view of a ubatch at
     the end of the cache on the GPU (all n_ctx cells, or the first segment's). Not measured on a GPU yet."""
-    if (s.type_k, s.type_v) == ("f16", "f16"):
-        return 0
     cells = s.segment_cells or -(-s.n_ctx // 256) * 256
-    return cells * max(kv_bytes_per_token(hp, il, "f16", "f16") for il in range(hp.n_layer))
+    f16_values = [hp.n_head_kv[il] * ((s.type_k != "f16") * hp.head_dim_k + (s.type_v != "f16") * hp.head_dim_v)
+                  for il in range(hp.n_layer)]     # K and V of each layer that are not f16 already
+    return cells * 2 * max(f16_values)
 
 
 def _input_bytes(t, hp: Hyperparameters) -> int:

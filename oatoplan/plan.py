@@ -18,11 +18,11 @@ from pathlib import Path
 
 from .baselines import baseline_arms, greedy_arm
 from .cost import CostModel, cpu_cost_model, kv_type_note, predict
-from .errors import PlanError, PlanMismatchError
+from .errors import OatoError, PlanError, PlanMismatchError
 from .graph import CPU, model_units
 from .names import buffer_type_flag, device_flag, is_rpc, override_pattern, rpc_endpoint, split_device
 from .machine import default_threads, logical_cpus, target_build
-from .inventory import KV_CACHE_TYPES
+from .inventory import check_kv_types
 from .memory import Settings, gpu_memory, gpu_overhead_bytes, kv_split_bytes, segment_copy_bytes, vram_terms
 from .schema import (SCHEMA_VERSION, BaselinePrediction, MemoryPrediction, ModelInventory, Plan, Profile,
                      TensorOverride, Workload)
@@ -207,10 +207,13 @@ MAX_STREAM_SLOTS = 16         # native/oato-stream.h's OATO_STREAM_MAX_SLOTS
 
 def check_plan_numbers(inv: ModelInventory, plan: Plan, source: str) -> None:
     """Refuse plan fields (a plan.json edited by hand) that llama.cpp would reject, misread or try to allocate."""
-    for name in ("type_k", "type_v"):
-        if getattr(plan, name) not in KV_CACHE_TYPES:
-            raise PlanError(f"{source}: {name} {getattr(plan, name)!r} is not a KV cache type llama.cpp knows; use "
-                            f"one of {', '.join(KV_CACHE_TYPES)}")
+    try:
+        check_kv_types(inv, plan.type_k, plan.type_v, ("type_k", "type_v"))
+    except OatoError as e:
+        raise PlanError(f"{source}: {e}") from None
+    if plan.type_v not in ("f16", "bf16", "f32") and not plan.flash_attn:
+        raise PlanError(f"{source}: type_v {plan.type_v} needs flash attention, as llama.cpp says; set flash_attn "
+                        f"true or type_v f16")
     asked = plan.workload.n_ctx if plan.workload else 0
     limit = min(max(inv.hparams.n_ctx_train, DEFAULT_N_CTX, asked), MAX_N_CTX)
     if not 1 <= plan.n_ctx <= limit:

@@ -342,7 +342,8 @@ def measure_profile(inventory: ModelInventory | None = None, *, gpu_device: str 
         attn_tokens = ATTN_TOKENS_GPU if b is gpu else ATTN_TOKENS_CPU
         steps += [("attention", b, (n, kv, "F16"), None) for n in attn_tokens for kv in KV_LENGTHS
                   if b is gpu or n * kv <= CPU_MAX_ATTN_WORK or n == 1]
-        steps += [("attention", b, (1, kv, ATTN_QUANTIZED_TYPE), None) for kv in KV_LENGTHS]
+        steps += [("attention", b, (1, kv, ATTN_QUANTIZED_TYPE), None) for kv in KV_LENGTHS
+                  if shapes.head_dim % ggml.block_elements(ATTN_QUANTIZED_TYPE) == 0]   # else no valid row
         steps.append(("elementwise", b, None, None))
     ops: list[OpTiming] = []
     launch: dict[str, float] = {}

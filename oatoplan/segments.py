@@ -57,10 +57,12 @@ def kv_segments(inv: ModelInventory, n_ctx: int, n_ubatch: int, segment_cells: i
 def host_types_for(cost: CostModel, hp: Hyperparameters, s: Settings) -> tuple[str, str] | None:
     """The host segment's K/V types for a cache of s's types: f16 where the user asked a quantized cache and the
     profile's CPU attends to one token over the whole context faster in f16 than in that type (a CPU that spends more
-    dequantizing than it saves in bytes): more precise and faster past P, for twice the host memory of q8_0; else
-    the cache's own (None). The first segment, in VRAM with its layer, keeps the cache's types."""
+    dequantizing than it saves in bytes): more precise and faster past P, for 1.9x the host memory of q8_0 (and the
+    PCIe bytes of a prompt batch's copy; its VRAM is less, with no f16 conversion beside it); else the cache's own
+    (None), as on a build without patches/0010. The first segment, in VRAM with its layer, keeps the cache's types."""
     asked = kv_type(s)
-    if (s.type_k, s.type_v) == ("f16", "f16") or asked == "F16" or not cost.kv_type_measured(CPU, asked):
+    if (s.type_k, s.type_v) == ("f16", "f16") or asked == "F16" or not cost.kv_type_measured(CPU, asked) or \
+            KV_TYPES_PATCH not in target_build(cost.profile):
         return None
     def one_token(t: str) -> float:      # noqa: E306
         return cost.attention_us(CPU, hp.head_dim_k, hp.n_head, max(hp.n_head_kv), s.n_ctx, 1, t)
@@ -90,9 +92,10 @@ def check_kv_segments(inv: ModelInventory, plan, source: str) -> None:
                         f"KV types); plan again")
 
 
-def segments_available(profile: Profile) -> bool:
-    """Whether the build plans are made for can put the second segment in host memory."""
-    return KV_SEGMENT_PATCH in target_build(profile)
+def segments_available(profile: Profile, workload: Workload | None = None) -> bool:
+    """Whether the build plans are made for can put the second segment in host memory (and, for `workload`, whether
+    its K type is one CUDA's segmented attention takes)."""
+    return KV_SEGMENT_PATCH in target_build(profile) and (workload is None or workload.type_k in SEGMENT_K_TYPES)
 
 
 def offload_cells_for(inv: ModelInventory, profile: Profile, s: Settings, unit_devices: dict[str, str],
@@ -107,6 +110,16 @@ def offload_cells_for(inv: ModelInventory, profile: Profile, s: Settings, unit_d
     host_cells = -(-s.n_ctx // 256) * 256 - s.segment_cells
     return segment_offload_cells(inv.hparams, terms, [unit_devices[u.key] != CPU for u in units], s, budget_bytes,
                                  host_cells)
+
+
+# every variable segment_env may set (load unsets the others, so that none leaks in from the user's shell)
+SEGMENT_ENV_KEYS = ("OATO_SEGMENT_KV", "OATO_SEGMENT_KV_HOST", "OATO_SEGMENT_KV_CHUNK", "OATO_SEGMENT_KV_OFFLOAD",
+                    "OATO_SEGMENT_KV_TYPES1")
+# the K types whose segmented attention CUDA's log-sum-exp pass takes (native/ggml-cuda/oato-fattn-lse.cu); with any
+# other, segment 0's attention would fall back to the CPU, reading the cache from VRAM
+SEGMENT_K_TYPES = ("f16", "q8_0")
+# the patch a build needs for the host segment's own types
+KV_TYPES_PATCH = "segment-kv-types"
 
 
 def segment_env(segments: tuple[KvSegment, ...]) -> dict[str, str]:
@@ -145,6 +158,9 @@ def segment_note(solution, workload: Workload, profile: Profile, offload_cells: 
     if not segments_available(profile):
         return (f"segment KV cache: not available in {target_build(profile) or 'this build'} (it needs oatoplan's "
                 f"patch {KV_SEGMENT_PATCH}: oatoplan build); the whole n_ctx {workload.n_ctx} is reserved",)
+    if not segments_available(profile, workload):
+        return (f"segment KV cache: not used with K cache type {workload.type_k} (its segmented attention on CUDA "
+                f"takes {' or '.join(SEGMENT_K_TYPES)} only); the whole n_ctx {workload.n_ctx} is reserved",)
     best = {}
     for s, t_us in solution.candidates:
         key = bool(s.segment_cells)

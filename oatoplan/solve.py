@@ -336,7 +336,7 @@ def solve(inv: ModelInventory, cost: CostModel, budget_bytes: int, workload: Wor
     # objective without streaming, and never below it with (the program prices ideal overlap), so a bound still
     # bounds what a candidate can reach
     bounded = []
-    segment_cells = segment_cells_for(workload) if segments and segments_available(cost.profile) else 0
+    segment_cells = segment_cells_for(workload) if segments and segments_available(cost.profile, workload) else 0
     host_types = host_types_for(cost, inv.hparams, candidate_settings(workload)[0])
     for s in candidate_settings(workload, STREAM_SLOTS if streaming_available(cost.profile) else 0, segment_cells,
                                 host_types):

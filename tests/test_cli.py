@@ -150,7 +150,8 @@ def test_a_quantized_kv_cache_is_planned_and_loaded_as_asked(tiny_model, gemma_m
                "--out", tmp_path / "gpu.json"])
     assert gpu.exit_code == 0, gpu.stderr
     baselines = read_json(Plan, tmp_path / "gpu.json").baselines
-    assert all(b.flags.endswith("-ctk q8_0 -ctv q8_0") for b in baselines if b.flags.startswith("-ngl")), baselines
+    assert all(b.flags.endswith("-ctk q8_0 -ctv q8_0 -fa on") for b in baselines if b.flags.startswith("-ngl")), \
+        baselines
 
 
 def test_a_cpu_profile_with_a_budget_plans_for_the_cpu(tiny_model, cli, tmp_path):

@@ -102,6 +102,8 @@ def test_pool_holds_the_f16_conversion_of_a_quantized_cache(qwen):
     q8 = Settings(512, True, True, 32768, "q8_0", "q8_0")
     assert pool_bytes(qwen, q8) == 32768 * 2 * 512 * 2 > pool_bytes(qwen, Settings(512, True, True, 32768))
     assert pool_bytes(qwen, dataclasses.replace(q8, segment_cells=8192)) == 8192 * 2 * 512 * 2
+    k_only = dataclasses.replace(q8, type_v="f16")        # V is f16 already: only K is converted
+    assert pool_bytes(qwen, k_only) == 32768 * 512 * 2
     small = Settings(512, True, True, 512, "q8_0", "f16")     # smaller than the activations' conversion
     assert pool_bytes(qwen, small) == 512 * 18944 // 32 * 36
 

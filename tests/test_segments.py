@@ -5,6 +5,7 @@ the rest in host memory, and says why; where it gains nothing, it is not used.""
 import dataclasses
 import importlib
 import json
+import os
 
 import pytest
 
@@ -31,8 +32,15 @@ def qwen(qwen_header_model):
 
 @pytest.fixture
 def patched(monkeypatch):
-    """Plans are made for a build that has the segment KV cache's placement patch."""
-    monkeypatch.setattr(segments, "target_build", lambda profile: f"oatoplan patches 0:0008-llama-oato-{KV_SEGMENT_PATCH}")
+    """Plans are made for a build that has the segment KV cache's placement patch (and its own types' patch)."""
+    monkeypatch.setattr(segments, "target_build", lambda profile: f"oatoplan patches 0:0008-llama-oato-{KV_SEGMENT_PATCH},"
+                                                                  f"0010-llama-oato-{segments.KV_TYPES_PATCH}")
+
+
+def test_no_segments_for_a_k_type_cudas_segmented_attention_lacks(qwen, patched):
+    plan = plan_model(qwen, synthetic_profile(), 3 * GIB, dataclasses.replace(CHAT, type_k="q4_0", type_v="q4_0"))
+    assert not plan.kv_segments and plan.n_ctx == 32768
+    assert any(n.startswith("segment KV cache: not used with K cache type q4_0") for n in plan.notes), plan.notes
 
 
 @pytest.mark.parametrize("workload, cells", [
@@ -136,7 +144,8 @@ def _with_q8_attention(profile, factor: float):
 
 
 @pytest.mark.parametrize("factor, host", [(1.5, ("f16", "f16")), (0.6, ("q8_0", "q8_0")), (None, ("q8_0", "q8_0"))])
-def test_the_host_segments_types_are_chosen_by_the_cpus_attention(qwen, patched, tmp_path, factor, host):
+def test_the_host_segments_types_are_chosen_by_the_cpus_attention(qwen, patched, tmp_path, monkeypatch, factor,
+                                                                  host):
     """-ctk q8_0 -ctv q8_0 with segments: the first segment (in VRAM) is q8_0; the host segment is f16 where the
     profile's CPU attends to one token over the whole context faster in f16 (factor: q8_0's time over f16's), else
     q8_0, as it is where the profile has no q8_0 timings. Bytes counted per segment; the environment and the
@@ -153,6 +162,10 @@ def test_the_host_segments_types_are_chosen_by_the_cpus_attention(qwen, patched,
     on_cpu = [d == CPU for d in layer_devices(qwen, plan)]
     assert plan.memory.kv_bytes["CPU"] == sum(h + (w if c else 0) for (w, h), c in zip(split, on_cpu))
     assert any("the host cells are f16/f16" in n for n in plan.notes) == (host[0] == "f16")
+    # what load sets while llama.cpp makes the context: the plan's TYPES1, or none, whatever the shell has
+    monkeypatch.setenv("OATO_SEGMENT_KV_TYPES1", "q4_0,q4_0")
+    with importlib.import_module("oatoplan.load")._native_environment(plan):    # (oatoplan.load is the function)
+        assert os.environ.get("OATO_SEGMENT_KV_TYPES1") == env.get("OATO_SEGMENT_KV_TYPES1")
     path = write_json(plan, tmp_path / "plan.json")
     check_plan(qwen, read_json(Plan, path), "plan.json")
     data = json.loads(path.read_text())
