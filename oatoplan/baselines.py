@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 from .cost import CostModel
 from .graph import ATTENTION, CPU, MATRIX, is_expert, is_ffn, is_router, model_units, role, role_info
+from .inventory import needs_flash_attn
 from .memory import Settings, fits
 from .schema import ModelInventory, Plan, Prediction, Workload
 from .solve import greedy
@@ -152,7 +153,7 @@ def kv_flags(arms: list[Arm], workload: Workload) -> list[Arm]:
     f16), and flash attention on for a quantized V, which llama.cpp needs (bench runs every arm with it on)."""
     if (workload.type_k, workload.type_v) == ("f16", "f16"):
         return arms
-    fa = " -fa on" if workload.type_v not in ("f16", "bf16", "f32") else ""    # llama.cpp's rule for a quantized V
+    fa = " -fa on" if needs_flash_attn(workload.type_v) else ""
     return [replace(a, flags=f"{a.flags} -ctk {workload.type_k} -ctv {workload.type_v}{fa}") if a.placement else a
             for a in arms]
 

@@ -418,6 +418,11 @@ def _pad(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def needs_flash_attn(type_v: str) -> bool:
+    """llama.cpp's rule: a quantized V cache needs flash attention."""
+    return type_v not in ("f16", "bf16", "f32")
+
+
 def check_kv_types(inv: ModelInventory, type_k: str, type_v: str,
                    names: tuple[str, str] = ("--cache-type-k", "--cache-type-v")) -> None:
     """Refuse K/V cache types llama.cpp's -ctk / -ctv do not take, or that llama.cpp refuses for this model (a

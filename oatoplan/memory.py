@@ -256,9 +256,12 @@ def kv_conversion_bytes(hp: Hyperparameters, s: Settings) -> int:
     not f16 (ggml-cuda/fattn-common.cuh, from the pool, freed after the node): the widest layer's view of a ubatch at
     the end of the cache on the GPU (all n_ctx cells, or the first segment's). Not measured on a GPU yet."""
     cells = s.segment_cells or -(-s.n_ctx // 256) * 256
-    f16_values = [hp.n_head_kv[il] * ((s.type_k != "f16") * hp.head_dim_k + (s.type_v != "f16") * hp.head_dim_v)
-                  for il in range(hp.n_layer)]     # K and V of each layer that are not f16 already
-    return cells * 2 * max(f16_values)
+    return cells * max(_f16_conversion_bytes(hp, il, s.type_k, s.type_v) for il in range(hp.n_layer))
+
+
+def _f16_conversion_bytes(hp: Hyperparameters, layer: int, type_k: str, type_v: str) -> int:
+    """Bytes a cell of `layer`'s K and V take in CUDA's f16 copy of those that are not f16 already."""
+    return 2 * hp.n_head_kv[layer] * ((type_k != "f16") * hp.head_dim_k + (type_v != "f16") * hp.head_dim_v)
 
 
 def _input_bytes(t, hp: Hyperparameters) -> int:
@@ -351,9 +354,7 @@ def segment_copy_bytes(hp: Hyperparameters, s: Settings, n_cells: int) -> tuple[
     the f16 conversion CUDA's batched flash-attention kernels make of it beside the copy. Mask: the copy of the
     segment's f16 mask columns, n_ubatch values a cell, made once a graph and read by every layer's attention."""
     types = host_kv_types(s)
-    quantized = types != ("f16", "f16")
-    widest = max(kv_bytes_per_token(hp, il, *types) +
-                 (kv_bytes_per_token(hp, il, "f16", "f16") if quantized else 0) for il in range(hp.n_layer))
+    widest = max(kv_bytes_per_token(hp, il, *types) + _f16_conversion_bytes(hp, il, *types) for il in range(hp.n_layer))
     return widest * n_cells, 2 * effective_ubatch(s) * n_cells
 
 

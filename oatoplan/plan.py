@@ -22,7 +22,7 @@ from .errors import OatoError, PlanError, PlanMismatchError
 from .graph import CPU, model_units
 from .names import buffer_type_flag, device_flag, is_rpc, override_pattern, rpc_endpoint, split_device
 from .machine import default_threads, logical_cpus, target_build
-from .inventory import check_kv_types
+from .inventory import check_kv_types, needs_flash_attn
 from .memory import Settings, gpu_memory, gpu_overhead_bytes, kv_split_bytes, segment_copy_bytes, vram_terms
 from .schema import (SCHEMA_VERSION, BaselinePrediction, MemoryPrediction, ModelInventory, Plan, Profile,
                      TensorOverride, Workload)
@@ -211,7 +211,7 @@ def check_plan_numbers(inv: ModelInventory, plan: Plan, source: str) -> None:
         check_kv_types(inv, plan.type_k, plan.type_v, ("type_k", "type_v"))
     except OatoError as e:
         raise PlanError(f"{source}: {e}") from None
-    if plan.type_v not in ("f16", "bf16", "f32") and not plan.flash_attn:
+    if needs_flash_attn(plan.type_v) and not plan.flash_attn:
         raise PlanError(f"{source}: type_v {plan.type_v} needs flash attention, as llama.cpp says; set flash_attn "
                         f"true or type_v f16")
     asked = plan.workload.n_ctx if plan.workload else 0
